@@ -1,0 +1,24 @@
+# The two commands a fresh machine needs: `make bench` (the main job) and `make test`.
+PY := .venv/bin/python
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup build test bench lint clean
+
+setup:
+	@bash scripts/setup_env.sh
+
+build:
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
+
+test: setup
+	$(PY) -m pytest -q tests
+	$(PY) -m ruff check .
+
+bench: setup
+	$(PY) -m qsparse_kernels.bench $(ARGS)
+
+lint:
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf build qsparse_kernels/_C*.so

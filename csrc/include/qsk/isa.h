@@ -1,0 +1,25 @@
+// Run-time CPU ISA selection. The library is compiled for baseline x86-64; kernels that use
+// AVX2 or AVX-512 carry __attribute__((target(...))) and are chosen here at run time.
+#pragma once
+
+#include <string>
+
+namespace qsk::cpu {
+
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+// Best ISA this CPU supports, capped by the environment variable QSPARSE_CPU_ISA
+// (scalar | avx2 | avx512) read once, or by set_isa_cap() (used by tests to reach every path).
+Isa isa();
+// Whether AVX-512 VNNI (vpdpbusd) can be used; false whenever isa() is below Avx512.
+bool has_avx512_vnni();
+const char* isa_name(Isa isa);
+// Caps the ISA; "" restores the detected one. Throws on an unknown name.
+void set_isa_cap(const std::string& name);
+
+}  // namespace qsk::cpu
+
+// Target attribute strings, one place for each ISA level.
+#define QSK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
+#define QSK_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c,bmi2")))

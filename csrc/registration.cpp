@@ -1,0 +1,35 @@
+// Every native op schema, declared once. Device files register implementations with
+// TORCH_LIBRARY_IMPL(qsparse, CPU | CUDA, m). The public ops (qsparse::topk_sparsify, ...) are
+// declared in Python (qsparse_kernels/_ops.py) and call these kernels through the backends.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "qsk/isa.h"
+
+TORCH_LIBRARY_FRAGMENT(qsparse, m) {
+  // x [M, d] contiguous float -> (x_q int8 [M, d], x_scale float32 [M, 1]); SPEC 4.
+  m.def("quantize_act_int8_kernel(Tensor x) -> (Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "qsparse_kernels native kernels (ops are registered in torch.ops.qsparse)";
+  m.def("cpu_isa", [] { return std::string(qsk::cpu::isa_name(qsk::cpu::isa())); },
+        "The CPU ISA level the kernels use: scalar, avx2 or avx512");
+  m.def("cpu_has_avx512_vnni", &qsk::cpu::has_avx512_vnni);
+  m.def("set_cpu_isa_cap", &qsk::cpu::set_isa_cap,
+        "Caps the CPU ISA ('scalar', 'avx2', 'avx512'; '' restores the detected one). For tests.");
+  m.def("built_with_cuda", [] {
+#ifdef QSK_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("cuda_archs", [] {
+#ifdef QSK_CUDA_ARCHS
+    return std::string(QSK_CUDA_ARCHS);
+#else
+    return std::string();
+#endif
+  });
+}

@@ -1,0 +1,163 @@
+"""The op contract: every public op registered once as a ``torch.library`` custom op.
+
+Each op takes the SPEC arguments plus ``backend`` (a name or ``"auto"``), checks its arguments
+(:mod:`._validate`), then runs the implementation that :func:`.backends.select` picks at call
+time, so ``use_backend`` also switches compiled graphs. Fakes give shapes for ``torch.compile``.
+Autograd follows SPEC "Autograd": straight-through for top-K.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+from . import _validate as check
+from .backends import select
+from .layout import packed_shape
+
+NS = "qsparse"
+
+
+def _run(op: str, backend: str, device: torch.device, *args):
+    return select(op, backend, device)[1](*args)
+
+
+# ---- topk_sparsify ----
+@custom_op(f"{NS}::topk_sparsify", mutates_args=())
+def topk_sparsify(x: Tensor, k: int, backend: str) -> Tensor:
+    check.topk_sparsify(x, k)
+    return _run("topk_sparsify", backend, x.device, x, k)
+
+
+@topk_sparsify.register_fake
+def _(x, k, backend):
+    check.topk_sparsify(x, k)
+    return torch.empty_like(x)
+
+
+def _straight_through(ctx, grad):
+    return grad, None, None
+
+
+topk_sparsify.register_autograd(_straight_through)
+
+
+# ---- block_topk_sparsify ----
+@custom_op(f"{NS}::block_topk_sparsify", mutates_args=())
+def block_topk_sparsify(x: Tensor, n: int, m: int, backend: str) -> Tensor:
+    check.block_topk_sparsify(x, n, m)
+    return _run("block_topk_sparsify", backend, x.device, x, n, m)
+
+
+@block_topk_sparsify.register_fake
+def _(x, n, m, backend):
+    check.block_topk_sparsify(x, n, m)
+    return torch.empty_like(x)
+
+
+block_topk_sparsify.register_autograd(lambda ctx, grad: (grad, None, None, None))
+
+
+# ---- sparse_linear ----
+@custom_op(f"{NS}::sparse_linear", mutates_args=())
+def sparse_linear(x: Tensor, weight: Tensor, k: int, bias: Tensor | None, backend: str) -> Tensor:
+    check.sparse_linear(x, weight, k, bias)
+    return _run("sparse_linear", backend, x.device, x, weight, k, bias)
+
+
+@sparse_linear.register_fake
+def _(x, weight, k, bias, backend):
+    check.sparse_linear(x, weight, k, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _sparse_linear_setup(ctx, inputs, output):
+    x, weight, k, bias, backend = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.k, ctx.backend, ctx.has_bias = k, backend, bias is not None
+
+
+def _sparse_linear_backward(ctx, g):
+    # STE (paper Eq. 13): dx = g @ W for every entry of x; dW = g^T @ topk(x); db = sum(g).
+    x, weight = ctx.saved_tensors
+    dx = dw = db = None
+    g2 = g.reshape(-1, g.shape[-1])
+    if ctx.needs_input_grad[0]:
+        dx = g.matmul(weight)
+    if ctx.needs_input_grad[1]:
+        xs = topk_sparsify(x, ctx.k, ctx.backend)
+        dw = g2.t().matmul(xs.reshape(-1, x.shape[-1]))
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        db = g2.sum(0)
+    return dx, dw, None, db, None
+
+
+sparse_linear.register_autograd(_sparse_linear_backward, setup_context=_sparse_linear_setup)
+
+
+# ---- quantize_act_int8 ----
+@custom_op(f"{NS}::quantize_act_int8", mutates_args=())
+def quantize_act_int8(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    check.quantize_act_int8(x)
+    return _run("quantize_act_int8", backend, x.device, x)
+
+
+@quantize_act_int8.register_fake
+def _(x, backend):
+    check.quantize_act_int8(x)
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+# ---- quantize_weight_ternary ----
+@custom_op(f"{NS}::quantize_weight_ternary", mutates_args=())
+def quantize_weight_ternary(weight: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    check.quantize_weight_ternary(weight)
+    return _run("quantize_weight_ternary", backend, weight.device, weight)
+
+
+@quantize_weight_ternary.register_fake
+def _(weight, backend):
+    check.quantize_weight_ternary(weight)
+    out_f, in_f = weight.shape
+    return weight.new_empty(packed_shape(in_f, out_f), dtype=torch.uint8), weight.new_empty((), dtype=torch.float32)
+
+
+# ---- pack_ternary / unpack_ternary ----
+@custom_op(f"{NS}::pack_ternary", mutates_args=())
+def pack_ternary(t: Tensor, backend: str) -> Tensor:
+    check.pack_ternary(t)
+    return _run("pack_ternary", backend, t.device, t)
+
+
+@pack_ternary.register_fake
+def _(t, backend):
+    check.pack_ternary(t)
+    return t.new_empty(packed_shape(t.shape[1], t.shape[0]), dtype=torch.uint8)
+
+
+@custom_op(f"{NS}::unpack_ternary", mutates_args=())
+def unpack_ternary(packed: Tensor, out_features: int, backend: str) -> Tensor:
+    check.unpack_ternary(packed, out_features)
+    return _run("unpack_ternary", backend, packed.device, packed, out_features)
+
+
+@unpack_ternary.register_fake
+def _(packed, out_features, backend):
+    check.unpack_ternary(packed, out_features)
+    return packed.new_empty((out_features, packed.shape[0]), dtype=torch.int8)
+
+
+# ---- ternary_linear ----
+@custom_op(f"{NS}::ternary_linear", mutates_args=())
+def ternary_linear(
+    x: Tensor, packed: Tensor, scale: Tensor, out_features: int, k: int | None, bias: Tensor | None, backend: str
+) -> Tensor:
+    check.ternary_linear(x, packed, scale, out_features, k, bias)
+    return _run("ternary_linear", backend, x.device, x, packed, scale, out_features, k, bias)
+
+
+@ternary_linear.register_fake
+def _(x, packed, scale, out_features, k, bias, backend):
+    check.ternary_linear(x, packed, scale, out_features, k, bias)
+    return x.new_empty((*x.shape[:-1], out_features))

@@ -1,0 +1,172 @@
+"""Argument checks shared by every op: the one place where bad input is turned away.
+
+Every check runs before any kernel (and in the fake implementations, so ``torch.compile``
+reports the same errors at trace time). Messages name the op and the argument.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .layout import packed_cols
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_NAMES = "float32, bfloat16 or float16"
+
+
+def _err(cls: type[Exception], op: str, msg: str) -> Exception:
+    return cls(f"qsparse_kernels.{op}: {msg}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
+def tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise _err(TypeError, op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def float_tensor(op: str, name: str, t, min_dim: int = 1) -> None:
+    tensor(op, name, t)
+    if t.dtype not in FLOAT_DTYPES:
+        raise _err(TypeError, op, f"{name} must be {_FLOAT_NAMES}, got {t.dtype}")
+    if t.dim() < min_dim:
+        raise _err(ValueError, op, f"{name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def integer(op: str, name: str, v, lo: int, hi: int | None = None, hi_desc: str = "") -> None:
+    if not _is_int(v):
+        raise _err(TypeError, op, f"{name} must be an int, got {type(v).__name__}")
+    if v < lo or (hi is not None and v > hi):
+        rng = f"[{lo}, {hi}]" + (f" ({hi_desc})" if hi_desc else "") if hi is not None else f">= {lo}"
+        raise _err(ValueError, op, f"{name} must be in {rng}, got {v}")
+
+
+def same_device(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise _err(ValueError, op, f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def sparsity(op: str, s) -> None:
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
+        raise _err(TypeError, op, f"sparsity must be a float in [0, 1), got {type(s).__name__}")
+    if not (0.0 <= s < 1.0):
+        raise _err(ValueError, op, f"sparsity must be in [0, 1), got {s}")
+
+
+# ---- per-op checks (shape-only, so the fakes can run them too) ----
+
+
+def topk_sparsify(x, k) -> None:
+    op = "topk_sparsify"
+    float_tensor(op, "x", x)
+    integer(op, "k", k, 0, x.shape[-1], "d = x.shape[-1]")
+
+
+def block_topk_sparsify(x, n, m) -> None:
+    op = "block_topk_sparsify"
+    float_tensor(op, "x", x)
+    integer(op, "m", m, 1)
+    integer(op, "n", n, 0, m, "m")
+    if x.shape[-1] % m != 0:
+        raise _err(ValueError, op, f"x.shape[-1] = {x.shape[-1]} must be divisible by m = {m}")
+
+
+def _bias(op: str, bias, x: torch.Tensor, out_features: int, dtype: torch.dtype) -> None:
+    if bias is None:
+        return
+    tensor(op, "bias", bias)
+    if bias.dtype != dtype:
+        raise _err(TypeError, op, f"bias must have dtype {dtype}, got {bias.dtype}")
+    if tuple(bias.shape) != (out_features,):
+        raise _err(ValueError, op, f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    same_device(op, "x", x, "bias", bias)
+
+
+def sparse_linear(x, weight, k, bias) -> None:
+    op = "sparse_linear"
+    float_tensor(op, "x", x)
+    tensor(op, "weight", weight)
+    if weight.dtype != x.dtype:
+        raise _err(TypeError, op, f"weight must have the dtype of x ({x.dtype}), got {weight.dtype}")
+    if weight.dim() != 2:
+        raise _err(ValueError, op, f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[-1]:
+        raise _err(
+            ValueError, op, f"weight.shape[1] = {weight.shape[1]} must equal x.shape[-1] = {x.shape[-1]}"
+        )
+    same_device(op, "x", x, "weight", weight)
+    integer(op, "k", k, 0, x.shape[-1], "d = x.shape[-1]")
+    _bias(op, bias, x, weight.shape[0], x.dtype)
+
+
+def quantize_act_int8(x) -> None:
+    float_tensor("quantize_act_int8", "x", x)
+
+
+def quantize_weight_ternary(weight) -> None:
+    op = "quantize_weight_ternary"
+    float_tensor(op, "weight", weight)
+    if weight.dim() != 2:
+        raise _err(ValueError, op, f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+
+
+def pack_ternary(t) -> None:
+    op = "pack_ternary"
+    tensor(op, "t", t)
+    if t.dtype != torch.int8:
+        raise _err(TypeError, op, f"t must be int8 with values in {{-1, 0, 1}}, got {t.dtype}")
+    if t.dim() != 2:
+        raise _err(ValueError, op, f"t must be 2-D [out_features, in_features], got shape {tuple(t.shape)}")
+
+
+def packed_weight(op: str, packed, in_features: int, out_features) -> None:
+    tensor(op, "packed", packed)
+    if packed.dtype != torch.uint8:
+        raise _err(TypeError, op, f"packed must be uint8, got {packed.dtype}")
+    integer(op, "out_features", out_features, 0)
+    want = (in_features, packed_cols(out_features))
+    if tuple(packed.shape) != want:
+        raise _err(
+            ValueError,
+            op,
+            f"packed must have shape [in_features, ceil(out_features / 4)] = {list(want)}, "
+            f"got {list(packed.shape)}",
+        )
+
+
+def unpack_ternary(packed, out_features) -> None:
+    op = "unpack_ternary"
+    tensor(op, "packed", packed)
+    if packed.dim() != 2:
+        raise _err(ValueError, op, f"packed must be 2-D [in_features, ceil(out_features / 4)], got shape {tuple(packed.shape)}")
+    packed_weight(op, packed, packed.shape[0], out_features)
+
+
+def weight_scale(op: str, scale, x: torch.Tensor) -> None:
+    tensor(op, "scale", scale)
+    if scale.dtype != torch.float32:
+        raise _err(TypeError, op, f"scale must be float32, got {scale.dtype}")
+    if scale.numel() != 1 or scale.dim() > 1:
+        raise _err(ValueError, op, f"scale must be a scalar tensor (shape () or (1,)), got shape {tuple(scale.shape)}")
+    same_device(op, "x", x, "scale", scale)
+    # The value check needs the data: cheap on CPU; on an accelerator it would force a host sync
+    # in the hot path, so modules check the scale once when the weight is loaded instead.
+    if scale.device.type == "cpu" and not isinstance(scale, torch._subclasses.FakeTensor):
+        v = float(scale.reshape(()))
+        if not math.isfinite(v) or v <= 0.0:
+            raise _err(ValueError, op, f"scale must be finite and > 0, got {v}")
+
+
+def ternary_linear(x, packed, scale, out_features, k, bias) -> None:
+    op = "ternary_linear"
+    float_tensor(op, "x", x)
+    packed_weight(op, packed, x.shape[-1], out_features)
+    same_device(op, "x", x, "packed", packed)
+    weight_scale(op, scale, x)
+    if k is not None:
+        integer(op, "k", k, 0, x.shape[-1], "d = x.shape[-1]")
+    _bias(op, bias, x, out_features, x.dtype)

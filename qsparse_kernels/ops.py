@@ -1,0 +1,124 @@
+"""Public functional API. Each function normalises its arguments and makes one ``torch.ops`` call.
+
+Shapes: ``x`` is ``[..., d]`` (leading dims are flattened to ``M`` rows by the kernels);
+``d = in_features``. ``backend`` is ``"auto"`` or a name from ``backend_info()``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from . import _ops
+from . import _validate as check
+
+
+def sparsity_to_k(d: int, sparsity: float) -> int:
+    """Kept count for sparsity ``s`` in ``[0, 1)``: ``clamp(floor((1 - s) * d + 1e-6), 1, d)``.
+
+    ``sparsity_to_k(10, 0.6) == 4``; ``sparsity_to_k(0, s) == 0``.
+    """
+    check.integer("sparsity_to_k", "d", d, 0)
+    check.sparsity("sparsity_to_k", sparsity)
+    if d == 0:
+        return 0
+    return max(1, min(d, math.floor((1.0 - sparsity) * d + 1e-6)))
+
+
+def topk_sparsify(x: Tensor, k: int, *, backend: str = "auto") -> Tensor:
+    """Per row keep the ``k`` entries of largest ``|x|`` and set the rest to +0.
+
+    x: ``[..., d]`` float32 / bfloat16 / float16; ``0 <= k <= d``. Returns the same shape and dtype.
+    NaN counts as the largest magnitude; with ties exactly ``k`` entries are kept.
+    Backward is straight-through (the gradient reaches every entry).
+    """
+    return _ops.topk_sparsify(x, k, backend)
+
+
+def block_topk_sparsify(x: Tensor, n: int, m: int, *, backend: str = "auto") -> Tensor:
+    """Block Q-Sparse (N:M): in each contiguous block of ``m`` along the last dim keep the ``n`` largest ``|x|``.
+
+    x: ``[..., d]`` float with ``d % m == 0``; ``0 <= n <= m``. Same shape and dtype out.
+    """
+    return _ops.block_topk_sparsify(x, n, m, backend)
+
+
+def sparse_linear(x: Tensor, weight: Tensor, k: int, bias: Tensor | None = None, *, backend: str = "auto") -> Tensor:
+    """``F.linear(topk_sparsify(x, k), weight, bias)`` with float32 accumulation.
+
+    x: ``[..., in]``; weight: ``[out, in]`` with any strides, same dtype as ``x`` (fastest when
+    column-major, ``weight.stride(0) == 1``: see :func:`to_fast_layout`); bias: ``[out]`` or None.
+    Returns ``[..., out]`` in ``x.dtype``. Backward: STE (SPEC "Autograd").
+    """
+    return _ops.sparse_linear(x, weight, k, bias, backend)
+
+
+def quantize_act_int8(x: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Per-row absmax int8 quantization (BitNet b1.58), bit-exact with the published quantizer.
+
+    x: ``[..., d]`` float. Returns ``x_q`` int8 ``[..., d]`` and ``x_scale`` float32 ``[..., 1]``
+    with ``x ~= x_q * x_scale``, where ``x_scale = clamp(max|x|, 1e-5) / 127``.
+    """
+    return _ops.quantize_act_int8(x, backend)
+
+
+def quantize_weight_ternary(weight: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Absmean ternary quantization (BitNet b1.58), packed.
+
+    weight: ``[out, in]`` float. Returns ``packed`` uint8 ``[in, ceil(out/4)]`` (SPEC 6) and
+    ``scale`` float32 ``[]`` with ``weight ~= unpack_ternary(packed, out) * scale``.
+    """
+    return _ops.quantize_weight_ternary(weight, backend)
+
+
+def pack_ternary(t: Tensor, *, backend: str = "auto") -> Tensor:
+    """Pack ternary ``t`` (int8 ``[out, in]`` in {-1, 0, 1}) into uint8 ``[in, ceil(out/4)]`` (SPEC 6)."""
+    return _ops.pack_ternary(t, backend)
+
+
+def unpack_ternary(packed: Tensor, out_features: int, *, backend: str = "auto") -> Tensor:
+    """Unpack uint8 ``[in, ceil(out/4)]`` into int8 ``[out_features, in]``; rejects the invalid code 3."""
+    return _ops.unpack_ternary(packed, out_features, backend)
+
+
+def ternary_linear(
+    x: Tensor,
+    packed: Tensor,
+    scale: Tensor,
+    out_features: int,
+    k: int | None = None,
+    bias: Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """BitNet b1.58 linear with optional Q-Sparse: W1.58 x A8 with exact int32 accumulation.
+
+    x: ``[..., in]`` float; packed: uint8 ``[in, ceil(out/4)]``; scale: float32 scalar, finite,
+    > 0; k: kept count (``None`` = dense activations); bias: ``[out]`` in ``x.dtype`` or None.
+    Computes ``acc = quantize_act_int8(topk(x, k)).x_q @ t^T`` (int32) and returns
+    ``acc * x_scale * scale (+ bias)`` as ``[..., out]`` in ``x.dtype``; NaN in rows whose kept
+    entries hold NaN or +-Inf.
+    """
+    return _ops.ternary_linear(x, packed, scale, out_features, k, bias, backend)
+
+
+def to_fast_layout(weight: Tensor) -> Tensor:
+    """The same logical ``[out, in]`` weight stored column-major (``stride(0) == 1``), the fast layout
+    of :func:`sparse_linear`: each input feature's ``out`` weights are one contiguous row."""
+    return weight.t().contiguous().t()
+
+
+__all__ = [
+    "sparsity_to_k",
+    "topk_sparsify",
+    "block_topk_sparsify",
+    "sparse_linear",
+    "quantize_act_int8",
+    "quantize_weight_ternary",
+    "pack_ternary",
+    "unpack_ternary",
+    "ternary_linear",
+    "to_fast_layout",
+]
+

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Creates .venv with requirements/dev.txt and builds qsparse_kernels._C in place.
+# Idempotent: the install step is skipped while requirements/dev.txt is unchanged, and the
+# build is incremental (ninja), so a second run takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.requirements.sha
+want=$(sha256sum requirements/dev.txt | cut -d' ' -f1)
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing requirements/dev.txt (torch 2.14.1 CUDA build, about 5.5 GB)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -r requirements/dev.txt
+  echo "$want" > "$STAMP"
+fi
+echo "[setup] building qsparse_kernels._C"
+start=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_ext --inplace > "$VENV/build.log" 2>&1 || {
+  tail -n 60 "$VENV/build.log"; echo "[setup] build failed (full log: $VENV/build.log)"; exit 1; }
+echo "[setup] build done in $(( $(date +%s) - start ))s"
+"$VENV/bin/python" -c "import json, qsparse_kernels as q; print(json.dumps({k: (v['usable'], v['reason']) for k, v in q.backend_info().items()}, indent=1))"

@@ -1,0 +1,98 @@
+"""Builds ``qsparse_kernels._C``: the C++ CPU kernels always, the CUDA kernels when possible.
+
+Environment:
+  QSPARSE_BUILD_CUDA   "1" forces the CUDA build, "0" skips it; unset: build it when nvcc is
+                       found and torch is a CUDA build (never decided by whether a GPU is visible).
+  QSPARSE_CUDA_ARCHS   semicolon list of compute capabilities, default "80;90"; PTX is embedded
+                       for the last one so newer GPUs can JIT it.
+  MAX_JOBS             parallel compile jobs (torch's ninja build honours it).
+The CPU code is compiled for baseline x86-64; the AVX2 / AVX-512 kernels carry their own target
+attributes and are picked at run time (csrc/cpu/isa.cpp), so no -march=native ever ships.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("QSPARSE_BUILD_CUDA")
+    if flag == "0":
+        return False
+    if flag == "1":
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _gencode(archs: str) -> list[str]:
+    caps = [a.strip().replace(".", "") for a in archs.split(";") if a.strip()]
+    flags = [f"-gencode=arch=compute_{c},code=sm_{c}" for c in caps]
+    return flags + [f"-gencode=arch=compute_{caps[-1]},code=compute_{caps[-1]}"]
+
+
+def _nvidia_wheel_includes() -> list[str]:
+    """cuBLAS / cuSPARSE headers that torch's CUDA headers include: shipped in the nvidia-* wheels
+    that a CUDA build of torch installs (the nvcc toolkit alone may not have them)."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for base in nvidia.__path__:
+        found += glob.glob(os.path.join(base, "*", "include"))
+    return sorted(d for d in found if glob.glob(os.path.join(d, "cusparse*.h")) or glob.glob(os.path.join(d, "cublas*.h")))
+
+
+def _cudart_library_dirs() -> list[str]:
+    """Where libcudart.so lives: CUDA_HOME may be a prefix like /usr/local whose lib has no CUDA."""
+    cands = [os.path.join(CUDA_HOME or "", sub) for sub in ("lib64", "lib")]
+    cands += ["/usr/local/cuda/lib64", "/usr/local/cuda/lib"]
+    for c in cands:
+        if glob.glob(os.path.join(c, "libcudart.so*")):
+            return [c]
+    return []
+
+
+def extensions():
+    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    define_macros = []
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    kwargs = dict(extra_link_args=["-fopenmp"], include_dirs=include_dirs)
+    if _want_cuda():
+        include_dirs += _nvidia_wheel_includes()
+        kwargs["library_dirs"] = _cudart_library_dirs()
+        archs = os.environ.get("QSPARSE_CUDA_ARCHS", "80;90")
+        define_macros.append(("QSK_WITH_CUDA", None))
+        define_macros.append(("QSK_CUDA_ARCHS", f'"{archs}"'))
+        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", *_gencode(archs)]
+        if os.environ.get("QSPARSE_PTXAS_VERBOSE") == "1":
+            nvcc.append("-Xptxas=-v")
+        return [
+            CUDAExtension(
+                "qsparse_kernels._C",
+                sources + rel("csrc/cuda/*.cu"),
+                define_macros=define_macros,
+                extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                **kwargs,
+            )
+        ]
+    return [
+        CppExtension(
+            "qsparse_kernels._C", sources, define_macros=define_macros, extra_compile_args={"cxx": cxx}, **kwargs
+        )
+    ]
+
+
+setup(
+    packages=find_packages(include=["qsparse_kernels", "qsparse_kernels.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,80 @@
+"""SPEC "Numerics" in one place: the parity rules and the input generators every test uses."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+F32_REL = 1e-5  # float32: relative Frobenius error vs float64
+HALF_FACTOR = 2.0  # bf16/fp16: <= 2x the error of plain PyTorch in that dtype ...
+HALF_ATOL = 1e-6  # ... plus a tiny absolute term
+EPILOGUE_REL = 1e-6  # ternary float epilogue
+
+# Positive finite bit patterns used to draw distinct magnitudes (no ties) per dtype.
+_BITS = {
+    torch.float32: (torch.int32, 0x30000000),
+    torch.bfloat16: (torch.int16, 0x2000),
+    torch.float16: (torch.int16, 0x1000),
+}
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error ``||y - ref|| / ||ref||`` in float64 (0 when both are 0)."""
+    y, ref = y.double(), ref.double()
+    den = ref.norm().item()
+    num = (y - ref).norm().item()
+    return num / den if den > 0 else num
+
+
+def assert_parity(y: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor | None = None) -> None:
+    """``y`` (float32/bf16/fp16) against a float64 reference, by SPEC "Numerics".
+
+    ``plain`` is the same computation done by plain PyTorch in ``y.dtype``; required for half types.
+    """
+    assert y.shape == ref64.shape, (y.shape, ref64.shape)
+    assert torch.isfinite(y).all(), "non-finite output (unwritten or overflowed elements)"
+    err = rel_err(y, ref64)
+    if y.dtype == torch.float32:
+        assert err <= F32_REL, f"float32 relative error {err:.3e} > {F32_REL}"
+    else:
+        assert plain is not None
+        base = rel_err(plain, ref64)
+        assert err <= HALF_FACTOR * base + HALF_ATOL, f"{y.dtype} error {err:.3e} > 2 x plain {base:.3e} + atol"
+
+
+def distinct_magnitudes(rows: int, d: int, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[rows, d]`` with distinct |x| in each row (random order and signs): top-K has no ties."""
+    itype, base = _BITS[dtype]
+    bits = torch.stack([torch.randperm(d, generator=generator) for _ in range(rows)]) if rows else torch.empty(0, d)
+    x = (bits.to(torch.int64) * 3 + base).to(itype).view(dtype)
+    sign = torch.randint(0, 2, (rows, d), generator=generator) * 2 - 1
+    return (x.float() * sign).to(dtype)
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", generator=None) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
+
+
+def mag_keys(x: torch.Tensor) -> torch.Tensor:
+    """|x| as int64 keys ordered like the SPEC orders magnitudes (NaN above +Inf)."""
+    return (x.float().view(torch.int32).to(torch.int64) & 0x7FFFFFFF)
+
+
+def check_topk_invariants(x: torch.Tensor, y: torch.Tensor, k: int) -> None:
+    """For ``x`` without zeros: exactly ``k`` kept per row, kept entries copied bit-for-bit,
+    dropped ones +0, and every kept |x| >= every dropped |x| (NaN largest)."""
+    d = x.shape[-1]
+    assert y.shape == x.shape and y.dtype == x.dtype
+    x2, y2 = x.reshape(-1, d).float(), y.reshape(-1, d).float()
+    assert bool((x2 != 0).all()), "invariant check needs inputs without zeros"
+    kept = (y2 != 0) | torch.isnan(y2)
+    assert bool((kept.sum(-1) == k).all()), f"kept counts {kept.sum(-1).tolist()} != k={k}"
+    yk, xk = y2[kept], x2[kept]
+    assert torch.equal(torch.isnan(yk), torch.isnan(xk)), "kept NaN entries were altered"
+    finite = ~torch.isnan(xk)  # NaN payloads are not preserved by torch itself; compare the rest bit-for-bit
+    assert torch.equal(yk[finite].view(torch.int32), xk[finite].view(torch.int32)), "kept entries were altered"
+    assert not bool(torch.signbit(y2[~kept]).any()), "dropped entries must be +0"
+    keys = mag_keys(x2)
+    lo = torch.where(kept, keys, torch.full_like(keys, 2**40)).amin(-1)
+    hi = torch.where(~kept, keys, torch.full_like(keys, -1)).amax(-1)
+    assert bool((lo >= hi).all()), "a dropped |x| exceeds a kept |x|"
