@@ -13,10 +13,9 @@ attributes and are picked at run time (csrc/cpu/isa.cpp), so no -march=native ev
 import glob
 import os
 
+import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
-import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -46,7 +45,8 @@ def _nvidia_wheel_includes() -> list[str]:
     found = []
     for base in nvidia.__path__:
         found += glob.glob(os.path.join(base, "*", "include"))
-    return sorted(d for d in found if glob.glob(os.path.join(d, "cusparse*.h")) or glob.glob(os.path.join(d, "cublas*.h")))
+    has = lambda d, pat: bool(glob.glob(os.path.join(d, pat)))  # noqa: E731
+    return sorted(d for d in found if has(d, "cusparse*.h") or has(d, "cublas*.h"))
 
 
 def _cudart_library_dirs() -> list[str]:

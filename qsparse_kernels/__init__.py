@@ -8,8 +8,10 @@ Public ops (SPEC.md): :func:`sparsity_to_k`, :func:`topk_sparsify`, :func:`block
 
 from __future__ import annotations
 
-from . import _native  # noqa: F401  (loads the C++ extension when it was built)
-from . import _ops  # noqa: F401  (registers the custom ops)
+from . import (
+    _native,  # noqa: F401  (loads the C++ extension when it was built)
+    _ops,  # noqa: F401  (registers the custom ops)
+)
 from .backends import backend_info, use_backend
 from .ops import (
     block_topk_sparsify,

@@ -8,6 +8,7 @@ try:
     from . import _C  # noqa: F401  (registers the native ops in the ``qsparse`` namespace)
 
     LOAD_ERROR: str | None = None
+    from .backends import _native_fakes  # noqa: F401
 except ImportError as exc:  # not built, or built against another torch
     _C = None
     LOAD_ERROR = f"qsparse_kernels._C could not be imported ({exc}); build it with `make build`"

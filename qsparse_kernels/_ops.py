@@ -1,8 +1,10 @@
 """The op contract: every public op registered once as a ``torch.library`` custom op.
 
-Each op takes the SPEC arguments plus ``backend`` (a name or ``"auto"``), checks its arguments
-(:mod:`._validate`), then runs the implementation that :func:`.backends.select` picks at call
-time, so ``use_backend`` also switches compiled graphs. Fakes give shapes for ``torch.compile``.
+Each op takes the SPEC arguments plus ``backend`` (a name or ``"auto"``) and runs the
+implementation that :func:`.backends.select` picks at call time, so ``use_backend`` also switches
+compiled graphs. Arguments are checked (:mod:`._validate`) by the public wrappers in
+:mod:`.ops` and by the fakes (so ``torch.compile`` reports the same errors at trace time);
+the native kernels re-check what they rely on with TORCH_CHECK.
 Autograd follows SPEC "Autograd": straight-through for top-K.
 """
 
@@ -26,7 +28,6 @@ def _run(op: str, backend: str, device: torch.device, *args):
 # ---- topk_sparsify ----
 @custom_op(f"{NS}::topk_sparsify", mutates_args=())
 def topk_sparsify(x: Tensor, k: int, backend: str) -> Tensor:
-    check.topk_sparsify(x, k)
     return _run("topk_sparsify", backend, x.device, x, k)
 
 
@@ -46,7 +47,6 @@ topk_sparsify.register_autograd(_straight_through)
 # ---- block_topk_sparsify ----
 @custom_op(f"{NS}::block_topk_sparsify", mutates_args=())
 def block_topk_sparsify(x: Tensor, n: int, m: int, backend: str) -> Tensor:
-    check.block_topk_sparsify(x, n, m)
     return _run("block_topk_sparsify", backend, x.device, x, n, m)
 
 
@@ -62,7 +62,6 @@ block_topk_sparsify.register_autograd(lambda ctx, grad: (grad, None, None, None)
 # ---- sparse_linear ----
 @custom_op(f"{NS}::sparse_linear", mutates_args=())
 def sparse_linear(x: Tensor, weight: Tensor, k: int, bias: Tensor | None, backend: str) -> Tensor:
-    check.sparse_linear(x, weight, k, bias)
     return _run("sparse_linear", backend, x.device, x, weight, k, bias)
 
 
@@ -99,7 +98,6 @@ sparse_linear.register_autograd(_sparse_linear_backward, setup_context=_sparse_l
 # ---- quantize_act_int8 ----
 @custom_op(f"{NS}::quantize_act_int8", mutates_args=())
 def quantize_act_int8(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    check.quantize_act_int8(x)
     return _run("quantize_act_int8", backend, x.device, x)
 
 
@@ -112,7 +110,6 @@ def _(x, backend):
 # ---- quantize_weight_ternary ----
 @custom_op(f"{NS}::quantize_weight_ternary", mutates_args=())
 def quantize_weight_ternary(weight: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    check.quantize_weight_ternary(weight)
     return _run("quantize_weight_ternary", backend, weight.device, weight)
 
 
@@ -126,7 +123,6 @@ def _(weight, backend):
 # ---- pack_ternary / unpack_ternary ----
 @custom_op(f"{NS}::pack_ternary", mutates_args=())
 def pack_ternary(t: Tensor, backend: str) -> Tensor:
-    check.pack_ternary(t)
     return _run("pack_ternary", backend, t.device, t)
 
 
@@ -138,7 +134,6 @@ def _(t, backend):
 
 @custom_op(f"{NS}::unpack_ternary", mutates_args=())
 def unpack_ternary(packed: Tensor, out_features: int, backend: str) -> Tensor:
-    check.unpack_ternary(packed, out_features)
     return _run("unpack_ternary", backend, packed.device, packed, out_features)
 
 
@@ -153,7 +148,6 @@ def _(packed, out_features, backend):
 def ternary_linear(
     x: Tensor, packed: Tensor, scale: Tensor, out_features: int, k: int | None, bias: Tensor | None, backend: str
 ) -> Tensor:
-    check.ternary_linear(x, packed, scale, out_features, k, bias)
     return _run("ternary_linear", backend, x.device, x, packed, scale, out_features, k, bias)
 
 

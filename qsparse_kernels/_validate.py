@@ -142,7 +142,9 @@ def unpack_ternary(packed, out_features) -> None:
     op = "unpack_ternary"
     tensor(op, "packed", packed)
     if packed.dim() != 2:
-        raise _err(ValueError, op, f"packed must be 2-D [in_features, ceil(out_features / 4)], got shape {tuple(packed.shape)}")
+        raise _err(
+            ValueError, op, f"packed must be 2-D [in_features, ceil(out_features / 4)], got shape {tuple(packed.shape)}"
+        )
     packed_weight(op, packed, packed.shape[0], out_features)
 
 
@@ -155,7 +157,11 @@ def weight_scale(op: str, scale, x: torch.Tensor) -> None:
     same_device(op, "x", x, "scale", scale)
     # The value check needs the data: cheap on CPU; on an accelerator it would force a host sync
     # in the hot path, so modules check the scale once when the weight is loaded instead.
-    if scale.device.type == "cpu" and not isinstance(scale, torch._subclasses.FakeTensor):
+    if (
+        scale.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not isinstance(scale, torch._subclasses.FakeTensor)
+    ):
         v = float(scale.reshape(()))
         if not math.isfinite(v) or v <= 0.0:
             raise _err(ValueError, op, f"scale must be finite and > 0, got {v}")

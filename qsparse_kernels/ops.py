@@ -33,6 +33,7 @@ def topk_sparsify(x: Tensor, k: int, *, backend: str = "auto") -> Tensor:
     NaN counts as the largest magnitude; with ties exactly ``k`` entries are kept.
     Backward is straight-through (the gradient reaches every entry).
     """
+    check.topk_sparsify(x, k)
     return _ops.topk_sparsify(x, k, backend)
 
 
@@ -41,6 +42,7 @@ def block_topk_sparsify(x: Tensor, n: int, m: int, *, backend: str = "auto") -> 
 
     x: ``[..., d]`` float with ``d % m == 0``; ``0 <= n <= m``. Same shape and dtype out.
     """
+    check.block_topk_sparsify(x, n, m)
     return _ops.block_topk_sparsify(x, n, m, backend)
 
 
@@ -51,6 +53,7 @@ def sparse_linear(x: Tensor, weight: Tensor, k: int, bias: Tensor | None = None,
     column-major, ``weight.stride(0) == 1``: see :func:`to_fast_layout`); bias: ``[out]`` or None.
     Returns ``[..., out]`` in ``x.dtype``. Backward: STE (SPEC "Autograd").
     """
+    check.sparse_linear(x, weight, k, bias)
     return _ops.sparse_linear(x, weight, k, bias, backend)
 
 
@@ -60,6 +63,7 @@ def quantize_act_int8(x: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tens
     x: ``[..., d]`` float. Returns ``x_q`` int8 ``[..., d]`` and ``x_scale`` float32 ``[..., 1]``
     with ``x ~= x_q * x_scale``, where ``x_scale = clamp(max|x|, 1e-5) / 127``.
     """
+    check.quantize_act_int8(x)
     return _ops.quantize_act_int8(x, backend)
 
 
@@ -69,16 +73,19 @@ def quantize_weight_ternary(weight: Tensor, *, backend: str = "auto") -> tuple[T
     weight: ``[out, in]`` float. Returns ``packed`` uint8 ``[in, ceil(out/4)]`` (SPEC 6) and
     ``scale`` float32 ``[]`` with ``weight ~= unpack_ternary(packed, out) * scale``.
     """
+    check.quantize_weight_ternary(weight)
     return _ops.quantize_weight_ternary(weight, backend)
 
 
 def pack_ternary(t: Tensor, *, backend: str = "auto") -> Tensor:
     """Pack ternary ``t`` (int8 ``[out, in]`` in {-1, 0, 1}) into uint8 ``[in, ceil(out/4)]`` (SPEC 6)."""
+    check.pack_ternary(t)
     return _ops.pack_ternary(t, backend)
 
 
 def unpack_ternary(packed: Tensor, out_features: int, *, backend: str = "auto") -> Tensor:
     """Unpack uint8 ``[in, ceil(out/4)]`` into int8 ``[out_features, in]``; rejects the invalid code 3."""
+    check.unpack_ternary(packed, out_features)
     return _ops.unpack_ternary(packed, out_features, backend)
 
 
@@ -100,6 +107,7 @@ def ternary_linear(
     ``acc * x_scale * scale (+ bias)`` as ``[..., out]`` in ``x.dtype``; NaN in rows whose kept
     entries hold NaN or +-Inf.
     """
+    check.ternary_linear(x, packed, scale, out_features, k, bias)
     return _ops.ternary_linear(x, packed, scale, out_features, k, bias, backend)
 
 

@@ -50,7 +50,9 @@ def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     xf = x.float()
     a = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) if x.shape[-1] else xf.new_full((*x.shape[:-1], 1), 1e-5)
-    q = (xf * (127.0 / a)).round()
+    # The published ActQuant writes `127.0 / a`, which PyTorch evaluates as `a.reciprocal() * 127`
+    # (two float32 roundings, not one IEEE division): kernels must do the same to be bit-exact.
+    q = (xf * (a.reciprocal() * 127.0)).round()
     q = torch.where(torch.isfinite(q), q, torch.zeros_like(q)).clamp(-128, 127).to(torch.int8)
     return q, a / 127.0
 
@@ -71,6 +73,8 @@ def quantize_weight_ternary(weight: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def pack_ternary(t: torch.Tensor) -> torch.Tensor:
     """Pack ``t [out, in]`` (int8 in {-1, 0, 1}) into the canonical layout ``uint8 [in, ceil(out/4)]``."""
+    if bool(((t < -1) | (t > 1)).any()):
+        raise ValueError("qsparse_kernels.pack_ternary: t must hold only -1, 0 and 1")
     out_f, in_f = t.shape
     cols = packed_cols(out_f)
     codes = torch.full((in_f, cols * CODES_PER_BYTE), PAD_CODE, dtype=torch.uint8, device=t.device)

@@ -42,7 +42,7 @@ def assert_parity(y: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor | No
         assert err <= HALF_FACTOR * base + HALF_ATOL, f"{y.dtype} error {err:.3e} > 2 x plain {base:.3e} + atol"
 
 
-def distinct_magnitudes(rows: int, d: int, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+def distinct_magnitudes(rows: int, d: int, dtype: torch.dtype, generator: torch.Generator | None = None):
     """``[rows, d]`` with distinct |x| in each row (random order and signs): top-K has no ties."""
     itype, base = _BITS[dtype]
     bits = torch.stack([torch.randperm(d, generator=generator) for _ in range(rows)]) if rows else torch.empty(0, d)

@@ -218,3 +218,14 @@ def test_ternary_linear_nonfinite_rows_are_nan():
     packed = R.pack_ternary(torch.randint(-1, 2, (out_f, d), dtype=torch.int8))
     y = R.ternary_linear(x, packed, torch.tensor(1.0), out_f)
     assert torch.isnan(y[0]).all() and torch.isnan(y[1]).all() and torch.isfinite(y[2]).all()
+
+
+def test_quantize_act_scale_is_reciprocal_times_127():
+    # HF ActQuant's `127.0 / a` is evaluated by torch as reciprocal(a) * 127 (two roundings). For
+    # a = 29.875 that gives 4.2510457..., and 14.9375 * s rounds to 63; one IEEE division
+    # (4.2510461...) would give 63.5000... -> 64.
+    x = torch.tensor([[14.9375, 29.875]])
+    q, _ = R.quantize_act_int8(x)
+    assert q.tolist() == [[63, 127]]
+    hf_scale = 127.0 / x.abs().max(dim=-1, keepdim=True).values.clamp_(min=1e-5)  # ActQuant, literally
+    assert torch.equal(q, (x * hf_scale).round().clamp_(-128, 127).to(torch.int8))

@@ -27,7 +27,7 @@ inline __attribute__((always_inline)) void quant_rows(const T* x, int8_t* q, flo
     const T* xr = x + r * d;
     float a = absmax(xr, d);
     a = a < 1e-5f ? 1e-5f : a;  // NaN stays NaN
-    const float s = 127.0f / a;
+    const float s = (1.0f / a) * 127.0f;  // as torch evaluates `127.0 / a` (reciprocal, then scale)
     for (int64_t i = 0; i < d; ++i) q[r * d + i] = quantize_i8(to_f32(xr[i]) * s);
     scale[r] = a / 127.0f;
   }

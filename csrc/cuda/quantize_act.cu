@@ -33,7 +33,7 @@ __global__ void quantize_act_int8_kernel(const T* __restrict__ x, int8_t* __rest
   __syncthreads();
   float a = __uint_as_float(red[0]);
   a = a < 1e-5f ? 1e-5f : a;            // NaN stays NaN
-  const float s = __fdiv_rn(127.0f, a);  // IEEE division, as torch computes 127 / a
+  const float s = __fmul_rn(__frcp_rn(a), 127.0f);  // as torch evaluates `127.0 / a`: reciprocal, then scale
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
     float r = rintf(__fmul_rn(static_cast<float>(xr[i]), s));  // round half to even
     r = (fabsf(r) <= 3.0e38f) ? fminf(fmaxf(r, -128.f), 127.f) : 0.f;

@@ -6,12 +6,14 @@ dispatcher picks by the tensor's device, so the ``cpu`` and ``cuda`` backends sh
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
     """``x [..., d]`` as a contiguous ``[M, d]`` matrix (a view when ``x`` is contiguous)."""
-    return x.reshape(-1, x.shape[-1]).contiguous()
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
 def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

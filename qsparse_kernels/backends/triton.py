@@ -26,7 +26,8 @@ def status() -> tuple[bool, bool, str]:
     if _interpret():
         return True, True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU tensors, slow)"
     if not torch.cuda.is_available():
-        return True, False, f"triton {triton.__version__} installed, but no CUDA device is visible and TRITON_INTERPRET is not 1"
+        why = "no CUDA device is visible and TRITON_INTERPRET is not 1"
+        return True, False, f"triton {triton.__version__} installed, but {why}"
     return True, True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
 
