@@ -1,0 +1,1 @@
+"""Benchmark harness and the ``python -m qsparse_kernels.bench`` CLI."""

@@ -1,0 +1,188 @@
+"""``python -m qsparse_kernels.bench``: Q-Sparse kernels vs dense ``F.linear`` on this machine.
+
+Every usable backend with a native kernel for the op, the SPEC headline shapes, ratios against
+dense ``F.linear`` (row-major ``nn.Linear`` weight, same dtype) measured in the same run, rotating
+weights, median with p20/p80, achieved GB/s beside the read bandwidth measured in the same run.
+The default is a quick run (batch 1, bf16); ``--full`` sweeps batch, sparsity and dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import __version__, ops
+from ..backends import backend_info, ops as backend_ops
+from . import cases
+from .harness import read_bandwidth, time_calls
+
+
+@dataclass
+class Row:
+    kernel: str
+    backend: str
+    shape: str
+    in_features: int
+    out_features: int
+    M: int
+    sparsity: float
+    k: int
+    dtype: str
+    p50_us: float
+    p20_us: float
+    p80_us: float
+    gbps: float
+    bw_frac: float
+    speedup: float
+    device: str
+    version: str
+    git_sha: str
+
+
+def _git_sha() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def _backends_for(op: str, device: torch.device, wanted: list[str] | None) -> list[str]:
+    info = backend_info()
+    from ..backends import devices
+
+    names = wanted or [n for n in info if n != "reference"]
+    out = []
+    for n in names:
+        usable = info[n]["usable"] and device.type in devices(n)
+        native = op in backend_ops(n)
+        if usable and (native or wanted):
+            out.append(n)
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m qsparse_kernels.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--full", action="store_true", help="sweep every batch size, sparsity and fp32/bf16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backends", nargs="*", help="backends to run (default: every usable one with a native kernel)")
+    p.add_argument("--shapes", nargs="*", help="shape names (default: every headline shape)")
+    p.add_argument("--batches", nargs="*", type=int)
+    p.add_argument("--sparsities", nargs="*", type=float)
+    p.add_argument("--dtypes", nargs="*", choices=list(cases.DTYPES))
+    p.add_argument("--kernels", nargs="*", default=["sparse_linear", "ternary_linear"])
+    p.add_argument("--reps", type=int, default=25, help="timed repetitions per point (>= 20)")
+    p.add_argument("--csv", help="append rows to this CSV (long format)")
+    p.add_argument("--json", help="write rows to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def plan(args) -> list[tuple]:
+    shapes = [s for s in cases.HEADLINE_SHAPES if not args.shapes or s[0] in args.shapes]
+    batches = args.batches or (cases.BATCHES if args.full else [1])
+    dtypes = args.dtypes or (["bf16", "fp32"] if args.full else ["bf16"])
+    sparse_s = args.sparsities or (cases.SPARSITIES if args.full else [0.0, 0.5, 0.9])
+    tern_s = args.sparsities or (cases.SPARSITIES if args.full else [0.5, 0.6125])
+    points = []
+    for name, in_f, out_f in shapes:
+        for dt in dtypes:
+            for m in batches:
+                points.append(("dense", None, name, in_f, out_f, m, 0.0, dt))
+                if "sparse_linear" in args.kernels:
+                    for be in _backends_for("sparse_linear", torch.device(args.device), args.backends):
+                        points += [("sparse_linear", be, name, in_f, out_f, m, s, dt) for s in sparse_s]
+                if "ternary_linear" in args.kernels:
+                    for be in _backends_for("ternary_linear", torch.device(args.device), args.backends):
+                        points.append(("ternary_linear", be, name, in_f, out_f, m, None, dt))
+                        points += [("ternary_linear", be, name, in_f, out_f, m, s, dt) for s in tern_s if s > 0]
+    return points
+
+
+def run(args) -> list[Row]:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    bw = read_bandwidth(device)
+    print(f"# device: {_device_name(device)}; measured read bandwidth {bw / 1e9:.1f} GB/s", file=sys.stderr)
+    points = plan(args)
+    try:
+        from tqdm import tqdm
+
+        it = tqdm(points, disable=args.quiet, file=sys.stderr, desc="bench")
+    except ImportError:
+        it = points
+    rows, dense_p50, sha = [], {}, _git_sha()
+    for kernel, be, name, in_f, out_f, m, s, dt in it:
+        x = torch.randn(m, in_f, device=device, dtype=cases.DTYPES[dt])
+        k = in_f if s is None else ops.sparsity_to_k(in_f, s)
+        if kernel == "dense":
+            call, n, read = cases.dense(x, out_f)
+        elif kernel == "sparse_linear":
+            call, n, read = cases.sparse_linear(x, out_f, k, be)
+        else:
+            call, n, read = cases.ternary_linear(x, out_f, None if s is None else k, be)
+        t = time_calls(call, n, device, reps=max(20, args.reps))
+        del call
+        key = (name, m, dt)
+        if kernel == "dense":
+            dense_p50[key] = t.p50
+        gbps = read / t.p50 / 1e9
+        rows.append(
+            Row(kernel, be or "torch", name, in_f, out_f, m, 0.0 if s is None else s, k, dt,
+                t.p50 * 1e6, t.p20 * 1e6, t.p80 * 1e6, gbps, gbps * 1e9 / bw,
+                dense_p50[key] / t.p50, _device_name(device), __version__, sha)
+        )
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    hdr = f"{'kernel':<15}{'backend':<10}{'shape':<16}{'M':>4}{'dtype':>6}{'s':>8}{'p50 us':>10}" \
+          f"{'p20-p80 us':>17}{'GB/s':>8}{'%bw':>6}{'x dense':>9}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        s = "dense" if r.kernel == "dense" else (f"{r.sparsity:.4g}" if r.sparsity or r.kernel != "ternary_linear"
+                                                  else "none")
+        print(f"{r.kernel:<15}{r.backend:<10}{r.shape:<16}{r.M:>4}{r.dtype:>6}{s:>8}{r.p50_us:>10.1f}"
+              f"{f'{r.p20_us:.0f}-{r.p80_us:.0f}':>17}{r.gbps:>8.1f}{100 * r.bw_frac:>5.0f}%{r.speedup:>8.2f}x")
+
+
+def write(rows: list[Row], csv_path: str | None, json_path: str | None) -> None:
+    if csv_path:
+        new = not os.path.exists(csv_path)
+        with open(csv_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+            if new:
+                w.writeheader()
+            w.writerows(asdict(r) for r in rows)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows = run(args)
+    print_table(rows)
+    if rows:
+        write(rows, args.csv, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
