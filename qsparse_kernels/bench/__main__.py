@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import __version__, ops
-from ..backends import backend_info, ops as backend_ops
+from ..backends import backend_info
+from ..backends import ops as backend_ops
 from . import cases
 from .harness import read_bandwidth, time_calls
 

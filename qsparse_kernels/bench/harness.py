@@ -71,5 +71,4 @@ def read_bandwidth(device: torch.device, nbytes: int = 512 << 20, reps: int = 7)
     """Measured read bandwidth in bytes/s: a reduction over a buffer far larger than the cache."""
     buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     t = time_calls(lambda _: buf.sum(), 1, device, reps=reps, warmup=2)
-    del buf
     return nbytes / t.p50
