@@ -1,0 +1,33 @@
+"""The decode benchmark's compact Llama computes what Hugging Face's LlamaForCausalLM computes."""
+
+import torch
+
+from qsparse_kernels.bench.llama import LlamaDecoder, LlamaShape
+
+
+def test_matches_hf_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, rope_theta=10000.0,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(cfg).eval()
+    ours = LlamaDecoder(LlamaShape.from_hf_config(cfg)).eval()
+    missing, unexpected = ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()},
+                                               strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    prompt = torch.randint(0, 101, (2, 7))
+    with torch.no_grad():
+        want = hf(prompt).logits[:, -1]
+        cache = ours.new_cache(2, 16, "cpu", torch.float32)
+        got = ours.step(prompt, cache, 0)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # one cached decode step == the full forward on the longer sequence
+        nxt = got.argmax(-1, keepdim=True)
+        want2 = hf(torch.cat([prompt, nxt], 1)).logits[:, -1]
+        torch.testing.assert_close(ours.step(nxt, cache, 7), want2, rtol=1e-4, atol=1e-4)
+        seq = prompt  # greedy decoding by full HF forwards (no cache, no end-of-sequence handling)
+        for _ in range(5):
+            seq = torch.cat([seq, hf(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(ours.generate(prompt, 5), seq[:, 7:])
