@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup build test bench lint clean
+.PHONY: setup build test bench bench-pytest lint clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -12,7 +12,11 @@ build:
 
 test: setup
 	$(PY) -m pytest -q tests
+	QSPARSE_BENCH_SHAPE=256x512 $(PY) -m pytest -q benchmarks --benchmark-disable  # smoke: the suite runs
 	$(PY) -m ruff check .
+
+bench-pytest: setup
+	$(PY) -m pytest benchmarks --benchmark-only
 
 bench: setup
 	$(PY) -m qsparse_kernels.bench $(ARGS)

@@ -1,0 +1,44 @@
+"""Kernel benchmarks (pytest-benchmark). Each case rotates weight copies like the bench CLI."""
+
+import itertools
+
+import pytest
+import torch
+
+import qsparse_kernels as qk
+from qsparse_kernels.bench import cases
+from qsparse_kernels.bench.__main__ import _backends_for
+
+CPU = torch.device("cpu")
+
+
+def _bench(benchmark, case, group):
+    call, n, read = case
+    counter = itertools.count()
+    benchmark.group = group
+    benchmark.extra_info["weight_bytes_read"] = read
+    benchmark.pedantic(lambda: call(next(counter) % n), rounds=20, warmup_rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("M", [1, 8])
+def test_dense(benchmark, shape, M):
+    x = torch.randn(M, shape[0], dtype=torch.bfloat16)
+    _bench(benchmark, cases.dense(x, shape[1]), f"linear M={M}")
+
+
+@pytest.mark.parametrize("backend", _backends_for("sparse_linear", CPU, None) or ["reference"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+@pytest.mark.parametrize("M", [1, 8])
+def test_sparse_linear(benchmark, shape, backend, sparsity, M):
+    x = torch.randn(M, shape[0], dtype=torch.bfloat16)
+    k = qk.sparsity_to_k(shape[0], sparsity)
+    _bench(benchmark, cases.sparse_linear(x, shape[1], k, backend), f"linear M={M}")
+
+
+@pytest.mark.parametrize("backend", _backends_for("ternary_linear", CPU, None) or ["reference"])
+@pytest.mark.parametrize("sparsity", [None, 0.6125])
+@pytest.mark.parametrize("M", [1, 8])
+def test_ternary_linear(benchmark, shape, backend, sparsity, M):
+    x = torch.randn(M, shape[0], dtype=torch.bfloat16)
+    k = None if sparsity is None else qk.sparsity_to_k(shape[0], sparsity)
+    _bench(benchmark, cases.ternary_linear(x, shape[1], k, backend), f"linear M={M}")
