@@ -88,8 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtypes", nargs="*", choices=list(cases.DTYPES))
     p.add_argument("--kernels", nargs="*", default=["sparse_linear", "ternary_linear"])
     p.add_argument("--reps", type=int, default=25, help="timed repetitions per point (>= 20)")
-    p.add_argument("--csv", help="append rows to this CSV (long format)")
-    p.add_argument("--json", help="write rows to this JSON file")
+    p.add_argument("--out", default="bench_out", help="folder for kernels.csv and the PNG plots ('' for none)")
+    p.add_argument("--csv", help="also append rows to this CSV (long format)")
+    p.add_argument("--json", help="also write rows to this JSON file")
+    p.add_argument("--no-decode", action="store_true", help="skip the end-to-end decode benchmark")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -103,19 +105,26 @@ def plan(args) -> list[tuple]:
     points = []
     for name, in_f, out_f in shapes:
         for dt in dtypes:
-            for m in batches:
+            # The quick run adds a batch sweep on one shape, for the speedup-vs-batch plot.
+            sweep = cases.BATCHES if (not args.full and not args.batches and name == "llama2-7b.up") else batches
+            for m in sweep:
+                if m not in batches:
+                    sparse_s_m, tern_s_m = [0.5], [0.6125]
+                else:
+                    sparse_s_m, tern_s_m = sparse_s, tern_s
                 points.append(("dense", None, name, in_f, out_f, m, 0.0, dt))
                 if "sparse_linear" in args.kernels:
                     for be in _backends_for("sparse_linear", torch.device(args.device), args.backends):
-                        points += [("sparse_linear", be, name, in_f, out_f, m, s, dt) for s in sparse_s]
+                        points += [("sparse_linear", be, name, in_f, out_f, m, s, dt) for s in sparse_s_m]
                 if "ternary_linear" in args.kernels:
                     for be in _backends_for("ternary_linear", torch.device(args.device), args.backends):
-                        points.append(("ternary_linear", be, name, in_f, out_f, m, None, dt))
-                        points += [("ternary_linear", be, name, in_f, out_f, m, s, dt) for s in tern_s if s > 0]
+                        if m in batches:
+                            points.append(("ternary_linear", be, name, in_f, out_f, m, None, dt))
+                        points += [("ternary_linear", be, name, in_f, out_f, m, s, dt) for s in tern_s_m if s > 0]
     return points
 
 
-def run(args) -> list[Row]:
+def run(args) -> tuple[list[Row], float]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     bw = read_bandwidth(device)
@@ -148,7 +157,7 @@ def run(args) -> list[Row]:
                 t.p50 * 1e6, t.p20 * 1e6, t.p80 * 1e6, gbps, gbps * 1e9 / bw,
                 dense_p50[key] / t.p50, _device_name(device), __version__, sha)
         )
-    return rows
+    return rows, bw
 
 
 def print_table(rows: list[Row]) -> None:
@@ -178,10 +187,24 @@ def write(rows: list[Row], csv_path: str | None, json_path: str | None) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rows = run(args)
+    rows, bw = run(args)
     print_table(rows)
+    if rows and args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "kernels.csv")
+        if os.path.exists(path):
+            os.remove(path)
+        write(rows, path, None)
+        from .plots import draw_all
+
+        pngs = draw_all(rows, bw, args.out)
+        print(f"# wrote {path} and {len(pngs)} plots to {args.out}/", file=sys.stderr)
     if rows:
         write(rows, args.csv, args.json)
+    if not args.no_decode:
+        from . import decode
+
+        decode.main(["--device", args.device] + (["--out", args.out] if args.out else []))
     return 0
 
 

@@ -6,6 +6,7 @@ A builder returns ``(call, n_variants, weight_bytes_read)``: ``call(i)`` runs th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -32,7 +33,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 Case = tuple[Callable[[int], object], int, int]
 
 
+@functools.lru_cache(maxsize=2)
 def _weights(out_f: int, in_f: int, dtype: torch.dtype, device: torch.device, layout: str) -> list[torch.Tensor]:
+    """Rotating weight copies, cached for the points of one shape (they are not modified)."""
     n = copies_needed(out_f * in_f * torch.finfo(dtype).bits // 8, device)
     ws = []
     for _ in range(n):
@@ -54,18 +57,26 @@ def sparse_linear(x: torch.Tensor, out_f: int, k: int, backend: str) -> Case:
     return (lambda i: ops.sparse_linear(x, ws[i], k, backend=backend)), len(ws), read
 
 
-def ternary_linear(x: torch.Tensor, out_f: int, k: int | None, backend: str) -> Case:
-    """``ternary_linear`` over packed 2-bit weights; ``k=None`` is dense activations."""
-    in_f = x.shape[-1]
-    n = copies_needed(in_f * packed_cols(out_f), x.device)
+@functools.lru_cache(maxsize=1)
+def _packed(out_f: int, in_f: int, device: torch.device) -> list[torch.Tensor]:
+    """Rotating random packed ternary weights (codes 0..2 only), cached per shape."""
+    n = copies_needed(in_f * packed_cols(out_f), device)
     packs = []
     for _ in range(n):
-        codes = torch.randint(0, 256, (in_f, packed_cols(out_f)), dtype=torch.uint8, device=x.device)
+        codes = torch.randint(0, 256, (in_f, packed_cols(out_f)), dtype=torch.uint8, device=device)
         codes = torch.where((codes & 3) == 3, codes ^ 1, codes)  # no invalid code 3 in any slot ...
         for shift in (2, 4, 6):
             bad = ((codes >> shift) & 3) == 3
             codes = torch.where(bad, codes ^ (1 << shift), codes)  # ... (3 -> 2)
         packs.append(codes)
+    return packs
+
+
+def ternary_linear(x: torch.Tensor, out_f: int, k: int | None, backend: str) -> Case:
+    """``ternary_linear`` over packed 2-bit weights; ``k=None`` is dense activations."""
+    in_f = x.shape[-1]
+    packs = _packed(out_f, in_f, x.device)
+    n = len(packs)
     scale = torch.tensor(0.02, device=x.device)
     read = (in_f if k is None else k) * packed_cols(out_f)
     return (lambda i: ops.ternary_linear(x, packs[i], scale, out_f, k, backend=backend)), n, read
