@@ -1,0 +1,172 @@
+"""Per-row top-k magnitude selection without a sort: radix select over magnitude keys.
+
+One program per row. The keys are the float32 bits of ``x`` with the sign cleared, as int32
+(:func:`.quantize.mag_key`): their integer order is the magnitude order with NaN above +Inf,
+which is the SPEC's order. The threshold ``thr`` (the k-th largest key) is built digit by digit,
+``RADIX_BITS`` bits per pass from the top: a pass counts, for all ``2**RADIX_BITS`` candidate
+digits at once, how many keys are >= ``prefix + (digit << shift)``, and keeps the largest digit
+whose count is still >= k (counts fall as the digit grows, so that is the number of candidates
+that pass, minus one). 31 key bits take 8 passes of 4 bits; each pass re-reads the row, which
+stays in L1/L2. A last pass keeps every key > ``thr`` plus the first ``k - count(key > thr)``
+keys equal to ``thr`` in index order (ties broken by lowest index, so exactly ``k`` are kept),
+using an exclusive prefix sum of the tie flags carried across chunks.
+
+The same pass can write, per row:
+
+* the dense sparsified row (``topk_sparsify``): kept entries copied, the others +0;
+* the kept list, compacted in index order: feature indices (int32) and values, either as float32
+  (for ``sparse_linear``) or as int8 codes of ``quantize_act_int8(topk_sparsify(x))`` plus the
+  row's ``x_scale`` (for ``ternary_linear``). Those codes need ``max|x|`` over the *kept* entries,
+  which is the row's max when ``k >= 1`` (the max is always kept) and 0 when ``k == 0``.
+
+``k == 0`` needs no special case: every candidate passes, ``thr`` ends at the largest key value
+and no key is kept. No host synchronisation: ``k`` is a launch argument, never read back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._compat import wrap
+from .autotune import row_block
+from .quantize import KEY_MIN_ABSMAX, act_scales, mag_key, round_half_even_i32
+
+RADIX_BITS = 4
+KEY_BITS = 31  # the sign bit of a magnitude key is always 0
+
+
+@triton.jit
+def _select_kernel(
+    x_ptr, stride_xm, stride_xd,  # x [M, d], any strides
+    y_ptr, stride_ym,  # dense output [M, d] (WRITE_DENSE), unit stride along d
+    idx_ptr, val_ptr, stride_cm,  # kept list [M, k]: int32 indices, float32 values or int8 codes
+    xscale_ptr,  # [M] float32 (QUANT)
+    d, k,
+    WRITE_DENSE: tl.constexpr,
+    WRITE_LIST: tl.constexpr,
+    QUANT: tl.constexpr,
+    KEY_MIN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
+    NPASS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    offs = tl.arange(0, BLOCK)
+    digits = tl.arange(0, 1 << RADIX_BITS)
+
+    # ---- radix select: thr = the k-th largest key (invariant: count(key >= prefix) >= k) ----
+    prefix = tl.full([], 0, tl.int32)
+    mx = tl.full([BLOCK], 0, tl.int32)
+    for p in range(NPASS):
+        shift = (NPASS - 1 - p) * RADIX_BITS
+        cand = prefix.to(tl.int64) + (digits.to(tl.int64) << shift)
+        valid = cand <= 0x7FFFFFFF  # the top digit only has 31 - 28 = 3 bits
+        cand32 = tl.where(valid, cand, 0x7FFFFFFF).to(tl.int32)
+        cnt = tl.zeros([1 << RADIX_BITS], tl.int32)
+        for start in range(0, d, BLOCK):
+            o = start + offs
+            key = mag_key(tl.load(x_row + o * stride_xd, mask=o < d, other=0.0))
+            key = tl.where(o < d, key, -1)  # padding is below every candidate
+            if QUANT:
+                mx = tl.maximum(mx, key)
+            cnt += tl.sum((key[None, :] >= cand32[:, None]).to(tl.int32), axis=1)
+        passed = (cnt >= k) & valid  # digit 0 always passes; counts fall as the digit grows
+        prefix = prefix + ((tl.sum(passed.to(tl.int32), axis=0) - 1) << shift)
+    thr = prefix
+
+    n_gt = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, d, BLOCK):
+        o = start + offs
+        key = mag_key(tl.load(x_row + o * stride_xd, mask=o < d, other=0.0))
+        n_gt += ((key > thr) & (o < d)).to(tl.int32)
+    n_ties = k - tl.sum(n_gt, axis=0)  # how many keys equal to thr are kept, lowest index first
+
+    if QUANT:
+        # max|x| of the kept entries: the row's max if anything is kept, else 0 (then clamped).
+        s, x_scale = act_scales(tl.where(k > 0, tl.max(mx, axis=0), 0), KEY_MIN)
+        tl.store(xscale_ptr + row, x_scale)
+
+    # ---- keep / compact pass ----
+    ties_seen = tl.full([], 0, tl.int32)
+    kept_seen = tl.full([], 0, tl.int32)
+    for start in range(0, d, BLOCK):
+        o = start + offs
+        inb = o < d
+        x = tl.load(x_row + o * stride_xd, mask=inb, other=0.0)
+        key = mag_key(x)
+        tie = ((key == thr) & inb).to(tl.int32)
+        tie_rank = ties_seen + tl.cumsum(tie, axis=0) - tie  # exclusive prefix count of ties
+        kept = ((key > thr) & inb) | ((tie == 1) & (tie_rank < n_ties))
+        ties_seen += tl.sum(tie, axis=0)
+        if WRITE_DENSE:
+            tl.store(y_ptr + row * stride_ym + o, tl.where(kept, x, 0.0), mask=inb)
+        if WRITE_LIST:
+            kept_i = kept.to(tl.int32)
+            pos = kept_seen + tl.cumsum(kept_i, axis=0) - kept_i
+            tl.store(idx_ptr + row * stride_cm + pos, o, mask=kept)
+            if QUANT:
+                q = round_half_even_i32(x.to(tl.float32) * s)
+                tl.store(val_ptr + row * stride_cm + pos, q.to(tl.int8), mask=kept)
+            else:
+                tl.store(val_ptr + row * stride_cm + pos, x.to(tl.float32), mask=kept)
+            kept_seen += tl.sum(kept_i, axis=0)
+
+
+def _launch(x2, k, y=None, idx=None, val=None, xscale=None):
+    m, d = x2.shape
+    if m == 0 or d == 0:
+        return
+    block, warps = row_block(d)
+    dummy = x2  # never dereferenced: the constexpr flags compile those stores away
+    wrap(_select_kernel)[(m,)](
+        x2, x2.stride(0), x2.stride(1),
+        dummy if y is None else y, 0 if y is None else y.stride(0),
+        dummy if idx is None else idx, dummy if val is None else val, 0 if idx is None else idx.stride(0),
+        dummy if xscale is None else xscale,
+        d, k,
+        WRITE_DENSE=y is not None, WRITE_LIST=idx is not None, QUANT=xscale is not None,
+        KEY_MIN=KEY_MIN_ABSMAX, BLOCK=block, RADIX_BITS=RADIX_BITS,
+        NPASS=triton.cdiv(KEY_BITS, RADIX_BITS), num_warps=warps,
+    )  # fmt: skip
+
+
+def topk_rows(x2: torch.Tensor, k: int) -> torch.Tensor:
+    """``x2 [M, d]`` (any strides) -> contiguous ``[M, d]`` with the k largest |x| per row kept."""
+    y = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    _launch(x2, k, y=y)
+    return y
+
+
+def kept_list(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x2 [M, d]`` -> ``(idx int32 [M, k], val float32 [M, k])``: kept features in index order."""
+    m = x2.shape[0]
+    idx = torch.empty((m, k), dtype=torch.int32, device=x2.device)
+    val = torch.empty((m, k), dtype=torch.float32, device=x2.device)
+    if k:
+        _launch(x2, k, idx=idx, val=val)
+    return idx, val
+
+
+def kept_list_int8(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x2 [M, d]`` -> ``(idx int32 [M, k], q int8 [M, k], x_scale float32 [M])`` where ``q`` and
+    ``x_scale`` are ``quantize_act_int8(topk_sparsify(x2, k))`` restricted to the kept entries."""
+    m = x2.shape[0]
+    # k == 0 still launches (x_scale is needed): keep the list buffers non-empty for the launcher.
+    idx = torch.empty((m, max(k, 1)), dtype=torch.int32, device=x2.device)
+    q = torch.empty((m, max(k, 1)), dtype=torch.int8, device=x2.device)
+    xscale = torch.empty((m,), dtype=torch.float32, device=x2.device)
+    _launch(x2, k, idx=idx, val=q, xscale=xscale)
+    return idx[:, :k], q[:, :k], xscale
+
+
+def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
+    """SPEC op 1. ``x [..., d]`` -> same shape and dtype, the k largest |x| of each row kept, others +0."""
+    d = x.shape[-1]
+    if d == 0:
+        return torch.empty_like(x)
+    return topk_rows(x.reshape(math.prod(x.shape[:-1]), d), k).reshape(x.shape)
