@@ -7,6 +7,8 @@ Fast backends are tested against these functions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -90,7 +92,7 @@ def unpack_codes(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """The raw codes of a packed weight, ``uint8 [in, out_features]`` (0, 1, 2; 3 if invalid)."""
     shifts = torch.arange(0, CODES_PER_BYTE * BITS_PER_CODE, BITS_PER_CODE, dtype=torch.uint8, device=packed.device)
     codes = (packed.unsqueeze(-1) >> shifts) & CODE_MASK
-    return codes.reshape(packed.shape[0], -1)[:, :out_features]
+    return codes.reshape(packed.shape[0], packed.shape[1] * CODES_PER_BYTE)[:, :out_features]
 
 
 def unpack_ternary(packed: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -130,6 +132,7 @@ def ternary_linear(
     xs = x if k is None else topk_sparsify(x, k)
     x_q, x_scale = quantize_act_int8(xs)
     lead = x.shape[:-1]
-    acc = ternary_accumulate(x_q.reshape(-1, x.shape[-1]), packed, out_features)
-    y = ternary_epilogue(acc, x_scale.reshape(-1, 1), scale, bias, x.dtype)
+    rows = math.prod(lead)
+    acc = ternary_accumulate(x_q.reshape(rows, x.shape[-1]), packed, out_features)
+    y = ternary_epilogue(acc, x_scale.reshape(rows, 1), scale, bias, x.dtype)
     return y.reshape(*lead, out_features)
