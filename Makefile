@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup build test bench bench-pytest fuzz lint clean
+.PHONY: setup build test bench bench-pytest sanitize fuzz lint clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -20,6 +20,9 @@ bench-pytest: setup
 
 bench: setup
 	$(PY) -m qsparse_kernels.bench $(ARGS)
+
+sanitize: setup  # C++ CPU kernels under AddressSanitizer + UBSan, CPU tests incl. the fuzz profile
+	bash scripts/sanitize.sh
 
 fuzz: setup  # the long property-test profile (>= 10,000 examples per test)
 	QSPARSE_FUZZ=long $(PY) -m pytest -q tests/test_fuzz.py
