@@ -79,6 +79,6 @@ def test_bit_identical_across_calls_and_thread_counts(backend):
         again = [c() for c in calls]
     finally:
         torch.set_num_threads(old)
-    for i, (a, b, c) in enumerate(zip(one, two, again)):
+    for i, (a, b, c) in enumerate(zip(one, two, again, strict=True)):
         assert _equal(a, b), f"call {i}: 1 vs 2 threads differ"
         assert _equal(b, c), f"call {i}: repeated calls differ"
