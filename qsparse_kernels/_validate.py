@@ -24,9 +24,27 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
 
 
+# Largest tensor any op accepts or produces: the GPU kernels index with 32-bit offsets. Checked on
+# shapes alone, before anything is allocated or launched.
+MAX_NUMEL = 2**31 - 1
+
+
+def numel_fits(op: str, name: str, numel) -> None:
+    if numel > MAX_NUMEL:
+        raise _err(ValueError, op, f"{name} has {numel} elements, more than the supported 2**31 - 1")
+
+
 def tensor(op: str, name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise _err(TypeError, op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    numel_fits(op, name, t.numel())
+
+
+def _rows(x: torch.Tensor) -> int:
+    n = 1
+    for s in x.shape[:-1]:
+        n *= s
+    return n
 
 
 def float_tensor(op: str, name: str, t, min_dim: int = 1) -> None:
@@ -101,6 +119,7 @@ def sparse_linear(x, weight, k, bias) -> None:
     same_device(op, "x", x, "weight", weight)
     integer(op, "k", k, 0, x.shape[-1], "d = x.shape[-1]")
     _bias(op, bias, x, weight.shape[0], x.dtype)
+    numel_fits(op, "the output", _rows(x) * weight.shape[0])
 
 
 def quantize_act_int8(x) -> None:
@@ -176,3 +195,4 @@ def ternary_linear(x, packed, scale, out_features, k, bias) -> None:
     if k is not None:
         integer(op, "k", k, 0, x.shape[-1], "d = x.shape[-1]")
     _bias(op, bias, x, out_features, x.dtype)
+    numel_fits(op, "the output", _rows(x) * out_features)

@@ -123,6 +123,18 @@ def test_bad_input(i, backend):
         fn()
 
 
+def test_sizes_beyond_32bit_indexing_rejected_before_allocation():
+    big = torch.empty(2**16, 2**15 + 1, device="meta")
+    with pytest.raises(ValueError, match="x has 2147549184 elements"):
+        qk.topk_sparsify(big, 1)
+    x = torch.empty(2**20, 64, device="meta")
+    with pytest.raises(ValueError, match="the output has"):
+        qk.sparse_linear(x, torch.empty(4096, 64, device="meta"), 8)
+    packed = torch.empty(64, 1024, dtype=torch.uint8, device="meta")
+    with pytest.raises(ValueError, match="the output has"):
+        qk.ternary_linear(x, packed, torch.tensor(1.0, device="meta"), 4096)
+
+
 def test_bad_input_on_meta_tensors_raises_at_trace_time():
     with pytest.raises(ValueError, match="k must be in"):
         qk.topk_sparsify(torch.empty(2, 4, device="meta"), 5)
