@@ -9,6 +9,13 @@
 TORCH_LIBRARY_FRAGMENT(qsparse, m) {
   // x [M, d] contiguous float -> (x_q int8 [M, d], x_scale float32 [M, 1]); SPEC 4.
   m.def("quantize_act_int8_kernel(Tensor x) -> (Tensor, Tensor)");
+  // x [M, d] contiguous float, 0 <= k <= d -> [M, d], the k largest |x| kept per row; SPEC 1.
+  m.def("topk_sparsify_kernel(Tensor x, int k) -> Tensor");
+  // x [M, d] contiguous float, d % m == 0, 0 <= n <= m -> [M, d], N:M top-k per block; SPEC 2.
+  m.def("block_topk_sparsify_kernel(Tensor x, int n, int m) -> Tensor");
+  // x [M, d] contiguous float, weight [out, d] (any strides; fast when weight.stride(0) == 1),
+  // bias [out] or None, all one dtype -> [M, out] = linear(topk_sparsify(x, k), weight, bias); SPEC 3.
+  m.def("sparse_linear_kernel(Tensor x, Tensor weight, int k, Tensor? bias) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,0 +1,255 @@
+// Per-row top-k by magnitude without a sort: see csrc/include/qsk/cpu_select.h for the contract.
+#include "qsk/cpu_select.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include <c10/util/Exception.h>
+
+namespace qsk::cpu {
+namespace {
+
+// Below this many keys a round is not worth it: std::nth_element finishes.
+constexpr int64_t kSmall = 192;
+// Sample size per round. The bracket is +-3 sigma of the sample quantile, so a round keeps about
+// 6 * sqrt(p (1 - p) / kSample) of its keys (<= 19% at p = 1/2, less at the tails).
+constexpr int64_t kSample = 256;
+constexpr int kMaxRounds = 8;
+
+// ---- magnitude keys (cpu_select.h: integer order == magnitude order, NaN above +Inf) ----
+// Half types use their own 15 magnitude bits (same order as the widened float, no conversion);
+// uint32_t is an already-computed key (the band buffers of later rounds).
+inline uint32_t key_of(const float* p, int64_t i) {
+  uint32_t u;
+  std::memcpy(&u, p + i, sizeof u);
+  return u & 0x7fffffffu;
+}
+inline uint32_t key_of(const c10::BFloat16* p, int64_t i) { return p[i].x & 0x7fffu; }
+inline uint32_t key_of(const c10::Half* p, int64_t i) { return p[i].x & 0x7fffu; }
+inline uint32_t key_of(const uint32_t* p, int64_t i) { return p[i]; }
+
+// ---- the two vectorisable passes, portable version (also compiled for AVX2 below) ----
+
+// Counts keys > hi into *gt and writes the keys in [lo, hi] to out (in order); returns their count.
+template <typename T>
+inline __attribute__((always_inline)) int64_t band_scalar(const T* src, int64_t n, uint32_t lo, uint32_t hi,
+                                                          uint32_t* out, int64_t* gt) {
+  int64_t above = 0, nb = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t k = key_of(src, i);
+    above += k > hi;
+    out[nb] = k;  // branch-free compaction: the slot is only kept when k is in the band
+    nb += (k >= lo) & (k <= hi);
+  }
+  *gt = above;
+  return nb;
+}
+
+// Writes, in ascending order, the indices with key > thr and the first `ties` indices with key == thr.
+// idx has room for exactly k entries: the loop stops once k are written.
+template <typename T>
+inline __attribute__((always_inline)) void emit_scalar(const T* x, int64_t d, int64_t k, uint32_t thr, int64_t ties,
+                                                       int32_t* idx) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < d && n < k; ++i) {
+    const uint32_t k = key_of(x, i);
+    const bool take_tie = (k == thr) & (ties > 0);
+    ties -= take_tie;
+    idx[n] = static_cast<int32_t>(i);
+    n += (k > thr) | take_tie;
+  }
+}
+
+template <typename T>
+QSK_TARGET_AVX2 int64_t band_avx2(const T* src, int64_t n, uint32_t lo, uint32_t hi, uint32_t* out, int64_t* gt) {
+  return band_scalar(src, n, lo, hi, out, gt);
+}
+template <typename T>
+QSK_TARGET_AVX2 void emit_avx2(const T* x, int64_t d, int64_t k, uint32_t thr, int64_t ties, int32_t* idx) {
+  emit_scalar(x, d, k, thr, ties, idx);
+}
+
+// ---- AVX-512: 16 keys per step, compaction by vpcompressd ----
+
+// Loads 16 keys (lanes outside `m` are 0).
+QSK_TARGET_AVX512 inline __m512i keys16(const float* p, __mmask16 m) {
+  return _mm512_and_si512(_mm512_maskz_loadu_epi32(m, p), _mm512_set1_epi32(0x7fffffff));
+}
+QSK_TARGET_AVX512 inline __m512i keys16_u16(const void* p, __mmask16 m) {
+  return _mm512_and_si512(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), _mm512_set1_epi32(0x7fff));
+}
+QSK_TARGET_AVX512 inline __m512i keys16(const c10::BFloat16* p, __mmask16 m) { return keys16_u16(p, m); }
+QSK_TARGET_AVX512 inline __m512i keys16(const c10::Half* p, __mmask16 m) { return keys16_u16(p, m); }
+QSK_TARGET_AVX512 inline __m512i keys16(const uint32_t* p, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, p); }
+
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// Note: compress into a register, then a masked store. vpcompressd straight to memory is
+// microcoded and very slow on AMD Zen 4.
+template <typename T>
+QSK_TARGET_AVX512 int64_t band_avx512(const T* src, int64_t n, uint32_t lo, uint32_t hi, uint32_t* out,
+                                      int64_t* gt) {
+  const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo)), vhi = _mm512_set1_epi32(static_cast<int>(hi));
+  int64_t above = 0, nb = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512i k = keys16(src + i, m);
+    const __mmask16 g = _mm512_mask_cmpgt_epu32_mask(m, k, vhi);
+    const __mmask16 b = _mm512_mask_cmpge_epu32_mask(m, k, vlo) & static_cast<__mmask16>(~g);
+    const int nbits = __builtin_popcount(b);
+    above += __builtin_popcount(g);
+    _mm512_mask_storeu_epi32(out + nb, tail_mask(nbits), _mm512_maskz_compress_epi32(b, k));
+    nb += nbits;
+  }
+  *gt = above;
+  return nb;
+}
+
+// The lowest `n` set bits of `m` (n < popcount(m)).
+inline __mmask16 lowest_bits(__mmask16 m, int64_t n) {
+  uint32_t out = 0, rest = m;
+  for (int64_t j = 0; j < n; ++j) {
+    out |= rest & (0u - rest);
+    rest &= rest - 1;
+  }
+  return static_cast<__mmask16>(out);
+}
+
+template <typename T>
+QSK_TARGET_AVX512 void emit_avx512(const T* x, int64_t d, uint32_t thr, int64_t ties, int32_t* idx) {
+  const __m512i vthr = _mm512_set1_epi32(static_cast<int>(thr));
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t n = 0;
+  for (int64_t i = 0; i < d; i += 16) {
+    const __mmask16 m = tail_mask(d - i);
+    const __m512i k = keys16(x + i, m);
+    __mmask16 take = _mm512_mask_cmpgt_epu32_mask(m, k, vthr);
+    if (ties > 0) {
+      __mmask16 eq = _mm512_mask_cmpeq_epu32_mask(m, k, vthr);
+      const int ne = __builtin_popcount(eq);
+      if (ne > ties) eq = lowest_bits(eq, ties);
+      ties -= __builtin_popcount(eq);
+      take |= eq;
+    }
+    const int nt = __builtin_popcount(take);
+    const __m512i ids = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(i)));
+    _mm512_mask_storeu_epi32(idx + n, tail_mask(nt), _mm512_maskz_compress_epi32(take, ids));
+    n += nt;
+  }
+}
+
+// ---- the driver: bracketing rounds, then nth_element ----
+
+template <typename T>
+int64_t band(Isa isa, const T* src, int64_t n, uint32_t lo, uint32_t hi, uint32_t* out, int64_t* gt) {
+  if (isa == Isa::Avx512) return band_avx512(src, n, lo, hi, out, gt);
+  if (isa == Isa::Avx2) return band_avx2(src, n, lo, hi, out, gt);
+  return band_scalar(src, n, lo, hi, out, gt);
+}
+
+template <typename T>
+void emit(Isa isa, const T* x, int64_t d, int64_t k, uint32_t thr, int64_t ties, int32_t* idx) {
+  if (isa == Isa::Avx512) return emit_avx512(x, d, thr, ties, idx);
+  if (isa == Isa::Avx2) return emit_avx2(x, d, k, thr, ties, idx);
+  emit_scalar(x, d, k, thr, ties, idx);
+}
+
+// The keys lo <= hi bracketing the t-th largest key (1-based) of src[0..n) with high probability,
+// from a strided sample. lo = 0 / hi = UINT32_MAX when the bracket reaches the end of the sample.
+template <typename T>
+void bracket(const T* src, int64_t n, int64_t t, uint32_t* smp, uint32_t* lo, uint32_t* hi) {
+  const int64_t s = kSample;  // callers guarantee n > kSmall >= ... so n >= s is not needed: stride >= 1
+  const double step = static_cast<double>(n) / s;
+  for (int64_t j = 0; j < s; ++j) smp[j] = key_of(src, static_cast<int64_t>((j + 0.5) * step));
+  const double p = static_cast<double>(t) / n, rt = p * s;
+  const int64_t margin = static_cast<int64_t>(3.0 * std::sqrt(s * p * (1.0 - p))) + 2;
+  const int64_t r_hi = static_cast<int64_t>(std::floor(rt)) - margin;  // rank from the top
+  const int64_t r_lo = static_cast<int64_t>(std::ceil(rt)) + margin;
+  // Ascending positions: the r-th largest of s sits at s - r.
+  if (r_lo <= s) {
+    std::nth_element(smp, smp + (s - r_lo), smp + s);
+    *lo = smp[s - r_lo];
+  } else {
+    *lo = 0;
+  }
+  if (r_hi >= 1) {
+    const int64_t from = r_lo <= s ? s - r_lo : 0;
+    std::nth_element(smp + from, smp + (s - r_hi), smp + s);
+    *hi = smp[s - r_hi];
+  } else {
+    *hi = 0xffffffffu;
+  }
+}
+
+// Finds the k-th largest key of x and how many keys are strictly above it.
+template <typename T>
+void kth_key(Isa isa, const T* x, int64_t d, int64_t k, uint32_t* scratch, uint32_t* thr, int64_t* n_above) {
+  uint32_t* buf[2] = {scratch, scratch + d};
+  uint32_t* smp = scratch + 2 * d;
+  const uint32_t* a = nullptr;  // the current band; nullptr: still x itself
+  int64_t n = d, t = k, above = 0;
+  int cur = 0;
+  for (int round = 0; round < kMaxRounds && n > kSmall; ++round) {
+    uint32_t lo, hi;
+    int64_t gt;
+    int64_t nb;
+    if (a == nullptr) {
+      bracket(x, n, t, smp, &lo, &hi);
+      nb = band(isa, x, n, lo, hi, buf[cur], &gt);
+    } else {
+      bracket(a, n, t, smp, &lo, &hi);
+      nb = band(isa, a, n, lo, hi, buf[cur], &gt);
+    }
+    if (!(gt < t && t <= gt + nb && nb < n)) break;  // bracket missed (rare) or no progress: finish below
+    above += gt;
+    t -= gt;
+    n = nb;
+    a = buf[cur];
+    cur ^= 1;
+  }
+  // Finish on a mutable copy of the current set of keys.
+  uint32_t* v = buf[cur];
+  if (a == nullptr) {
+    for (int64_t i = 0; i < n; ++i) v[i] = key_of(x, i);
+  } else {
+    std::memcpy(v, a, n * sizeof(uint32_t));
+  }
+  std::nth_element(v, v + (n - t), v + n);
+  const uint32_t kth = v[n - t];
+  for (int64_t i = n - t + 1; i < n; ++i) above += v[i] > kth;  // nth_element: these are all >= kth
+  *thr = kth;
+  *n_above = above;
+}
+
+template <typename T>
+void select_impl(const T* x, int64_t d, int64_t k, int32_t* idx, uint32_t* scratch, Isa isa) {
+  TORCH_INTERNAL_ASSERT(d >= 0 && d <= INT32_MAX && k >= 0 && k <= d);
+  if (k == 0) return;
+  if (k == d) {
+    for (int64_t i = 0; i < d; ++i) idx[i] = static_cast<int32_t>(i);
+    return;
+  }
+  uint32_t thr;
+  int64_t above;
+  kth_key(isa, x, d, k, scratch, &thr, &above);
+  emit(isa, x, d, k, thr, k - above, idx);
+}
+
+}  // namespace
+
+void select_topk(const float* x, int64_t d, int64_t k, int32_t* kept_idx, uint32_t* scratch, Isa isa) {
+  select_impl(x, d, k, kept_idx, scratch, isa);
+}
+void select_topk(const c10::BFloat16* x, int64_t d, int64_t k, int32_t* kept_idx, uint32_t* scratch, Isa isa) {
+  select_impl(x, d, k, kept_idx, scratch, isa);
+}
+void select_topk(const c10::Half* x, int64_t d, int64_t k, int32_t* kept_idx, uint32_t* scratch, Isa isa) {
+  select_impl(x, d, k, kept_idx, scratch, isa);
+}
+
+}  // namespace qsk::cpu

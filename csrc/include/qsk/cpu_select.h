@@ -1,0 +1,52 @@
+// Per-row top-k selection by magnitude on the CPU: the routine every CPU top-K kernel calls
+// (topk_sparsify, sparse_linear, the fused ternary kernel).
+//
+// Ordering (SPEC 1): entries are ranked by their magnitude key, the float32 bits of |x| with the
+// sign cleared (`mag_key` in cpu_common.h). Integer order of the key is magnitude order and puts
+// NaN above +Inf, as torch.topk does. bf16 / fp16 inputs are widened to float32 first, which is
+// exact and keeps the order (NaN stays NaN).
+// Ties: exactly k entries are kept; among the entries whose key equals the k-th largest key, the
+// lowest indices are kept. The result is a deterministic function of (x, k), identical for every
+// ISA path and thread count.
+//
+// Algorithm (no full sort, O(d) expected): a bracketing quickselect over the keys. Each round
+// draws a strided sample, picks two sample quantiles that bracket the target rank with a
+// ~3-sigma margin, and in one vectorised pass counts the keys above the bracket and compacts the
+// keys inside it; the next round works on that (much smaller) band. A small band, or a bracket
+// that missed, finishes with std::nth_element. A last vectorised pass writes the kept indices in
+// ascending order. At d = 4096..14336 this costs a few microseconds per row (AVX-512).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#include "qsk/isa.h"
+
+namespace qsk::cpu {
+
+// uint32 words of scratch that select_topk needs for a row of d entries (two band buffers and a
+// sample buffer). Allocate once per thread and reuse it across rows.
+inline int64_t select_scratch_words(int64_t d) { return 2 * d + 512; }
+
+// Writes the indices of the k largest-magnitude entries of x[0..d) to kept_idx[0..k), ascending.
+//   x         d entries, contiguous; any values (NaN and +-Inf included); not modified.
+//   d         0 <= d <= INT32_MAX (indices are int32).
+//   k         0 <= k <= d. k == 0 writes nothing; k == d writes 0..d-1.
+//   kept_idx  room for k int32 entries.
+//   scratch   select_scratch_words(d) uint32 words, clobbered; must not alias x or kept_idx.
+//   isa       which implementation runs (default: qsk::cpu::isa(), the run-time detected level).
+//             A caller already inside a kernel compiled for one ISA passes that level.
+// Thread-safe (no global state): call it concurrently on different rows with different scratch.
+// The caller validates the arguments (the ops do, with TORCH_CHECK); this routine only asserts.
+void select_topk(const float* x, int64_t d, int64_t k, int32_t* kept_idx, uint32_t* scratch, Isa isa);
+void select_topk(const c10::BFloat16* x, int64_t d, int64_t k, int32_t* kept_idx, uint32_t* scratch, Isa isa);
+void select_topk(const c10::Half* x, int64_t d, int64_t k, int32_t* kept_idx, uint32_t* scratch, Isa isa);
+
+template <typename T>
+inline void select_topk(const T* x, int64_t d, int64_t k, int32_t* kept_idx, uint32_t* scratch) {
+  select_topk(x, d, k, kept_idx, scratch, isa());
+}
+
+}  // namespace qsk::cpu
