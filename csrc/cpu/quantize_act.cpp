@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_act_int8_cpu(const at::Tensor& x) {
   auto q = at::empty({M, d}, x.options().dtype(at::kChar));
   auto scale = at::empty({M, 1}, x.options().dtype(at::kFloat));
   const Isa level = isa();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_act_int8_cpu", [&] {
+  QSK_DISPATCH_FLOAT(x.scalar_type(), "quantize_act_int8_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     int8_t* qp = q.data_ptr<int8_t>();
     float* sp = scale.data_ptr<float>();

@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_act_int8_cuda(const at::Tensor& x) {
   auto scale = at::empty({M, 1}, x.options().dtype(at::kFloat));
   if (M == 0) return {q, scale};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "quantize_act_int8_cuda", [&] {
+  QSK_DISPATCH_FLOAT(x.scalar_type(), "quantize_act_int8_cuda", [&] {
     quantize_act_int8_kernel<scalar_t><<<static_cast<unsigned int>(M), kThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), q.data_ptr<int8_t>(), scale.data_ptr<float>(), d);
   });

@@ -113,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> select_topk_cuda(const at::Tensor& x, int64_t
   auto val = at::empty({M, k}, x.options().dtype(at::kFloat));
   if (M == 0 || d == 0) return {idx, val};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "select_topk_cuda", [&] {
+  QSK_DISPATCH_FLOAT(x.scalar_type(), "select_topk_cuda", [&] {
     SelectOut out{idx.data_ptr<int32_t>(), val.data_ptr<float>(), nullptr, nullptr, nullptr};
     select_kernel<scalar_t><<<static_cast<unsigned int>(M), kSelectThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), d, k, out, dense.defined() ? dense.data_ptr<scalar_t>() : nullptr);
@@ -163,7 +163,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& weight, int
   auto [idx, val] = select_topk_cuda(x, k, at::Tensor());
   auto stream = at::cuda::getCurrentCUDAStream();
   const auto bias_c = bias ? bias->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sparse_linear_cuda", [&] {
+  QSK_DISPATCH_FLOAT(x.scalar_type(), "sparse_linear_cuda", [&] {
     constexpr int VEC = vec_of<scalar_t>();
     const int64_t tiles = ceil_div(out, kGemvThreads * VEC);
     const SplitPlan plan = plan_splits(k, tiles, M);

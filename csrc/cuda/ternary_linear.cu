@@ -149,7 +149,7 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
   auto x_scale = at::empty({M}, x.options().dtype(at::kFloat));
   auto xq_sum = at::empty({M}, x.options().dtype(at::kInt));
   if (d > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ternary_select_cuda", [&] {
+    QSK_DISPATCH_FLOAT(x.scalar_type(), "ternary_select_cuda", [&] {
       SelectOut so{idx.data_ptr<int32_t>(), nullptr, xq.data_ptr<int8_t>(), x_scale.data_ptr<float>(),
                    xq_sum.data_ptr<int32_t>()};
       select_quant_kernel<scalar_t><<<static_cast<unsigned int>(M), kSelectThreads, 0, stream>>>(
@@ -177,7 +177,7 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
   }
   const auto bias_c = bias ? bias->contiguous() : at::Tensor();
   const auto scale_c = scale.reshape({1}).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ternary_epilogue_cuda", [&] {
+  QSK_DISPATCH_FLOAT(x.scalar_type(), "ternary_epilogue_cuda", [&] {
     const int64_t n = M * out;
     ternary_epilogue_kernel<scalar_t><<<static_cast<unsigned int>(ceil_div(n, 256)), 256, 0, stream>>>(
         partial.data_ptr<int32_t>(), plan.splits, M, out, xq_sum.data_ptr<int32_t>(), x_scale.data_ptr<float>(),
