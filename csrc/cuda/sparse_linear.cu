@@ -198,3 +198,9 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& weight, int
 }
 
 }  // namespace qsk::cuda
+
+TORCH_LIBRARY_IMPL(qsparse, CUDA, m) {
+  m.impl("topk_sparsify_kernel", &qsk::cuda::topk_sparsify_cuda);
+  m.impl("block_topk_sparsify_kernel", &qsk::cuda::block_topk_sparsify_cuda);
+  m.impl("sparse_linear_kernel", &qsk::cuda::sparse_linear_cuda);
+}
