@@ -11,8 +11,12 @@ from __future__ import annotations
 from . import (
     _native,  # noqa: F401  (loads the C++ extension when it was built)
     _ops,  # noqa: F401  (registers the custom ops)
+    nn,
+    scaling,
 )
 from .backends import backend_info, use_backend
+from .checkpoint import load_checkpoint, save_checkpoint
+from .convert import QSparseConfig, convert
 from .ops import (
     block_topk_sparsify,
     pack_ternary,
@@ -41,5 +45,11 @@ __all__ = [
     "unpack_ternary",
     "ternary_linear",
     "to_fast_layout",
+    "nn",
+    "scaling",
+    "convert",
+    "QSparseConfig",
+    "save_checkpoint",
+    "load_checkpoint",
     "__version__",
 ]

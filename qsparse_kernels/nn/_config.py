@@ -1,0 +1,61 @@
+"""Argument checks and small helpers shared by the modules (no math: the ops do that)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as check
+from ..backends import CHOICES
+from ..ops import sparsity_to_k, to_fast_layout
+
+
+def backend_name(owner: str, backend) -> str:
+    """``backend`` if it is ``"auto"`` or a known backend name, else a ``ValueError`` naming ``owner``."""
+    if not isinstance(backend, str) or backend not in CHOICES:
+        raise ValueError(f"qsparse_kernels.{owner}: backend must be one of {CHOICES}, got {backend!r}")
+    return backend
+
+
+def sparsity_or_k(owner: str, in_features: int, sparsity, k, allow_dense: bool = False):
+    """Checked ``(sparsity, k)``: ``k`` (kept count, ``0 <= k <= in_features``) overrides ``sparsity``.
+
+    ``sparsity`` is a float in ``[0, 1)``; ``None`` is accepted only when ``allow_dense`` (no top-K).
+    """
+    check.integer(owner, "in_features", in_features, 0)
+    if k is not None:
+        check.integer(owner, "k", k, 0, in_features, "in_features")
+        return None, int(k)
+    if sparsity is None:
+        if not allow_dense:
+            raise ValueError(f"qsparse_kernels.{owner}: give sparsity (a float in [0, 1)) or k")
+        return None, None
+    check.sparsity(owner, sparsity)
+    return float(sparsity), None
+
+
+def block_nm(owner: str, block, in_features: int) -> tuple[int, int] | None:
+    """Checked Block Q-Sparse ``(n, m)``: ``m >= 1``, ``0 <= n <= m`` and ``m`` divides ``in_features``."""
+    if block is None:
+        return None
+    if not isinstance(block, (tuple, list)) or len(block) != 2:
+        raise ValueError(f"qsparse_kernels.{owner}: block must be a pair (n, m), got {block!r}")
+    n, m = block
+    check.integer(owner, "block m", m, 1)
+    check.integer(owner, "block n", n, 0, m, "m")
+    if in_features % m != 0:
+        raise ValueError(f"qsparse_kernels.{owner}: block m = {m} must divide in_features = {in_features}")
+    return int(n), int(m)
+
+
+def kept(sparsity: float | None, k: int | None, d: int) -> int | None:
+    """The kept count for an input of last dim ``d``: ``k`` if set, else ``sparsity_to_k(d, sparsity)``."""
+    if k is not None:
+        return k
+    return None if sparsity is None else sparsity_to_k(d, sparsity)
+
+
+def relayout_(param: torch.Tensor) -> None:
+    """Move a 2-D weight Parameter into the fast column-major layout in place (same Parameter object)."""
+    if param.dim() == 2 and param.stride(0) != 1:
+        with torch.no_grad():
+            param.data = to_fast_layout(param.data)
