@@ -9,6 +9,7 @@
 #include "qsk/checks.h"
 #include "qsk/cpu_select.h"
 #include "qsk/isa.h"
+#include "sparse_gemv.h"
 
 // Dispatches over the three float dtypes the ops accept (the checks already rejected the rest).
 #define QSK_DISPATCH_HALF_FLOAT(type, name, ...)                                   \
@@ -22,12 +23,18 @@ namespace {
 // Zeroes out[0..d) (+0) and copies the kept entries of x into it.
 template <typename T>
 inline void scatter_kept(const T* x, T* out, int64_t d, const int32_t* idx, int64_t k) {
+  if (k == d) {
+    std::memcpy(static_cast<void*>(out), x, d * sizeof(T));
+    return;
+  }
   std::memset(static_cast<void*>(out), 0, d * sizeof(T));
   for (int64_t j = 0; j < k; ++j) out[idx[j]] = x[idx[j]];
 }
 
 // Splits `rows` rows of `d` entries over the threads, ~64K entries per task.
 inline int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(d, 1)); }
+
+}  // namespace
 
 at::Tensor topk_sparsify_cpu(const at::Tensor& x, int64_t k) {
   QSK_CHECK_DEVICE(x, at::kCPU);
@@ -54,6 +61,8 @@ at::Tensor topk_sparsify_cpu(const at::Tensor& x, int64_t k) {
   });
   return out;
 }
+
+namespace {
 
 at::Tensor block_topk_sparsify_cpu(const at::Tensor& x, int64_t n, int64_t m) {
   QSK_CHECK_DEVICE(x, at::kCPU);

@@ -18,4 +18,23 @@ def status() -> tuple[bool, bool, str]:
     return True, True, f"C++ CPU kernels, ISA {_native._C.cpu_isa()}, {torch.get_num_threads()} threads"
 
 
-OPS = {"quantize_act_int8": _native_ops.quantize_act_int8}
+def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.ops.qsparse.topk_sparsify_kernel(_native_ops.rows(x), k).reshape(x.shape)
+
+
+def block_topk_sparsify(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    return torch.ops.qsparse.block_topk_sparsify_kernel(_native_ops.rows(x), n, m).reshape(x.shape)
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Fast for a column-major ``weight`` (``weight.stride(0) == 1``) at small batch; any strides work."""
+    y = torch.ops.qsparse.sparse_linear_kernel(_native_ops.rows(x), weight, k, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+OPS = {
+    "quantize_act_int8": _native_ops.quantize_act_int8,
+    "topk_sparsify": topk_sparsify,
+    "block_topk_sparsify": block_topk_sparsify,
+    "sparse_linear": sparse_linear,
+}

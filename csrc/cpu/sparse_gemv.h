@@ -1,0 +1,41 @@
+// The inner kernel of sparse_linear on the CPU: a column tile of y = xs @ W^T that reads only the
+// weight rows of kept input features. Private to csrc/cpu/{sparse,topk}_*.cpp.
+//
+// The weight is used through its transpose wt = W^T, row-major with leading dimension ld: for a
+// column-major nn.Linear weight (weight.stride(0) == 1), input feature i's `out` weights are the
+// contiguous row wt + i * ld (ld = weight.stride(1)). Skipping a feature skips that row.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace qsk::cpu {
+
+// The CPU topk_sparsify_kernel (topk_sparsify.cpp): x [M, d] contiguous float, 0 <= k <= d.
+at::Tensor topk_sparsify_cpu(const at::Tensor& x, int64_t k);
+
+// Up to kMaxBlockRows activation rows that share one list of weight rows: the union of the
+// features they kept, ascending. vals holds each row's value for each listed feature (0 where
+// that row dropped it), so every listed weight row is read once and feeds all the rows.
+constexpr int kMaxBlockRows = 4;
+struct SparseRows {
+  const int32_t* idx;  // [n] input-feature indices, ascending
+  const float* vals;   // [n][mb] activations in float32
+  int64_t n;
+  int mb;  // 1 .. kMaxBlockRows
+};
+
+// Output columns one tile call computes for a block of mb rows: the register tile is mb x cols
+// float32 accumulators (mb = 1: 256 columns, 2: 128, 3 and 4: 64).
+inline int64_t tile_cols(int mb) { return mb == 1 ? 256 : (mb == 2 ? 128 : 64); }
+
+// out[m * out_stride + j] = sum_u vals[u][m] * wt[idx[u] * ld + j0 + j]  for m < mb, j < ncols,
+// summed in float32 in ascending u (the same order for every tile, thread count and call).
+// Requires 0 < ncols <= tile_cols(mb); reads no weight element outside columns [j0, j0 + ncols).
+// T is float, c10::BFloat16 or c10::Half. Implemented with AVX-512 (sparse_gemv_avx512.cpp).
+template <typename T>
+void sparse_gemv_tile_avx512(const T* wt, int64_t ld, const SparseRows& rows, int64_t j0, int64_t ncols, float* out,
+                             int64_t out_stride);
+
+}  // namespace qsk::cpu
