@@ -11,6 +11,7 @@ from torch import nn
 import qsparse_kernels as qk
 from qsparse_kernels import reference as R
 from qsparse_kernels.nn import BitLinear, QSparseLinear, ReLU2, ReLU2GLU
+from tests.bitnet_bounds import packed_error_bound
 from tests.numerics import assert_parity, distinct_magnitudes
 
 BACKENDS = ["reference", "auto"]
@@ -216,11 +217,6 @@ def test_bitlinear_ste_gradients(backend, gen):
     torch.testing.assert_close(m.bias.grad, g.sum(0), rtol=1e-5, atol=1e-6)
 
 
-def _gamma(n: int) -> float:
-    u = 2.0**-24
-    return n * u / (1 - n * u)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sparsity, bias", [(None, False), (0.5, True)])
 def test_bitlinear_packed_agrees_with_training_mode(backend, sparsity, bias, gen):
@@ -239,15 +235,8 @@ def test_bitlinear_packed_agrees_with_training_mode(backend, sparsity, bias, gen
     assert torch.equal(m.scale, w.abs().mean().clamp(min=1e-5))
     y_packed = m(x).detach()
     assert torch.equal(y_packed, qk.ternary_linear(x, m.packed, m.scale, out, m.kept(d), m.bias, backend="reference"))
-    k = m.kept(d)
-    xs = x if k is None else R.topk_sparsify(x, k)
-    x_q, x_scale = R.quantize_act_int8(xs)
-    t = qk.unpack_ternary(m.packed, out).double()
-    mag = (x_q.double().abs() @ t.abs().t()) * x_scale.double() * m.scale.double()
-    if bias:
-        mag = mag + m.bias.detach().double().abs()
     err = (y_train.double() - y_packed.double()).abs()
-    assert bool((err <= _gamma(d + 10) * mag).all()), float((err / mag.clamp(min=1e-30)).max())
+    assert bool((err <= packed_error_bound(m, x)).all())
     assert torch.isfinite(y_packed).all() and F.cosine_similarity(y_train.flatten(), y_packed.flatten(), 0) > 0.999
 
 
