@@ -65,14 +65,14 @@ def _check_layers(model: nn.Module, saved: dict[str, dict], path) -> None:
     have = layer_configs(model)
     for name in sorted(set(saved) | set(have)):
         s, h = saved.get(name), have.get(name)
-        if s is None or h is None:
-            what = "a plain layer" if s is None else f"a {s['type']}"
+        if s is None or h is None or s.get("type") != h["type"]:
+            what = "a plain layer" if s is None else f"a {s.get('type')}"
             now = "a plain layer" if h is None else f"a {h['type']}"
             raise ValueError(
                 f"qsparse_kernels.load_checkpoint: {os.fspath(path)!r} has {what} at {name!r}, "
                 f"but the model has {now} there: convert the model with the checkpoint's QSparseConfig first"
             )
-        for field in _COMPARED:
+        for field in _COMPARED[1:]:
             sv, hv = s.get(field), h.get(field)
             if field == "block" and sv is not None:
                 sv = tuple(sv)
