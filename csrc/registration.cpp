@@ -16,6 +16,10 @@ TORCH_LIBRARY_FRAGMENT(qsparse, m) {
   // x [M, d] contiguous float, weight [out, d] (any strides; fast when weight.stride(0) == 1),
   // bias [out] or None, all one dtype -> [M, out] = linear(topk_sparsify(x, k), weight, bias); SPEC 3.
   m.def("sparse_linear_kernel(Tensor x, Tensor weight, int k, Tensor? bias) -> Tensor");
+  // x [M, d] contiguous float, packed uint8 [d, ceil(out_features / 4)] contiguous (SPEC 6),
+  // scale float32 scalar, 0 <= k <= d or None (dense), bias [out_features] of x's dtype or None
+  // -> [M, out_features] = ternary_linear(x, packed, scale, out_features, k, bias); SPEC 7.
+  m.def("ternary_linear_kernel(Tensor x, Tensor packed, Tensor scale, int out_features, int? k, Tensor? bias) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

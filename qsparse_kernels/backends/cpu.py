@@ -32,9 +32,25 @@ def sparse_linear(x: torch.Tensor, weight: torch.Tensor, k: int, bias: torch.Ten
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def ternary_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    out_features: int,
+    k: int | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused top-K + int8 quantization + sparse ternary GEMV over the canonical packed layout."""
+    y = torch.ops.qsparse.ternary_linear_kernel(
+        _native_ops.rows(x), packed.contiguous(), scale, out_features, k, None if bias is None else bias.contiguous()
+    )
+    return y.reshape(*x.shape[:-1], out_features)
+
+
 OPS = {
     "quantize_act_int8": _native_ops.quantize_act_int8,
     "topk_sparsify": topk_sparsify,
     "block_topk_sparsify": block_topk_sparsify,
     "sparse_linear": sparse_linear,
+    "ternary_linear": ternary_linear,
 }

@@ -1,0 +1,308 @@
+// SPEC 7 on the CPU: ternary_linear_kernel = optional per-row top-K, int8 absmax quantization of
+// the kept entries, and the exact int32 ternary GEMV over only the kept rows of the canonical
+// packed weight, then the float32 epilogue; one native call.
+//
+//   1. per batch row m: the kept indices (select_topk, qsk/cpu_select.h; all of them when k is
+//      None or d), the absmax of the kept entries, x_q[m] (int8 [d], 0 where dropped), x_scale[m],
+//      sum(x_q[m]);
+//   2. the row plan (qsk/cpu_ternary.h): the packed rows with a nonzero x_q in some batch row
+//      (for M > 1 the union of the rows' kept sets; a row's x_q is 0 where it dropped a feature),
+//      in quads, and each quad's 4 activations per batch row packed in a dword;
+//   3. in parallel over strips of output columns (at::parallel_for): the strip kernel of the ISA
+//      gives sum_i x_q * code, minus sum(x_q) turns codes (t + 1) back into t, then
+//      y = acc * x_scale * scale (+ bias) in float32, NaN in rows whose x_scale is not finite,
+//      cast to x.dtype: the same float operations in the same order as reference.ternary_epilogue.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "qsk/checks.h"
+#include "qsk/cpu_common.h"
+#include "qsk/cpu_select.h"
+#include "qsk/cpu_ternary.h"
+#include "qsk/isa.h"
+
+// Dispatches over the three float dtypes the op accepts (the checks already rejected the rest).
+#define QSK_TERNARY_DISPATCH(type, name, ...)                                      \
+  AT_DISPATCH_SWITCH(type, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)         \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace qsk::cpu::ternary {
+namespace {
+
+// Minimum packed-weight bytes one parallel task should read (below this a thread is not worth it).
+constexpr int64_t kMinTaskBytes = 64 * 1024;
+
+// ---- 1. top-K + quantization of one batch row (SPEC 4 applied to topk_sparsify(x, k)) ----
+
+struct RowQuant {
+  float x_scale;
+  int32_t sum;  // sum of the row's x_q
+};
+
+// Quantizes the entries kept[0..n) of x (every entry when kept is null) into xq, which is zero on
+// entry. The absmax over the kept entries is the absmax of the sparsified row (dropped entries
+// are 0); it is a max over magnitude keys, so NaN wins over Inf and propagates to x_scale.
+template <typename T>
+inline __attribute__((always_inline)) RowQuant quantize_kept(const T* x, int64_t d, const int32_t* kept, int64_t n,
+                                                             int8_t* xq) {
+  uint32_t key = 0;
+  if (kept) {
+    for (int64_t j = 0; j < n; ++j) key = std::max(key, mag_key(to_f32(x[kept[j]])));
+  } else {
+    for (int64_t i = 0; i < d; ++i) key = std::max(key, mag_key(to_f32(x[i])));
+  }
+  float a = key_to_float(key);
+  a = a < 1e-5f ? 1e-5f : a;            // NaN stays NaN
+  const float s = (1.0f / a) * 127.0f;  // as torch evaluates `127.0 / a` (quantize_act.cpp)
+  int32_t sum = 0;
+  if (kept) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int8_t q = quantize_i8(to_f32(x[kept[j]]) * s);
+      xq[kept[j]] = q;
+      sum += q;
+    }
+  } else {
+    for (int64_t i = 0; i < d; ++i) {
+      const int8_t q = quantize_i8(to_f32(x[i]) * s);
+      xq[i] = q;
+      sum += q;
+    }
+  }
+  return {a / 127.0f, sum};
+}
+
+// k < 0: dense (no top-K). idx: room for k entries; sel: select_scratch_words(d) words.
+template <typename T>
+inline __attribute__((always_inline)) RowQuant prepare_row(const T* x, int64_t d, int64_t k, int8_t* xq, int32_t* idx,
+                                                            uint32_t* sel, Isa level) {
+  if (k < 0 || k >= d) return quantize_kept(x, d, nullptr, d, xq);
+  select_topk(x, d, k, idx, sel, level);
+  return quantize_kept(x, d, idx, k, xq);
+}
+
+template <typename T>
+QSK_TARGET_AVX512 RowQuant prepare_row_avx512(const T* x, int64_t d, int64_t k, int8_t* xq, int32_t* idx,
+                                              uint32_t* sel) {
+  return prepare_row(x, d, k, xq, idx, sel, Isa::Avx512);
+}
+template <typename T>
+QSK_TARGET_AVX2 RowQuant prepare_row_avx2(const T* x, int64_t d, int64_t k, int8_t* xq, int32_t* idx, uint32_t* sel) {
+  return prepare_row(x, d, k, xq, idx, sel, Isa::Avx2);
+}
+
+// ---- 3. epilogue of one strip: y = (acc * x_scale) * scale (+ bias), as reference.ternary_epilogue ----
+
+// GCC contracts `a * b + c` into an FMA (one rounding) in C++ even under -std=c++20 whenever the
+// target has FMA; PyTorch rounds the product and the sum separately. The empty asm makes the
+// rounded product a value the compiler cannot look through, so the add stays a separate add.
+inline __attribute__((always_inline)) float rounded(float v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void epilogue(const int32_t* code_dot, int64_t ld, const RowQuant* rq, float ws,
+                                                     const T* bias, T* out, int64_t out_f, int64_t M, int64_t j0,
+                                                     int64_t nj) {
+  for (int64_t m = 0; m < M; ++m) {
+    const int32_t* a = code_dot + m * ld;
+    T* o = out + m * out_f + j0;
+    const float xs = rq[m].x_scale;
+    if (!std::isfinite(xs)) {  // a kept entry was NaN or +-Inf: the whole row is NaN (SPEC 7)
+      std::fill(o, o + nj, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+      continue;
+    }
+    // code_dot - sum(x_q) = x_q @ t^T (t = code - 1), modulo 2^32 like the kernels' sums.
+    const uint32_t sum = static_cast<uint32_t>(rq[m].sum);
+    for (int64_t j = 0; j < nj; ++j) {
+      const int32_t acc = static_cast<int32_t>(static_cast<uint32_t>(a[j]) - sum);
+      float y = static_cast<float>(acc) * xs * ws;
+      if (bias) y = rounded(y) + to_f32(bias[j0 + j]);
+      o[j] = static_cast<T>(y);
+    }
+  }
+}
+
+template <typename T>
+QSK_TARGET_AVX512 void epilogue_avx512(const int32_t* a, int64_t ld, const RowQuant* rq, float ws, const T* bias, T* out,
+                                       int64_t out_f, int64_t M, int64_t j0, int64_t nj) {
+  epilogue(a, ld, rq, ws, bias, out, out_f, M, j0, nj);
+}
+template <typename T>
+QSK_TARGET_AVX2 void epilogue_avx2(const int32_t* a, int64_t ld, const RowQuant* rq, float ws, const T* bias, T* out,
+                                   int64_t out_f, int64_t M, int64_t j0, int64_t nj) {
+  epilogue(a, ld, rq, ws, bias, out, out_f, M, j0, nj);
+}
+
+// ---- 2. the row plan ----
+
+struct Plan {
+  std::vector<int32_t> rows;  // 4 * n_quads
+  std::vector<int32_t> x4;    // [M, n_quads]
+  RowPlan view;
+};
+
+// Rows with a nonzero x_q in at least one batch row, ascending, padded to whole quads (the padding
+// repeats a valid row with activation 0). Skipping the other rows never changes the result.
+// For M > 1 this is the union of the rows' kept sets; each row's x_q is 0 where it dropped a feature.
+void build_plan(const int8_t* xq, int64_t M, int64_t d, const uint8_t* packed, int64_t cols, Plan& plan) {
+  auto& rows = plan.rows;
+  rows.resize(d + 3);
+  int64_t n = 0;
+  if (M == 1) {
+    // Branch-free compaction: the slot is kept only when x_q != 0.
+    for (int64_t i = 0; i < d; ++i) {
+      rows[n] = static_cast<int32_t>(i);
+      n += xq[i] != 0;
+    }
+  } else {
+    std::vector<uint8_t> any(d, 0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < d; ++i) any[i] |= xq[m * d + i] != 0;
+    for (int64_t i = 0; i < d; ++i) {
+      rows[n] = static_cast<int32_t>(i);
+      n += any[i];
+    }
+  }
+  const int64_t n_quads = (n + 3) / 4;
+  for (int64_t i = n; i < 4 * n_quads; ++i) rows[i] = rows[0];  // n > 0 here, so rows[0] is valid
+  rows.resize(4 * n_quads);
+  auto& x4 = plan.x4;
+  x4.assign(M * n_quads, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xm = xq + m * d;
+    for (int64_t q = 0; q < n_quads; ++q) {
+      uint32_t w = 0;
+      for (int r = 0; r < 4; ++r) {
+        const int64_t i = 4 * q + r;
+        // Byte r of the dword is the activation of plan row 4q + r (0 for padding).
+        const uint8_t v = i < n ? static_cast<uint8_t>(xm[rows[i]]) : 0;
+        w |= static_cast<uint32_t>(v) << (8 * r);
+      }
+      x4[m * n_quads + q] = static_cast<int32_t>(w);
+    }
+  }
+  plan.view = RowPlan{packed, cols, rows.data(), n_quads, x4.data(), M};
+}
+
+enum class Path { Avx512, Avx2, Scalar };
+
+at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                              int64_t out_features, std::optional<int64_t> k_opt,
+                              const std::optional<at::Tensor>& bias_opt) {
+  QSK_CHECK_DEVICE(x, at::kCPU);
+  QSK_CHECK_FLOAT(x);
+  QSK_CHECK_DIM(x, 2);
+  QSK_CHECK_CONTIGUOUS(x);
+  QSK_CHECK_DEVICE(packed, at::kCPU);
+  QSK_CHECK_DTYPE(packed, at::kByte);
+  QSK_CHECK_DIM(packed, 2);
+  QSK_CHECK_CONTIGUOUS(packed);
+  QSK_CHECK_DEVICE(scale, at::kCPU);
+  QSK_CHECK_DTYPE(scale, at::kFloat);
+  const int64_t M = x.size(0), d = x.size(1);
+  TORCH_CHECK(d <= std::numeric_limits<int32_t>::max(), "ternary_linear_kernel: d = ", d, " exceeds INT32_MAX");
+  TORCH_CHECK(out_features >= 0, "ternary_linear_kernel: out_features must be >= 0, got ", out_features);
+  const int64_t cols = out_features / 4 + (out_features % 4 != 0);
+  TORCH_CHECK(packed.size(0) == d && packed.size(1) == cols,
+              "ternary_linear_kernel: packed must have shape [in_features, ceil(out_features / 4)] = [", d, ", ", cols,
+              "], got ", packed.sizes());
+  TORCH_CHECK(scale.numel() == 1 && scale.dim() <= 1,
+              "ternary_linear_kernel: scale must be a scalar tensor (shape () or (1,)), got shape ", scale.sizes());
+  const int64_t k = k_opt ? *k_opt : -1;
+  if (k_opt) TORCH_CHECK(0 <= k && k <= d, "ternary_linear_kernel: k must be in [0, d = ", d, "], got ", k);
+  if (bias_opt) {
+    const at::Tensor& b = *bias_opt;
+    QSK_CHECK_DEVICE(b, at::kCPU);
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "ternary_linear_kernel: bias must have the dtype of x (",
+                x.scalar_type(), "), got ", b.scalar_type());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == out_features, "ternary_linear_kernel: bias must have shape [",
+                out_features, "], got ", b.sizes());
+    QSK_CHECK_CONTIGUOUS(b);
+  }
+  auto out = at::empty({M, out_features}, x.options());
+  if (M == 0 || out_features == 0) return out;
+  const float ws = scale.item<float>();
+
+  const Isa level = isa();
+  const bool vnni = has_avx512_vnni();
+  Path path = level == Isa::Avx512 ? Path::Avx512 : (level == Isa::Avx2 ? Path::Avx2 : Path::Scalar);
+  if (path == Path::Avx2 && cols < kStripAvx2) path = Path::Scalar;  // too narrow to overlap a strip
+  const int64_t W = path == Path::Avx512 ? kStripAvx512 : (path == Path::Avx2 ? kStripAvx2 : kStripScalar);
+
+  QSK_TERNARY_DISPATCH(x.scalar_type(), "ternary_linear_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* bp = bias_opt ? bias_opt->data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+
+    // 1. top-K + quantization, per batch row.
+    std::vector<int8_t> xq(M * d, 0);
+    std::vector<RowQuant> rq(M);
+    const bool select = k >= 0 && k < d;
+    at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+      std::vector<uint32_t> sel(select ? select_scratch_words(d) : 0);
+      std::vector<int32_t> idx(select ? std::max<int64_t>(k, 1) : 0);
+      for (int64_t m = m0; m < m1; ++m) {
+        const scalar_t* xm = xp + m * d;
+        int8_t* qm = xq.data() + m * d;
+        if (level == Isa::Avx512)
+          rq[m] = prepare_row_avx512(xm, d, k, qm, idx.data(), sel.data());
+        else if (level == Isa::Avx2)
+          rq[m] = prepare_row_avx2(xm, d, k, qm, idx.data(), sel.data());
+        else
+          rq[m] = prepare_row(xm, d, k, qm, idx.data(), sel.data(), Isa::Scalar);
+      }
+    });
+
+    // 2. the rows to read.
+    Plan plan;
+    build_plan(xq.data(), M, d, packed.data_ptr<uint8_t>(), cols, plan);
+    const RowPlan& rp = plan.view;
+
+    // 3. strips of output columns in parallel; each output is written by exactly one task, with a
+    // fixed summation order, so results do not depend on the thread count.
+    const int64_t n_strips = (cols + W - 1) / W;
+    const int64_t strip_bytes = std::max<int64_t>(1, 4 * rp.n_quads * W);
+    const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / strip_bytes);
+    const int64_t ld = 4 * W;
+    at::parallel_for(0, n_strips, grain, [&](int64_t s0, int64_t s1) {
+      std::vector<int32_t> scratch(path == Path::Scalar ? 0 : strip_scratch_words(W, M));
+      std::vector<int32_t> acc(M * ld);
+      for (int64_t st = s0; st < s1; ++st) {
+        const int64_t b0 = st * W, nb = std::min(W, cols - b0);
+        const int32_t* a = acc.data();
+        if (path == Path::Avx512) {
+          strip_avx512(rp, b0, nb, vnni, acc.data(), ld, scratch.data());
+        } else if (path == Path::Avx2) {
+          // A short last strip is recomputed as the full strip ending at the last byte
+          // (cols >= kStripAvx2 here); only its own outputs are written below.
+          const int64_t bb = nb == W ? b0 : cols - W;
+          strip_avx2(rp, bb, W, acc.data(), ld, scratch.data());
+          a += 4 * (b0 - bb);
+        } else {
+          strip_scalar(rp, b0, nb, acc.data(), ld);
+        }
+        const int64_t j0 = 4 * b0, nj = std::min(4 * nb, out_features - j0);
+        if (level == Isa::Avx512)
+          epilogue_avx512(a, ld, rq.data(), ws, bp, op, out_features, M, j0, nj);
+        else if (level == Isa::Avx2)
+          epilogue_avx2(a, ld, rq.data(), ws, bp, op, out_features, M, j0, nj);
+        else
+          epilogue(a, ld, rq.data(), ws, bp, op, out_features, M, j0, nj);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace qsk::cpu::ternary
+
+TORCH_LIBRARY_IMPL(qsparse, CPU, m) { m.impl("ternary_linear_kernel", &qsk::cpu::ternary::ternary_linear_cpu); }

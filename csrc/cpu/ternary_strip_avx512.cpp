@@ -1,0 +1,182 @@
+// AVX-512 strip kernels of the ternary GEMV (contract: csrc/include/qsk/cpu_ternary.h).
+//
+// One strip = 64 packed bytes of every plan row = 256 outputs. Per quad of plan rows:
+//   1. load the strip of each of the 4 rows (one zmm each, masked for a short last strip);
+//   2. byte-transpose them with two unpack levels so that every dword holds the same packed byte
+//      of the 4 rows (the 4 input features of one output group);
+//   3. split each byte into its 4 two-bit codes ((v >> 2s) & 3, s = output j % 4), giving
+//      dwords (c0, c1, c2, c3) of one output over the 4 input features, as u8;
+//   4. vpdpbusd with the quad's 4 int8 activations broadcast to every dword (x4 in RowPlan):
+//      acc_j += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3, exact in int32.
+// Without VNNI, step 4 is pmaddubsw (pairs to int16, at most 2 * 3 * 128 = 768: no saturation)
+// then pmaddwd with ones (the two pairs to int32).
+//
+// Output order. unpack works inside each 128-bit lane L (bytes 16L..16L+15). After
+//   ab_lo = unpacklo_epi8(a, b), ab_hi = unpackhi_epi8(a, b)   (same for c, d)
+//   v[0] = unpacklo_epi16(ab_lo, cd_lo), v[1] = unpackhi_epi16(ab_lo, cd_lo),
+//   v[2] = unpacklo_epi16(ab_hi, cd_hi), v[3] = unpackhi_epi16(ab_hi, cd_hi)
+// dword t of lane L of v[g] holds byte p = 16L + 4g + t of rows (a, b, c, d), so accumulator
+// 4g + s, dword 4L + t, is output 4p + s of the strip. store_natural undoes this once per strip.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "qsk/cpu_ternary.h"
+#include "qsk/isa.h"
+
+namespace qsk::cpu::ternary {
+namespace {
+
+constexpr int64_t kW = kStripAvx512;
+// Plan rows are arbitrary (the kept features), so the hardware prefetchers cannot guess the next
+// row: prefetch the strip of the quad this many quads ahead (8 quads = 32 rows in flight).
+constexpr int64_t kPrefetchQuads = 8;
+
+template <bool kVnni>
+QSK_TARGET_AVX512 inline __attribute__((always_inline)) __m512i dot4(__m512i acc, __m512i codes, __m512i x) {
+  if constexpr (kVnni) {
+    return _mm512_dpbusd_epi32(acc, codes, x);
+  } else {
+    const __m512i pairs = _mm512_maddubs_epi16(codes, x);
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+  }
+}
+
+QSK_TARGET_AVX512 inline __attribute__((always_inline)) void prefetch_row(const RowPlan& p, int32_t row, int64_t b0) {
+  const char* a = reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(row) * p.cols + b0);
+  _mm_prefetch(a, _MM_HINT_T0);
+  _mm_prefetch(a + kW - 1, _MM_HINT_T0);  // same line when the strip is 64 B aligned
+}
+
+QSK_TARGET_AVX512 inline __attribute__((always_inline)) void prefetch_quad(const RowPlan& p, int64_t q, int64_t b0) {
+  if (q < p.n_quads)
+    for (int r = 0; r < 4; ++r) prefetch_row(p, p.rows[4 * q + r], b0);
+}
+
+// Steps 1-2: the strip of the 4 rows of quad q, byte-transposed into v[0..3] (see the top).
+template <bool kTail>
+QSK_TARGET_AVX512 inline __attribute__((always_inline)) void load_quad(const RowPlan& p, int64_t q, int64_t b0,
+                                                                       __mmask64 mask, __m512i v[4]) {
+  __m512i r[4];
+  for (int i = 0; i < 4; ++i) {
+    const uint8_t* src = p.packed + static_cast<int64_t>(p.rows[4 * q + i]) * p.cols + b0;
+    // A masked load never touches the bytes past the row end (fault suppression), so a short
+    // last strip reads exactly its own bytes; masked-off bytes read as code 0 (no contribution).
+    r[i] = kTail ? _mm512_maskz_loadu_epi8(mask, src) : _mm512_loadu_si512(src);
+  }
+  const __m512i ab_lo = _mm512_unpacklo_epi8(r[0], r[1]), ab_hi = _mm512_unpackhi_epi8(r[0], r[1]);
+  const __m512i cd_lo = _mm512_unpacklo_epi8(r[2], r[3]), cd_hi = _mm512_unpackhi_epi8(r[2], r[3]);
+  v[0] = _mm512_unpacklo_epi16(ab_lo, cd_lo);
+  v[1] = _mm512_unpackhi_epi16(ab_lo, cd_lo);
+  v[2] = _mm512_unpacklo_epi16(ab_hi, cd_hi);
+  v[3] = _mm512_unpackhi_epi16(ab_hi, cd_hi);
+}
+
+// Step 3: code s of every byte, (byte >> 2s) & 3. The shift is per 16-bit word (AVX-512 has no
+// byte shift), which drags the low bits of the next byte into the top of this one; the mask
+// drops them.
+template <int S>
+QSK_TARGET_AVX512 inline __attribute__((always_inline)) __m512i plane(__m512i v) {
+  const __m512i three = _mm512_set1_epi8(3);
+  if constexpr (S == 0) return _mm512_and_si512(v, three);
+  else return _mm512_and_si512(_mm512_srli_epi16(v, 2 * S), three);
+}
+
+// Accumulator 4g + s, dword 4L + t -> output 4p + s, p = 16L + 4g + t (see the top); only the
+// first nbytes packed bytes of the strip are written.
+QSK_TARGET_AVX512 void store_natural(const __m512i acc[16], int64_t nbytes, int32_t* out) {
+  alignas(64) int32_t tmp[16][16];
+  for (int i = 0; i < 16; ++i) _mm512_store_si512(tmp[i], acc[i]);
+  for (int L = 0; L < 4; ++L)
+    for (int g = 0; g < 4; ++g)
+      for (int t = 0; t < 4; ++t) {
+        const int p = 16 * L + 4 * g + t;
+        if (p >= nbytes) continue;
+        for (int s = 0; s < 4; ++s) out[4 * p + s] = tmp[4 * g + s][4 * L + t];
+      }
+}
+
+// M == 1: the 16 accumulators of the strip stay in registers for the whole row list.
+template <bool kVnni, bool kTail>
+QSK_TARGET_AVX512 void strip_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out) {
+  const __mmask64 mask = kTail ? _bzhi_u64(~0ull, static_cast<unsigned>(nbytes)) : ~0ull;
+  __m512i acc[16];
+  for (auto& a : acc) a = _mm512_setzero_si512();
+  for (int64_t q = 0; q < kPrefetchQuads; ++q) prefetch_quad(p, q, b0);
+  for (int64_t q = 0; q < p.n_quads; ++q) {
+    prefetch_quad(p, q + kPrefetchQuads, b0);
+    __m512i v[4];
+    load_quad<kTail>(p, q, b0, mask, v);
+    const __m512i x = _mm512_set1_epi32(p.x4[q]);
+    for (int g = 0; g < 4; ++g) {
+      acc[4 * g + 0] = dot4<kVnni>(acc[4 * g + 0], plane<0>(v[g]), x);
+      acc[4 * g + 1] = dot4<kVnni>(acc[4 * g + 1], plane<1>(v[g]), x);
+      acc[4 * g + 2] = dot4<kVnni>(acc[4 * g + 2], plane<2>(v[g]), x);
+      acc[4 * g + 3] = dot4<kVnni>(acc[4 * g + 3], plane<3>(v[g]), x);
+    }
+  }
+  store_natural(acc, nbytes, out);
+}
+
+// M > 1: decode kChunkQuads quads into scratch once, then every batch row runs its dot products
+// over the decoded codes (so the decode cost is shared by the batch). Batch row m's accumulators
+// live in scratch between chunks.
+template <bool kVnni, bool kTail>
+QSK_TARGET_AVX512 void strip_mn(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out, int64_t ld,
+                                int32_t* scratch) {
+  const __mmask64 mask = kTail ? _bzhi_u64(~0ull, static_cast<unsigned>(nbytes)) : ~0ull;
+  // 64 B aligned views of the scratch (strip_scratch_words reserves the slack).
+  const auto base = (reinterpret_cast<uintptr_t>(scratch) + 63) & ~static_cast<uintptr_t>(63);
+  __m512i* codes = reinterpret_cast<__m512i*>(base);  // [kChunkQuads][16]
+  __m512i* pacc = codes + kChunkQuads * 16;            // [M][16]
+  for (int64_t i = 0; i < p.M * 16; ++i) pacc[i] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < kPrefetchQuads; ++q) prefetch_quad(p, q, b0);
+  for (int64_t q0 = 0; q0 < p.n_quads; q0 += kChunkQuads) {
+    const int64_t nq = std::min(kChunkQuads, p.n_quads - q0);
+    for (int64_t c = 0; c < nq; ++c) {
+      prefetch_quad(p, q0 + c + kPrefetchQuads, b0);
+      __m512i v[4];
+      load_quad<kTail>(p, q0 + c, b0, mask, v);
+      __m512i* cc = codes + 16 * c;
+      for (int g = 0; g < 4; ++g) {
+        cc[4 * g + 0] = plane<0>(v[g]);
+        cc[4 * g + 1] = plane<1>(v[g]);
+        cc[4 * g + 2] = plane<2>(v[g]);
+        cc[4 * g + 3] = plane<3>(v[g]);
+      }
+    }
+    for (int64_t m = 0; m < p.M; ++m) {
+      const int32_t* xm = p.x4 + m * p.n_quads + q0;
+      __m512i a[16];
+      for (int i = 0; i < 16; ++i) a[i] = pacc[16 * m + i];
+      for (int64_t c = 0; c < nq; ++c) {
+        if (xm[c] == 0) continue;  // row m dropped all 4 features of this quad
+        const __m512i x = _mm512_set1_epi32(xm[c]);
+        for (int i = 0; i < 16; ++i) a[i] = dot4<kVnni>(a[i], codes[16 * c + i], x);
+      }
+      for (int i = 0; i < 16; ++i) pacc[16 * m + i] = a[i];
+    }
+  }
+  for (int64_t m = 0; m < p.M; ++m) store_natural(pacc + 16 * m, nbytes, out + m * ld);
+}
+
+template <bool kVnni>
+void strip_dispatch(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld, int32_t* scratch) {
+  const bool tail = nbytes < kW;
+  if (p.M == 1)
+    tail ? strip_m1<kVnni, true>(p, b0, nbytes, acc) : strip_m1<kVnni, false>(p, b0, nbytes, acc);
+  else
+    tail ? strip_mn<kVnni, true>(p, b0, nbytes, acc, ld, scratch)
+         : strip_mn<kVnni, false>(p, b0, nbytes, acc, ld, scratch);
+}
+
+}  // namespace
+
+void strip_avx512(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc, int64_t ld,
+                  int32_t* scratch) {
+  vnni ? strip_dispatch<true>(plan, b0, nbytes, acc, ld, scratch)
+       : strip_dispatch<false>(plan, b0, nbytes, acc, ld, scratch);
+}
+
+}  // namespace qsk::cpu::ternary

@@ -1,0 +1,63 @@
+// The CPU ternary GEMV/GEMM over the canonical packed layout (SPEC 6): the interface between the op
+// (csrc/cpu/ternary_linear.cpp) and the per-ISA strip kernels (csrc/cpu/ternary_strip_*.cpp).
+//
+// Layout recap: packed is uint8 [d, cols], cols = ceil(out / 4); byte [i, p] holds the codes
+// c = t + 1 in {0, 1, 2} of outputs 4p + s (s = 0..3) of input feature i, at bits 2s and 2s + 1.
+//
+// What a strip kernel computes. The op reduces every call to a row plan: the packed rows it must
+// read (the kept input features, in quads of 4) and, per batch row m, the int8 activations that
+// multiply them. A strip kernel takes a strip of packed bytes [b0, b0 + nbytes) (4 * nbytes outputs)
+// and writes, for every batch row m and output j of the strip,
+//     code_dot[m][j] = sum over plan rows i of  x_q[m][i] * code(i, j)          (exact, int32)
+// The op subtracts sum_i x_q[m][i] afterwards, which turns codes back into t = code - 1:
+//     acc[m][j] = sum_i x_q[m][i] * (code(i, j) - 1)  ==  (x_q @ t^T)[m][j].
+// Working with the unsigned codes is what lets vpdpbusd / pmaddubsw (u8 x s8) do the products.
+// All sums wrap modulo 2^32 (vector adds wrap; the scalar path uses uint32), so the result is
+// exact whenever the true accumulator fits in int32 (|acc| <= 128 * d), for any code 3 too.
+#pragma once
+
+#include <cstdint>
+
+namespace qsk::cpu::ternary {
+
+// The rows to read and the activations that multiply them.
+struct RowPlan {
+  const uint8_t* packed;  // [d, cols], canonical layout
+  int64_t cols;           // bytes per packed row, ceil(out / 4)
+  const int32_t* rows;    // 4 * n_quads packed-row indices, each in [0, d) (padding repeats a valid row)
+  int64_t n_quads;
+  // [M, n_quads]: quad q of batch row m as one little-endian dword whose byte r is the int8
+  // x_q[m][rows[4q + r]] (0 for padding, and for features that row m dropped). This is exactly
+  // the signed operand vpdpbusd wants broadcast to every lane.
+  const int32_t* x4;
+  int64_t M;
+};
+
+// Strip widths in packed bytes (4 outputs per byte): one zmm (64 B) or one xmm (16 B) per row.
+constexpr int64_t kStripAvx512 = 64;
+constexpr int64_t kStripAvx2 = 16;
+constexpr int64_t kStripScalar = 64;
+
+// Quads decoded at once into scratch by the batch (M > 1) kernels before every batch row consumes them.
+constexpr int64_t kChunkQuads = 8;
+
+// int32 words of per-thread scratch a strip kernel of width `strip` needs for M batch rows.
+inline int64_t strip_scratch_words(int64_t strip, int64_t M) {
+  // decoded codes of a chunk (1 byte per output per row -> strip * 4 outputs * 4 rows / 4 B per word)
+  // + one permuted int32 accumulator block per batch row, + 16 words of slack for 64 B alignment.
+  return kChunkQuads * strip * 4 + M * strip * 4 + 16;
+}
+
+// Each writes code_dot (see above) for packed bytes [b0, b0 + nbytes) of every batch row m to
+// acc + m * ld + (j - 4 * b0), in natural output order.
+//   strip_avx512: 1 <= nbytes <= 64 (a short last strip uses masked loads); vnni selects vpdpbusd
+//                 (else pmaddubsw + pmaddwd). Needs isa() == Avx512 (and has_avx512_vnni() for vnni).
+//   strip_avx2:   nbytes == 16 exactly (the caller overlaps the last strip instead). Needs Avx2.
+//   strip_scalar: 1 <= nbytes <= 64. Portable.
+// scratch: strip_scratch_words(width, M) int32 words, private to the calling thread.
+void strip_avx512(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc, int64_t ld,
+                  int32_t* scratch);
+void strip_avx2(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld, int32_t* scratch);
+void strip_scalar(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld);
+
+}  // namespace qsk::cpu::ternary

@@ -1,0 +1,212 @@
+"""The cpu backend's ternary_linear (csrc/cpu/ternary*.cpp) against the reference, on every ISA path.
+
+Exactness: the int32 accumulator must equal the reference's. The float32 outputs are compared
+bit-for-bit (the epilogue does the reference's float32 operations in its order), so any accumulator
+error shows: y = acc * x_scale * scale and one unit of acc is ~1/|acc| relative, far above float32
+rounding. test_accumulator_exact also reads acc directly (x_scale = scale = 1).
+Inputs have distinct magnitudes (no ties at the top-K boundary, where any choice is allowed).
+"""
+
+import pytest
+import torch
+
+import qsparse_kernels as qk
+from qsparse_kernels import _native
+from qsparse_kernels import reference as R
+from tests.numerics import EPILOGUE_REL, FLOAT_DTYPES
+
+pytestmark = pytest.mark.skipif(not _native.loaded(), reason="qsparse_kernels._C is not built")
+
+ISAS = ["scalar", "avx2", "avx512"]
+# (in_features, out_features): 1, 7, 63, 4097 on both sides; out % 4 != 0; 4097 outputs = 16 full
+# AVX-512 strips + a 1-byte tail, 64 full AVX2 strips + an overlapped one.
+SHAPES = [(1, 1), (7, 7), (63, 63), (4097, 7), (7, 4097), (63, 4097), (4097, 63)]
+BATCHES = [0, 1, 2, 3, 17]
+KERNEL = None if not _native.loaded() else torch.ops.qsparse.ternary_linear_kernel
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    _native._C.set_cpu_isa_cap(request.param)
+    request.addfinalizer(lambda: _native._C.set_cpu_isa_cap(""))
+    return request.param
+
+
+# Largest positive bit pattern and spacing per dtype: magnitudes base - step * perm, all distinct,
+# spread over a few binades so the int8 activations take many values.
+_PATTERNS = {torch.float32: (torch.int32, 0x41000000, 997), torch.bfloat16: (torch.int16, 0x4100, 1),
+             torch.float16: (torch.int16, 0x4800, 1)}
+
+
+def distinct_x(rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[rows, d]`` with distinct |x| per row, random signs, |x| <= 8."""
+    itype, top, step = _PATTERNS[dtype]
+    perm = torch.stack([torch.randperm(d) for _ in range(rows)]) if rows else torch.empty(0, d, dtype=torch.int64)
+    x = (top - step * perm).to(itype).view(dtype)
+    sign = (torch.randint(0, 2, (rows, d)) * 2 - 1).to(dtype)
+    return x * sign
+
+
+def random_packed(out_f: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.randint(-1, 2, (out_f, d), dtype=torch.int8)
+    return R.pack_ternary(t), t
+
+
+class Expected:
+    """The reference ternary_linear with the unpacked weight cached (it is the slow part)."""
+
+    def __init__(self, packed: torch.Tensor, out_f: int):
+        self.t64 = R.unpack_codes(packed, out_f).to(torch.float64) - 1  # [in, out]
+        self.out_f = out_f
+
+    def __call__(self, x, scale, k=None, bias=None):
+        xs = x if k is None else R.topk_sparsify(x, k)
+        x_q, x_scale = R.quantize_act_int8(xs)
+        acc = (x_q.to(torch.float64) @ self.t64).to(torch.int32)
+        return R.ternary_epilogue(acc, x_scale, scale, bias, x.dtype)
+
+
+def assert_same(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """Bit-identical (NaN where the reference has NaN). Stricter than SPEC's 1e-6 epilogue rule."""
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(y), nan), "NaN rows differ"
+    yf, rf = y.float()[~nan], ref.float()[~nan]
+    torch.testing.assert_close(yf, rf, rtol=EPILOGUE_REL, atol=0)
+    assert torch.equal(yf, rf), f"max |diff| {(yf - rf).abs().max().item():.3e} (not bit-identical)"
+
+
+def _ks(d: int) -> list:
+    return sorted({None, 0, 1, d // 2, d}, key=lambda v: -1 if v is None else v)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_matches_reference(isa, dtype, shape):
+    d, out_f = shape
+    packed, _ = random_packed(out_f, d)
+    ref = Expected(packed, out_f)
+    scale = torch.tensor(0.0371)
+    for i, M in enumerate(BATCHES):
+        x = distinct_x(M, d, dtype)
+        for j, k in enumerate(_ks(d)):
+            bias = torch.randn(out_f).to(dtype) if (i + j) % 2 else None
+            y = KERNEL(x, packed, scale, out_f, k, bias)
+            assert_same(y, ref(x, scale, k, bias))
+
+
+@pytest.mark.parametrize("k", [None, "d"])
+def test_accumulator_exact(isa, k):
+    """x_scale = scale = 1: y is the int32 accumulator itself, compared with ternary_accumulate."""
+    d, out_f, M = 4097, 1029, 3
+    packed, _ = random_packed(out_f, d)
+    x = torch.randint(-127, 128, (M, d)).float()
+    x[:, 5] = 127.0  # absmax 127 -> x_scale = 1 and x_q == x
+    y = KERNEL(x, packed, torch.tensor(1.0), out_f, None if k is None else d, None)
+    acc = R.ternary_accumulate(x.to(torch.int8), packed, out_f)
+    assert torch.equal(y, acc.float())
+
+
+def test_large_shape_fp32(isa):
+    d, out_f = 4097, 4097
+    packed, _ = random_packed(out_f, d)
+    ref = Expected(packed, out_f)
+    x = distinct_x(17, d, torch.float32)
+    scale, bias = torch.tensor(0.02), torch.randn(out_f)
+    for M in (1, 2, 17):
+        for k in (None, 1600):
+            assert_same(KERNEL(x[:M], packed, scale, out_f, k, bias), ref(x[:M], scale, k, bias))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_non_finite_rows(isa, dtype):
+    d, out_f = 100, 37
+    packed, _ = random_packed(out_f, d)
+    ref = Expected(packed, out_f)
+    x = distinct_x(4, d, dtype)
+    x[0, 3] = float("nan")
+    x[1, 50] = -float("inf")
+    x[2, 7] = float("inf")
+    x[2, 8] = float("nan")
+    bias = torch.randn(out_f).to(dtype)
+    for k in (None, 0, 1, 30, d):
+        y = KERNEL(x, packed, torch.tensor(0.5), out_f, k, bias)
+        assert_same(y, ref(x, torch.tensor(0.5), k, bias))
+        if k != 0:
+            assert torch.isnan(y[:3]).all() and not torch.isnan(y[3]).any()
+
+
+@pytest.mark.parametrize("k", [None, 40])
+def test_public_api_3d(isa, k):
+    d, out_f = 96, 50
+    packed, _ = random_packed(out_f, d)
+    x = distinct_x(6, d, torch.bfloat16).reshape(2, 3, d)
+    scale, bias = torch.tensor(0.1), torch.randn(out_f).to(torch.bfloat16)
+    y = qk.ternary_linear(x, packed, scale, out_f, k, bias, backend="cpu")
+    assert y.shape == (2, 3, out_f)
+    assert_same(y, R.ternary_linear(x, packed, scale, out_f, k, bias))
+    empty = qk.ternary_linear(x[:0], packed, scale, out_f, k, bias, backend="cpu")
+    assert empty.shape == (0, 3, out_f)
+
+
+def test_deterministic_across_calls_and_threads():
+    d, out_f = 2048, 3001
+    packed, _ = random_packed(out_f, d)
+    x = distinct_x(5, d, torch.bfloat16)
+    old = torch.get_num_threads()
+    try:
+        for isa in ISAS:
+            _native._C.set_cpu_isa_cap(isa)
+            for M, k in ((1, None), (1, 800), (5, 800), (5, None)):
+                outs = []
+                for threads in (1, 2, 1, 2):
+                    torch.set_num_threads(threads)
+                    outs.append(KERNEL(x[:M], packed, torch.tensor(0.3), out_f, k, None))
+                assert all(torch.equal(o.view(torch.int16), outs[0].view(torch.int16)) for o in outs[1:])
+    finally:
+        torch.set_num_threads(old)
+        _native._C.set_cpu_isa_cap("")
+
+
+def test_invalid_code_3_stays_in_bounds(isa):
+    """Code 3 is invalid (output unspecified) but must never read or write out of bounds."""
+    d, out_f = 65, 9
+    packed = torch.full((d, 3), 0xFF, dtype=torch.uint8)
+    y = KERNEL(torch.randn(3, d), packed, torch.tensor(1.0), out_f, 10, None)
+    assert y.shape == (3, out_f)
+
+
+def test_opcheck():
+    packed, _ = random_packed(13, 40)
+    for args in [
+        (torch.randn(3, 40), packed, torch.tensor(0.5), 13, None, None),
+        (torch.randn(2, 40).to(torch.bfloat16), packed, torch.tensor([0.5]), 13, 7, torch.randn(13).to(torch.bfloat16)),
+        (torch.randn(0, 40).half(), packed, torch.tensor(0.5), 13, 0, None),
+    ]:
+        torch.library.opcheck(KERNEL, args)
+
+
+def test_kernel_checks_arguments():
+    d, out_f = 16, 10
+    x, s = torch.randn(2, d), torch.tensor(1.0)
+    p, _ = random_packed(out_f, d)
+    bad = [
+        ((torch.randn(d), p, s, out_f, None, None), "must be 2-D"),
+        ((x.double(), p, s, out_f, None, None), "float32, bfloat16 or float16"),
+        ((torch.randn(d, 2).t(), p, s, out_f, None, None), "contiguous"),
+        ((x, p.to(torch.int8), s, out_f, None, None), "must be Byte"),
+        ((x, p[:, :2].contiguous(), s, out_f, None, None), "ceil"),
+        ((x, p[:-1], s, out_f, None, None), "ceil"),
+        ((x, p, s, out_f + 4, None, None), "ceil"),
+        ((x, p, s, -1, None, None), ">= 0"),
+        ((x, torch.cat([p, p], 1)[:, ::2], s, out_f, None, None), "contiguous"),
+        ((x, p, s.double(), out_f, None, None), "must be Float"),
+        ((x, p, torch.ones(2), out_f, None, None), "scalar"),
+        ((x, p, s, out_f, d + 1, None), "k must be in"),
+        ((x, p, s, out_f, -1, None), "k must be in"),
+        ((x, p, s, out_f, None, torch.randn(out_f + 1)), "bias must have shape"),
+        ((x, p, s, out_f, None, torch.randn(out_f).half()), "bias must have the dtype"),
+    ]
+    for args, msg in bad:
+        with pytest.raises(RuntimeError, match=msg):
+            KERNEL(*args)
