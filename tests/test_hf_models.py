@@ -177,3 +177,26 @@ def test_decoder_checkpoint_round_trip(config, tmp_path):
     ids = torch.randint(0, VOCAB, (1, 8))
     with torch.no_grad():
         assert torch.equal(dst(ids).logits, src(ids).logits)
+
+
+def test_llama_trains_under_autocast():
+    model = qk.convert(_decoder("llama"), qk.QSparseConfig(sparsity=MISTRAL_RECIPE))
+    ids = torch.randint(0, VOCAB, (2, 10))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    q = model.model.layers[0].self_attn.q_proj
+    assert torch.isfinite(loss) and q.weight.grad is not None and q.weight.grad.dtype == torch.float32
+
+
+def test_example_runs(monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "convert_llama.py"
+    monkeypatch.setattr(sys, "argv", [str(script)])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "converted 14 linear layers; lm_head stays Linear" in out and "sparsity=0.6" in out

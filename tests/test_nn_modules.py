@@ -1,6 +1,7 @@
 """Drop-in modules (qsparse_kernels.nn): outputs vs the functional ops, STE gradients, the BitNet
 b1.58 formulas written out literally, packed vs training mode, layouts, state_dict, short training."""
 
+import copy
 import math
 
 import pytest
@@ -301,6 +302,29 @@ def test_bitlinear_bad_key_is_named_with_its_prefix():
     sd = {"0.packed": torch.full((16, 2), 0xFF, dtype=torch.uint8), "0.scale": torch.tensor(1.0)}
     with pytest.raises(RuntimeError, match="'0.packed' holds the invalid ternary code 3"):
         model.load_state_dict(sd)
+
+
+def test_autocast_matches_nn_linear(gen):
+    lin = nn.Linear(32, 16)
+    m = QSparseLinear.from_linear(copy.deepcopy(lin), sparsity=0.0)
+    b = BitLinear(32, 16, bias=True, sparsity=0.5).pack()
+    x = torch.randn(4, 32, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = lin(x)
+        y = m(x)
+        yb = b(x)
+    assert y.dtype == want.dtype == yb.dtype == torch.bfloat16
+    assert torch.equal(y, qk.sparse_linear(x.bfloat16(), m.weight.bfloat16(), 32, m.bias.bfloat16()))
+    assert torch.equal(yb, b.to(torch.bfloat16)(x.bfloat16()))
+    assert b.scale.dtype == torch.float32 and b.packed.dtype == torch.uint8  # .to(dtype) keeps the scale exact
+
+
+def test_compile_fullgraph(gen):
+    x = torch.randn(3, 32, generator=gen)
+    for m in (QSparseLinear(32, 16), QSparseLinear(32, 16, block=(4, 8)), BitLinear(32, 16, sparsity=0.5),
+              BitLinear(32, 16, sparsity=0.5).pack(), ReLU2GLU(32, 64)):
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(x), m(x)), m
 
 
 # ---------------- ReLU2 / ReLU2GLU ----------------

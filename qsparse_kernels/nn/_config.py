@@ -59,3 +59,13 @@ def relayout_(param: torch.Tensor) -> None:
     if param.dim() == 2 and param.stride(0) != 1:
         with torch.no_grad():
             param.data = to_fast_layout(param.data)
+
+
+def autocast_args(x: torch.Tensor, *tensors):
+    """Under ``torch.autocast``, ``x`` and ``tensors`` (None allowed) cast to the autocast dtype, as
+    ``nn.Linear`` would be (custom ops are not autocast by PyTorch); unchanged otherwise."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return (x, *tensors)
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(None if t is None else t.to(dt) for t in (x, *tensors))

@@ -30,6 +30,7 @@ class BitLinear(nn.Module):
     * packed (after :meth:`pack`, or after loading a packed ``state_dict``): buffers ``packed``
       (uint8 ``[in, ceil(out/4)]``, SPEC 6) and ``scale`` (float32 ``[]``) replace ``weight``;
       forward is :func:`qsparse_kernels.ternary_linear` (exact int32 accumulation). Inference only.
+      ``.to(dtype)`` leaves ``scale`` in float32.
 
     Both modes compute the same function. They differ by float32 rounding only: elementwise
     ``|y_train - y_packed| <= gamma(d + 10) * (|x_q| @ |t|^T * x_scale * scale + |bias|)`` with
@@ -123,12 +124,21 @@ class BitLinear(nn.Module):
         if k is None and self.sparsity is not None:
             k = ops.sparsity_to_k(x.shape[-1], self.sparsity)
         if self.is_packed:
-            return ops.ternary_linear(x, self.packed, self.scale, self.out_features, k, self.bias, backend=self.backend)
+            x, bias = cfg.autocast_args(x, self.bias)
+            return ops.ternary_linear(x, self.packed, self.scale, self.out_features, k, bias, backend=self.backend)
         xs = x if k is None else ops.topk_sparsify(x, k, backend=self.backend)
         xq = xs + (fake_quant_act(xs, self.backend) - xs).detach()
         w = self.weight
         wq = w + (fake_quant_weight(w) - w).detach()
         return F.linear(xq, wq, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() must not round the float32 weight scale (ternary_linear needs it exact).
+        scale = self._buffers.get("scale")
+        super()._apply(fn, recurse)
+        if scale is not None and self._buffers["scale"].dtype != torch.float32:
+            self._buffers["scale"] = scale.to(device=self._buffers["scale"].device)
+        return self
 
     # ---- loading: the state_dict decides the mode; packed weights are validated first ----
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):

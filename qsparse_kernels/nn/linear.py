@@ -31,7 +31,8 @@ class QSparseLinear(nn.Module):
         backend: ``"auto"`` (resolved per call, so ``use_backend`` applies) or a backend name.
 
     Shapes: ``x [..., in_features]`` -> ``[..., out_features]`` in ``x.dtype`` (float32, bfloat16
-    or float16, the dtype of ``weight``).
+    or float16, the dtype of ``weight``; under ``torch.autocast`` both are cast to the autocast
+    dtype first, as for ``nn.Linear``).
 
     Backward (SPEC "Autograd"): ``dx = g @ W`` for every entry of ``x``, masked or not;
     ``dW = g^T @ topk(x)``; ``db = sum(g)``. With ``block`` the same holds for the N:M mask.
@@ -120,7 +121,8 @@ class QSparseLinear(nn.Module):
             n, m = self.block
             return F.linear(ops.block_topk_sparsify(x, n, m, backend=self.backend), self.weight, self.bias)
         k = self.k if self.k is not None else ops.sparsity_to_k(x.shape[-1], self.sparsity)
-        return ops.sparse_linear(x, self.weight, k, self.bias, backend=self.backend)
+        x, weight, bias = cfg.autocast_args(x, self.weight, self.bias)
+        return ops.sparse_linear(x, weight, k, bias, backend=self.backend)
 
     # Keep the fast layout whatever loads or converts the weight.
     def _load_from_state_dict(self, *args, **kwargs) -> None:
