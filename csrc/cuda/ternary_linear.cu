@@ -188,3 +188,5 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
 }
 
 }  // namespace qsk::cuda
+
+TORCH_LIBRARY_IMPL(qsparse, CUDA, m) { m.impl("ternary_linear_kernel", &qsk::cuda::ternary_linear_cuda); }
