@@ -200,3 +200,15 @@ def test_example_runs(monkeypatch, capsys):
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     assert "converted 14 linear layers; lm_head stays Linear" in out and "sparsity=0.6" in out
+
+
+def test_save_pretrained_then_convert_again(tmp_path):
+    """A converted model saves with transformers' own ``save_pretrained`` (plain Linear keys);
+    loading it and converting with the same config gives the same model."""
+    config = qk.QSparseConfig(sparsity=MISTRAL_RECIPE)
+    model = qk.convert(_decoder("llama"), config)
+    model.save_pretrained(tmp_path)
+    again = qk.convert(LlamaForCausalLM.from_pretrained(tmp_path).eval(), config)
+    ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)

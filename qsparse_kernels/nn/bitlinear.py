@@ -174,9 +174,8 @@ class BitLinear(nn.Module):
         if bool((codes[:, self.out_features :] != PAD_CODE).any()):
             return f"{pk!r} has padding codes other than {PAD_CODE} past out_features = {self.out_features}"
         if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.dim() != 0:
-            return f"{sk!r} must be a float32 scalar tensor (shape []), got {getattr(scale, 'dtype', scale)!s} " + (
-                f"of shape {list(scale.shape)}" if isinstance(scale, Tensor) else ""
-            )
+            got = f"{scale.dtype} of shape {list(scale.shape)}" if isinstance(scale, Tensor) else type(scale).__name__
+            return f"{sk!r} must be a float32 scalar tensor (shape []), got {got}"
         v = float(scale)
         if not math.isfinite(v) or v <= 0.0:
             return f"{sk!r} must be finite and > 0, got {v}"
