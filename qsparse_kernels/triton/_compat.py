@@ -48,3 +48,16 @@ def is_tracing(*tensors: torch.Tensor) -> bool:
 def is_capturing() -> bool:
     """True while a CUDA graph is being captured (autotuning would break the capture)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+# Tests set this to True so that every buffer the launchers allocate starts as garbage (NaN for
+# floats, a recognisable pattern for integers): an element a kernel forgets to write shows up.
+POISON_BUFFERS = False
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty``, or a poisoned buffer when :data:`POISON_BUFFERS` is set (tests only)."""
+    if not POISON_BUFFERS:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else 0x5A
+    return torch.full(shape, fill, dtype=dtype, device=device)

@@ -27,6 +27,7 @@ import triton.testing
 from ._compat import INTERPRET, is_capturing
 
 ENV_AUTOTUNE = "QSPARSE_TRITON_AUTOTUNE"
+MAX_CANDIDATES = 8  # each costs one compile (~1 s) + ~25 ms of timing, once per shape key
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,11 @@ class GemvConfig:
     num_stages: int = 3
 
 
-# One fixed config for the interpreter: small tiles and split_k=2, so the tests go through the
-# chunk loops, the tails and the split-K reduction on tiny shapes.
-INTERPRET_GEMV = GemvConfig(block_n=32, block_k=16, split_k=2, num_warps=1, num_stages=1)
-INTERPRET_ROW_BLOCK = 64
+# One fixed config for the interpreter: tiles small enough that the tests' odd shapes (up to 130)
+# go through the loops, the tails and the split-K reduction, large enough to keep the number of
+# interpreted programs (each op costs Python time) low.
+INTERPRET_GEMV = GemvConfig(block_n=128, block_k=32, split_k=2, num_warps=1, num_stages=1)
+INTERPRET_ROW_BLOCK = 128
 
 
 def row_block(d: int) -> tuple[int, int]:
@@ -56,6 +58,15 @@ def row_block(d: int) -> tuple[int, int]:
         return INTERPRET_ROW_BLOCK, 1
     block = min(triton.next_power_of_2(max(d, 1)), 2048)
     return block, 8 if block >= 2048 else 4
+
+
+def select_block(d: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` for the radix selection, whose per-pass counters are a
+    ``[16, BLOCK]`` int32 tile: 1024 lanes over 8 warps keep them at 64 registers per thread."""
+    if INTERPRET:
+        return INTERPRET_ROW_BLOCK, 1
+    block = min(triton.next_power_of_2(max(d, 1)), 1024)
+    return block, 8 if block >= 1024 else 4
 
 
 def _sm_count(device: torch.device) -> int:
@@ -99,7 +110,7 @@ def candidates(base: GemvConfig, nnz: int) -> list[GemvConfig]:
             + (c.num_warps != base.num_warps)
         ),
     )
-    return ranked[:12]
+    return ranked[:MAX_CANDIDATES]
 
 
 _CACHE: dict[tuple, GemvConfig] = {}

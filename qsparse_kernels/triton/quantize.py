@@ -19,13 +19,13 @@ The float32 recipe of :func:`qsparse_kernels.reference.quantize_act_int8`, op by
 from __future__ import annotations
 
 import math
-
 import struct
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _compat
 from ._compat import wrap
 from .autotune import row_block
 
@@ -95,8 +95,8 @@ def _quantize_kernel(
 def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x2 [M, d]`` (any strides, d >= 1) -> ``(x_q int8 [M, d] contiguous, x_scale float32 [M])``."""
     m, d = x2.shape
-    q = torch.empty((m, d), dtype=torch.int8, device=x2.device)
-    scale = torch.empty((m,), dtype=torch.float32, device=x2.device)
+    q = _compat.empty((m, d), torch.int8, x2.device)
+    scale = _compat.empty((m,), torch.float32, x2.device)
     if m:
         block, warps = row_block(d)
         wrap(_quantize_kernel)[(m,)](
@@ -110,7 +110,7 @@ def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEC op 4. ``x [..., d]`` float -> ``(x_q int8 [..., d], x_scale float32 [..., 1])``."""
     lead, d = x.shape[:-1], x.shape[-1]
     if d == 0:
-        return torch.empty(x.shape, dtype=torch.int8, device=x.device), torch.full(
+        return _compat.empty(x.shape, torch.int8, x.device), torch.full(
             (*lead, 1), 1e-5, dtype=torch.float32, device=x.device
         ).div_(127.0)
     q, scale = quantize_rows(x.reshape(math.prod(x.shape[:-1]), d))

@@ -21,6 +21,10 @@ The same pass can write, per row:
 
 ``k == 0`` needs no special case: every candidate passes, ``thr`` ends at the largest key value
 and no key is kept. No host synchronisation: ``k`` is a launch argument, never read back.
+
+(:func:`.quantize.mag_key` is written out inline in the loops: every call of a nested
+``triton.jit`` function costs the interpreter a re-patch of ``triton.language``, and the loops
+run 10 times per chunk.)
 """
 
 from __future__ import annotations
@@ -31,15 +35,17 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _compat
 from ._compat import wrap
-from .autotune import row_block
-from .quantize import KEY_MIN_ABSMAX, act_scales, mag_key, round_half_even_i32
+from .autotune import select_block
+from .quantize import KEY_MIN_ABSMAX, act_scales, round_half_even_i32
 
 RADIX_BITS = 4
 KEY_BITS = 31  # the sign bit of a magnitude key is always 0
 
 
-@triton.jit
+# d and k vary per layer / call: one compiled kernel for all of them.
+@triton.jit(do_not_specialize=["d", "k"])
 def _select_kernel(
     x_ptr, stride_xm, stride_xd,  # x [M, d], any strides
     y_ptr, stride_ym,  # dense output [M, d] (WRITE_DENSE), unit stride along d
@@ -61,28 +67,30 @@ def _select_kernel(
 
     # ---- radix select: thr = the k-th largest key (invariant: count(key >= prefix) >= k) ----
     prefix = tl.full([], 0, tl.int32)
-    mx = tl.full([BLOCK], 0, tl.int32)
+    mx = tl.full([BLOCK], -1, tl.int32)
     for p in range(NPASS):
         shift = (NPASS - 1 - p) * RADIX_BITS
         cand = prefix.to(tl.int64) + (digits.to(tl.int64) << shift)
         valid = cand <= 0x7FFFFFFF  # the top digit only has 31 - 28 = 3 bits
         cand32 = tl.where(valid, cand, 0x7FFFFFFF).to(tl.int32)
-        cnt = tl.zeros([1 << RADIX_BITS], tl.int32)
+        cnt = tl.zeros([1 << RADIX_BITS, BLOCK], tl.int32)  # per candidate and lane: one reduction per pass
         for start in range(0, d, BLOCK):
             o = start + offs
-            key = mag_key(tl.load(x_row + o * stride_xd, mask=o < d, other=0.0))
+            x = tl.load(x_row + o * stride_xd, mask=o < d, other=0.0)
+            key = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF  # mag_key, inlined
             key = tl.where(o < d, key, -1)  # padding is below every candidate
             if QUANT:
                 mx = tl.maximum(mx, key)
-            cnt += tl.sum((key[None, :] >= cand32[:, None]).to(tl.int32), axis=1)
-        passed = (cnt >= k) & valid  # digit 0 always passes; counts fall as the digit grows
+            cnt += (key[None, :] >= cand32[:, None]).to(tl.int32)
+        passed = (tl.sum(cnt, axis=1) >= k) & valid  # digit 0 always passes; counts fall as the digit grows
         prefix = prefix + ((tl.sum(passed.to(tl.int32), axis=0) - 1) << shift)
     thr = prefix
 
     n_gt = tl.zeros([BLOCK], tl.int32)
     for start in range(0, d, BLOCK):
         o = start + offs
-        key = mag_key(tl.load(x_row + o * stride_xd, mask=o < d, other=0.0))
+        x = tl.load(x_row + o * stride_xd, mask=o < d, other=0.0)
+        key = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF  # mag_key, inlined
         n_gt += ((key > thr) & (o < d)).to(tl.int32)
     n_ties = k - tl.sum(n_gt, axis=0)  # how many keys equal to thr are kept, lowest index first
 
@@ -98,7 +106,7 @@ def _select_kernel(
         o = start + offs
         inb = o < d
         x = tl.load(x_row + o * stride_xd, mask=inb, other=0.0)
-        key = mag_key(x)
+        key = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF  # mag_key, inlined
         tie = ((key == thr) & inb).to(tl.int32)
         tie_rank = ties_seen + tl.cumsum(tie, axis=0) - tie  # exclusive prefix count of ties
         kept = ((key > thr) & inb) | ((tie == 1) & (tie_rank < n_ties))
@@ -121,7 +129,7 @@ def _launch(x2, k, y=None, idx=None, val=None, xscale=None):
     m, d = x2.shape
     if m == 0 or d == 0:
         return
-    block, warps = row_block(d)
+    block, warps = select_block(d)
     dummy = x2  # never dereferenced: the constexpr flags compile those stores away
     wrap(_select_kernel)[(m,)](
         x2, x2.stride(0), x2.stride(1),
@@ -137,7 +145,7 @@ def _launch(x2, k, y=None, idx=None, val=None, xscale=None):
 
 def topk_rows(x2: torch.Tensor, k: int) -> torch.Tensor:
     """``x2 [M, d]`` (any strides) -> contiguous ``[M, d]`` with the k largest |x| per row kept."""
-    y = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
+    y = _compat.empty(x2.shape, x2.dtype, x2.device)
     _launch(x2, k, y=y)
     return y
 
@@ -145,8 +153,8 @@ def topk_rows(x2: torch.Tensor, k: int) -> torch.Tensor:
 def kept_list(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x2 [M, d]`` -> ``(idx int32 [M, k], val float32 [M, k])``: kept features in index order."""
     m = x2.shape[0]
-    idx = torch.empty((m, k), dtype=torch.int32, device=x2.device)
-    val = torch.empty((m, k), dtype=torch.float32, device=x2.device)
+    idx = _compat.empty((m, k), torch.int32, x2.device)
+    val = _compat.empty((m, k), torch.float32, x2.device)
     if k:
         _launch(x2, k, idx=idx, val=val)
     return idx, val
@@ -157,9 +165,9 @@ def kept_list_int8(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     ``x_scale`` are ``quantize_act_int8(topk_sparsify(x2, k))`` restricted to the kept entries."""
     m = x2.shape[0]
     # k == 0 still launches (x_scale is needed): keep the list buffers non-empty for the launcher.
-    idx = torch.empty((m, max(k, 1)), dtype=torch.int32, device=x2.device)
-    q = torch.empty((m, max(k, 1)), dtype=torch.int8, device=x2.device)
-    xscale = torch.empty((m,), dtype=torch.float32, device=x2.device)
+    idx = _compat.empty((m, max(k, 1)), torch.int32, x2.device)
+    q = _compat.empty((m, max(k, 1)), torch.int8, x2.device)
+    xscale = _compat.empty((m,), torch.float32, x2.device)
     _launch(x2, k, idx=idx, val=q, xscale=xscale)
     return idx[:, :k], q[:, :k], xscale
 

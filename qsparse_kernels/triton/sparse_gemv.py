@@ -29,8 +29,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import _compat
 from ._compat import is_tracing, wrap
 from .autotune import GemvConfig, gemv_config, nnz_bucket
+from .cast import store_rn
 from .select import kept_list, topk_rows
 
 # Sparse GEMV while  M <= SPARSE_MAX_BATCH  and  M * k <= DENSE_FRACTION * d  (both ints known on
@@ -41,7 +43,8 @@ DENSE_FRACTION = 0.75
 SPARSE_MAX_BATCH = 16
 
 
-@triton.jit
+# nnz (= k) varies per call: not specialised. N is, so that the n-masks stay vectorisable.
+@triton.jit(do_not_specialize=["nnz", "per_split"])
 def _sparse_gemv_kernel(
     idx_ptr, val_ptr, stride_lm,  # kept list [M, nnz]: int32 feature indices, float32 values
     w_ptr, stride_wn, stride_wi,  # weight [N, d]: W[n, i] at n * stride_wn + i * stride_wi
@@ -80,7 +83,7 @@ def _sparse_gemv_kernel(
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+        store_rn(out_ptr + row * stride_om + n, acc, n_ok)
 
 
 @triton.jit
@@ -100,7 +103,7 @@ def _split_reduce_kernel(
         acc += tl.load(part_ptr + (s * m_total + row) * N + n, mask=n_ok, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    store_rn(out_ptr + row * stride_om + n, acc, n_ok)
 
 
 REDUCE_BLOCK = 1024
@@ -111,7 +114,7 @@ def _gemv(idx, val, weight, bias, out, cfg: GemvConfig) -> None:
     n_out = weight.shape[0]
     split = cfg.split_k if nnz > 0 else 1
     per_split = triton.cdiv(triton.cdiv(max(nnz, 1), split), cfg.block_k) * cfg.block_k
-    part = torch.empty((split, m, n_out), dtype=torch.float32, device=out.device) if split > 1 else out
+    part = _compat.empty((split, m, n_out), torch.float32, out.device) if split > 1 else out
     has_bias = bias is not None
     wrap(_sparse_gemv_kernel)[(m, triton.cdiv(n_out, cfg.block_n), split)](
         idx, val, idx.stride(0),
@@ -154,7 +157,7 @@ def sparse_linear_rows(
     ``cfg`` overrides the autotuned config (tests use it to reach every code path).
     """
     m = x2.shape[0]
-    out = torch.empty((m, weight.shape[0]), dtype=x2.dtype, device=x2.device)
+    out = _compat.empty((m, weight.shape[0]), x2.dtype, x2.device)
     if m == 0 or weight.shape[0] == 0:
         return out
     idx, val = kept_list(x2, k)

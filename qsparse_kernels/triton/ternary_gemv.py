@@ -29,8 +29,10 @@ import triton
 import triton.language as tl
 
 from ..layout import packed_cols
+from . import _compat
 from ._compat import is_tracing, wrap
 from .autotune import GemvConfig, gemv_config, nnz_bucket
+from .cast import store_rn
 from .quantize import quantize_rows
 from .select import kept_list_int8
 
@@ -47,10 +49,11 @@ def _epilogue(acc, n, n_ok, row, xs_ptr, scale_ptr, b_ptr, out_ptr, stride_om, H
         if HAS_BIAS:
             y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
         y = tl.where(tl.abs(xs) < float("inf"), y, float("nan"))  # kept NaN/Inf: the whole row is NaN
-        tl.store(out_ptr + row * stride_om + n, y.to(out_ptr.dtype.element_ty), mask=n_ok)
+        store_rn(out_ptr + row * stride_om + n, y, n_ok)
 
 
-@triton.jit
+# nnz (= k) varies per call: not specialised. N is, so that the n-masks stay vectorisable.
+@triton.jit(do_not_specialize=["nnz", "per_split"])
 def _ternary_gemv_kernel(
     idx_ptr, q_ptr, stride_lm,  # LIST: kept list [M, nnz] (int32 indices, int8 codes); else x_q [M, d]
     p_ptr, stride_pi, stride_pc,  # packed weight [d, C] uint8
@@ -124,7 +127,7 @@ def _gemv(idx, q, packed, xscale, scale, bias, out, n_out: int, cfg: GemvConfig,
     m, nnz = q.shape
     split = cfg.split_k if nnz > 0 else 1
     per_split = triton.cdiv(triton.cdiv(max(nnz, 1), split), cfg.block_k) * cfg.block_k
-    part = torch.empty((split, m, n_out), dtype=torch.int32, device=out.device) if split > 1 else out
+    part = _compat.empty((split, m, n_out), torch.int32, out.device) if split > 1 else out
     has_bias = bias is not None
     block_c = max(cfg.block_n // 4, 1)
     flags = dict(HAS_BIAS=has_bias, ACC_ONLY=acc_only)
@@ -149,7 +152,7 @@ def _gemv(idx, q, packed, xscale, scale, bias, out, n_out: int, cfg: GemvConfig,
 def _run(x2, packed, scale, n_out, k, bias, cfg, acc_only):
     m, d = x2.shape
     dtype = torch.int32 if acc_only else x2.dtype
-    out = torch.empty((m, n_out), dtype=dtype, device=x2.device)
+    out = _compat.empty((m, n_out), dtype, x2.device)
     if m == 0 or n_out == 0:
         return out, None
     if k is None or k == d:  # every feature kept: no selection, no index list
@@ -158,7 +161,8 @@ def _run(x2, packed, scale, n_out, k, bias, cfg, acc_only):
     else:
         idx, q, xscale = kept_list_int8(x2, k)
     if cfg is None:
-        key = ("ternary_gemv", out.device.index, m, n_out, nnz_bucket(q.shape[1]), idx is None, bias is not None, acc_only)
+        nnz = q.shape[1]
+        key = ("ternary_gemv", out.device.index, m, n_out, nnz_bucket(nnz), idx is None, bias is not None, acc_only)
 
         def bench(c):
             return lambda: _gemv(idx, q, packed, xscale, scale, bias, out, n_out, c, acc_only)

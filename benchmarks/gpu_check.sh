@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# GPU check of the triton backend (and the CUDA-marked tests): one command, < 8 minutes on a
+# fresh GPU machine (torch 2.11+ with CUDA, Triton 3.6+, nvcc; H100/H200), repo root as cwd:
+#
+#     bash benchmarks/gpu_check.sh
+#
+# 1. prints the environment; 2. builds the native extension in place with the machine's own
+# torch (no venv, no downloads); 3. runs tests/test_triton.py natively on CUDA tensors, then
+# every other test whose name or module says "cuda"; 4. prints the GPU benchmark table
+# (benchmarks/bench_gpu.py). Logs and bench_gpu.csv go to $OUT when it is set. A failing stage
+# does not stop the later ones (the benchmark is still worth seeing); the exit status is that of
+# the first failure. Each stage has its own time limit; together they stay under 8 minutes.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python}
+LOG=${OUT:-$(mktemp -d)}
+mkdir -p "$LOG"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export MAX_JOBS=${MAX_JOBS:-16}
+export QSPARSE_CUDA_ARCHS=${QSPARSE_CUDA_ARCHS:-90}  # H100/H200 only: half the nvcc time
+unset TRITON_INTERPRET QSPARSE_BACKEND
+status=0
+T0=$SECONDS
+
+stage() {  # stage NAME TIMEOUT_S CMD...: run, tee the log, remember the first failure
+    local name=$1 limit=$2
+    shift 2
+    echo
+    echo "=== $name (limit ${limit}s, t=$((SECONDS - T0))s)"
+    local rc=0
+    timeout --signal=INT --kill-after=5 "$limit" "$@" 2>&1 | tee "$LOG/$name.log" || rc=$?  # pipefail: the command's
+    if [ "$rc" -ne 0 ]; then
+        echo "=== $name FAILED (exit $rc)"
+        [ "$status" -ne 0 ] || status=$rc
+    fi
+    return 0
+}
+
+echo "=== environment"
+date -u
+uname -srm
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
+nvcc --version 2>/dev/null | tail -n 2 || echo "nvcc: not found"
+"$PY" - <<'PYEOF'
+import sys, torch
+print("python", sys.version.split()[0])
+print("torch", torch.__version__, "cuda", torch.version.cuda, "| cuda available:", torch.cuda.is_available())
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as e:
+    print("triton: not importable:", e)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30), "GiB")
+PYEOF
+git log --oneline -1 2>/dev/null || true
+
+stage build 150 "$PY" setup.py -q build_ext --inplace
+stage backends 20 "$PY" -c "import json, qsparse_kernels as qk; print(json.dumps(qk.backend_info(), indent=1))"
+stage test_triton 170 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_triton.py
+# Every other CUDA test (module or test name containing "cuda"); exit 5 = none collected.
+cuda_tests() {
+    local rc=0
+    "$PY" -m pytest -q -p no:cacheprovider -rfE tests --ignore=tests/test_triton.py -k cuda || rc=$?
+    [ "$rc" -eq 5 ] && rc=0
+    return "$rc"
+}
+stage test_cuda 40 bash -c "$(declare -f cuda_tests); PY='$PY' cuda_tests"
+stage bench_gpu 90 "$PY" benchmarks/bench_gpu.py
+
+echo
+echo "=== done in $((SECONDS - T0))s, exit status $status (logs in $LOG)"
+exit "$status"
