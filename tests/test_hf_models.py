@@ -101,7 +101,7 @@ def test_decoder_convert_generate_finetune(kind, backend):
         y = model(ids).logits
     assert y.shape == ref.shape and torch.isfinite(y).all() and rel_err(y, ref) > 1e-3
 
-    out = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    out = model.generate(ids[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False)  # random weights: no EOS stop
     assert out.shape == (1, 18) and torch.equal(out[:, :12], ids[:1]) and int(out.max()) < VOCAB
 
     losses = _fine_tune(model, input_ids=ids, labels=ids)
@@ -119,7 +119,7 @@ def test_llama_ternary_finetune_pack_generate():
         m.pack()
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
-    assert model.generate(ids[:1], max_new_tokens=4, do_sample=False).shape == (1, 16)
+    assert model.generate(ids[:1], max_new_tokens=4, min_new_tokens=4, do_sample=False).shape == (1, 16)
 
 
 def test_bert_classifier_convert_finetune():
