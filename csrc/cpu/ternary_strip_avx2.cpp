@@ -48,6 +48,7 @@ QSK_TARGET_AVX2 inline __attribute__((always_inline)) __m256i plane(__m256i v) {
 QSK_TARGET_AVX2 inline __attribute__((always_inline)) void decode_quad(const RowPlan& p, int64_t q, int64_t b0,
                                                                        __m256i* codes) {
   __m128i r[4];
+#pragma GCC unroll 4
   for (int i = 0; i < 4; ++i)
     r[i] = _mm_loadu_si128(
         reinterpret_cast<const __m128i*>(p.packed + static_cast<int64_t>(p.rows[4 * q + i]) * p.cols + b0));
@@ -79,13 +80,17 @@ QSK_TARGET_AVX2 void strip(const RowPlan& p, int64_t b0, int32_t* out, int64_t l
     }
     for (int64_t m = 0; m < p.M; ++m) {
       const int32_t* xm = p.x4 + m * p.n_quads + q0;
+      // The unroll pragmas let GCC keep a[] in registers.
       __m256i a[8];
+#pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) a[i] = pacc[8 * m + i];
       for (int64_t c = 0; c < nq; ++c) {
         if (xm[c] == 0) continue;  // row m dropped all 4 features of this quad
         const __m256i x = _mm256_set1_epi32(xm[c]);
+#pragma GCC unroll 8
         for (int i = 0; i < 8; ++i) a[i] = dot4(a[i], codes[8 * c + i], x);
       }
+#pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) pacc[8 * m + i] = a[i];
     }
   }
