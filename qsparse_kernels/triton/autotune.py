@@ -97,7 +97,8 @@ def candidates(base: GemvConfig, nnz: int) -> list[GemvConfig]:
                 if split * block_k > max(nnz, 1) * 2:
                     continue
                 for warps in (4, 8):
-                    if block_n * block_k // (32 * warps) > 256:  # elements per thread per step
+                    # The GEMVs keep a [block_k, block_n] accumulator in registers: <= 64 per thread.
+                    if block_n * block_k // (32 * warps) > 64:
                         continue
                     out.add(GemvConfig(block_n, block_k, split, warps, base.num_stages))
     # Keep the search short: the base config and its nearest neighbours first.

@@ -65,7 +65,9 @@ def _sparse_gemv_kernel(
     jj = tl.arange(0, BLOCK_K)
     lo = pid_s * per_split
     hi = tl.minimum(lo + per_split, nnz)
-    acc = tl.zeros([BLOCK_N], tl.float32)
+    # Products accumulate per (feature lane, output) in registers; the one reduction over the
+    # feature lanes (possibly across warps) happens once, after the loop.
+    acc2 = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
     for j0 in range(lo, hi, BLOCK_K):
         j = j0 + jj
         j_ok = j < hi
@@ -77,7 +79,8 @@ def _sparse_gemv_kernel(
             mask=j_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        acc += tl.sum(w.to(tl.float32) * v[:, None], axis=0)
+        acc2 += w.to(tl.float32) * v[:, None]
+    acc = tl.sum(acc2, axis=0)
     if SPLIT:
         tl.store(part_ptr + (pid_s * tl.num_programs(0) + row) * N + n, acc, mask=n_ok)
     else:
@@ -114,12 +117,14 @@ def _gemv(idx, val, weight, bias, out, cfg: GemvConfig) -> None:
     n_out = weight.shape[0]
     split = cfg.split_k if nnz > 0 else 1
     per_split = triton.cdiv(triton.cdiv(max(nnz, 1), split), cfg.block_k) * cfg.block_k
-    part = _compat.empty((split, m, n_out), torch.float32, out.device) if split > 1 else out
+    # Pointers a launch does not use get a read-only input as placeholder (never the output:
+    # aliasing a written tensor would confuse torch.compile's mutation analysis of the kernel).
+    part = _compat.empty((split, m, n_out), torch.float32, out.device) if split > 1 else val
     has_bias = bias is not None
     wrap(_sparse_gemv_kernel)[(m, triton.cdiv(n_out, cfg.block_n), split)](
         idx, val, idx.stride(0),
         weight, weight.stride(0), weight.stride(1),
-        bias if has_bias else out,
+        bias if has_bias else val,
         out, out.stride(0),
         part,
         n_out, nnz, per_split,
@@ -129,7 +134,7 @@ def _gemv(idx, val, weight, bias, out, cfg: GemvConfig) -> None:
     if split > 1:
         block = min(REDUCE_BLOCK, triton.next_power_of_2(n_out))
         wrap(_split_reduce_kernel)[(m, triton.cdiv(n_out, block))](
-            part, bias if has_bias else out, out, out.stride(0), n_out,
+            part, bias if has_bias else val, out, out.stride(0), n_out,
             SPLIT_K=split, HAS_BIAS=has_bias, BLOCK_N=block, num_warps=4,
         )  # fmt: skip
 

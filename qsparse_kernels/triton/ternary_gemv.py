@@ -79,7 +79,7 @@ def _ternary_gemv_kernel(
     jj = tl.arange(0, BLOCK_K)
     lo = pid_s * per_split
     hi = tl.minimum(lo + per_split, nnz)
-    acc = tl.zeros([BLOCK_C, 4], tl.int32)
+    acc3 = tl.zeros([BLOCK_K, BLOCK_C, 4], tl.int32)  # reduced over the feature lanes after the loop
     for j0 in range(lo, hi, BLOCK_K):
         j = j0 + jj
         j_ok = j < hi
@@ -94,7 +94,8 @@ def _ternary_gemv_kernel(
             other=0,
         ).to(tl.int32)
         code = (byte[:, :, None] >> (2 * lane)[None, None, :]) & 3  # [BLOCK_K, BLOCK_C, 4]
-        acc += tl.sum((code - 1) * q[:, None, None], axis=0)
+        acc3 += (code - 1) * q[:, None, None]
+    acc = tl.sum(acc3, axis=0)
     if SPLIT:
         tl.store(part_ptr + (pid_s * tl.num_programs(0) + row) * N + n, acc, mask=n_ok)
     else:
@@ -127,14 +128,15 @@ def _gemv(idx, q, packed, xscale, scale, bias, out, n_out: int, cfg: GemvConfig,
     m, nnz = q.shape
     split = cfg.split_k if nnz > 0 else 1
     per_split = triton.cdiv(triton.cdiv(max(nnz, 1), split), cfg.block_k) * cfg.block_k
-    part = _compat.empty((split, m, n_out), torch.int32, out.device) if split > 1 else out
+    # Unused pointers get a read-only input as placeholder, never the output (see sparse_gemv).
+    part = _compat.empty((split, m, n_out), torch.int32, out.device) if split > 1 else packed
     has_bias = bias is not None
     block_c = max(cfg.block_n // 4, 1)
     flags = dict(HAS_BIAS=has_bias, ACC_ONLY=acc_only)
     wrap(_ternary_gemv_kernel)[(m, triton.cdiv(packed_cols(n_out), block_c), split)](
         q if idx is None else idx, q, q.stride(0),
         packed, packed.stride(0), packed.stride(1),
-        xscale, out if scale is None else scale, bias if has_bias else out,
+        xscale, xscale if scale is None else scale, bias if has_bias else packed,
         out, out.stride(0),
         part,
         n_out, nnz, per_split,
@@ -144,7 +146,7 @@ def _gemv(idx, q, packed, xscale, scale, bias, out, n_out: int, cfg: GemvConfig,
     if split > 1:
         block = min(REDUCE_BLOCK, triton.next_power_of_2(n_out))
         wrap(_ternary_reduce_kernel)[(m, triton.cdiv(n_out, block))](
-            part, xscale, out if scale is None else scale, bias if has_bias else out, out, out.stride(0), n_out,
+            part, xscale, xscale if scale is None else scale, bias if has_bias else packed, out, out.stride(0), n_out,
             SPLIT_K=split, BLOCK_N=block, num_warps=4, **flags,
         )  # fmt: skip
 
