@@ -25,8 +25,8 @@ from .llama import LlamaDecoder, LlamaShape
 VARIANTS = {
     "dense": None,
     "qsparse-0.5": dict(sparsity=0.5, weights="dense"),
-    "bitnet-b1.58": dict(sparsity=0.0, weights="ternary"),
-    "bitnet-b1.58+qsparse-0.6125": dict(sparsity=0.6125, weights="ternary"),
+    "bitnet-b1.58": dict(sparsity=0.0, weights="ternary", pack=True),
+    "bitnet-b1.58+qsparse-0.6125": dict(sparsity=0.6125, weights="ternary", pack=True),
 }
 
 
@@ -47,10 +47,6 @@ def build(shape: LlamaShape, variant: str, device: str, dtype=torch.bfloat16, se
         import qsparse_kernels as qk
 
         qk.convert(model, qk.QSparseConfig(**cfg))
-        if cfg["weights"] == "ternary":
-            for m in model.modules():
-                if hasattr(m, "pack") and callable(m.pack):
-                    m.pack()
     return model.eval()
 
 
