@@ -5,6 +5,8 @@ bit-for-bit (the epilogue does the reference's float32 operations in its order),
 error shows: y = acc * x_scale * scale and one unit of acc is ~1/|acc| relative, far above float32
 rounding. test_accumulator_exact also reads acc directly (x_scale = scale = 1).
 Inputs have distinct magnitudes (no ties at the top-K boundary, where any choice is allowed).
+The batch grid reaches both batch strategies of csrc/cpu/ternary_linear.cpp (prefer_per_row):
+per-row for sparse batches and M = 2 dense, the union kernel for dense M = 3 and 17.
 """
 
 import pytest

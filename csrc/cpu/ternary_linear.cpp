@@ -143,10 +143,42 @@ QSK_TARGET_AVX2 void epilogue_avx2(const int32_t* a, int64_t ld, const RowQuant*
 
 // ---- 2. the row plan ----
 
+// Crossover between the two ways to run a batch (M > 1) in which every row has its own kept set:
+//   per-row: each batch row runs the M == 1 kernel over its own nonzero rows, all of them strip by
+//            strip, so the weight lines a strip brings into L2 serve every batch row and DRAM
+//            still reads each union row once; but every row decodes its quads again:
+//            sum_m n_m quads x kRowQuadCost.
+//   union:   the batch kernel decodes each quad of the union once, stores the codes, and every
+//            batch row runs only its dot blocks: |union| quads x (kUnionQuadCost + M).
+// Measured costs, in units of one dot block (16 vpdpbusd with their broadcast operand): a quad of
+// the M == 1 kernel (decode in registers + 1 dot block) ~= 2; a quad of the union kernel ~= 3
+// (decode + store of the codes + loop overhead) + 1 per batch row (its dot block reads the codes
+// from L1). Fitted on 4096 x 11008, AVX-512 VNNI, 1 thread, DRAM-resident weights (median us,
+// per-row vs union): dense M=2 1346 vs 1432, M=4 2306 vs 2014; s=0.5 M=4 1408 vs 1895, M=8 2457
+// vs 3010; s=0.6125 M=2 555 vs 898, M=8 1977 vs 2786. So per-row wins for sparse batches up to
+// M ~ 16 and the union for dense batches from M ~ 3-4. This is the one place that decides it.
+constexpr int64_t kRowQuadCost = 2;
+constexpr int64_t kUnionQuadCost = 3;
+
+bool prefer_per_row(const int8_t* xq, int64_t M, int64_t d) {
+  std::vector<uint8_t> any(d, 0);
+  int64_t own = 0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < d; ++i) {
+      const bool nz = xq[m * d + i] != 0;
+      own += nz;
+      any[i] |= nz;
+    }
+  int64_t uni = 0;
+  for (int64_t i = 0; i < d; ++i) uni += any[i];
+  return own * kRowQuadCost < uni * (kUnionQuadCost + M);
+}
+
 struct Plan {
   std::vector<int32_t> rows;  // 4 * n_quads
   std::vector<int32_t> x4;    // [M, n_quads]
   RowPlan view;
+  int64_t m0 = 0;  // first batch row of the plan
 };
 
 // Rows with a nonzero x_q in at least one batch row, ascending, padded to whole quads (the padding
@@ -261,34 +293,40 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
       }
     });
 
-    // 2. the rows to read.
-    Plan plan;
-    build_plan(xq.data(), M, d, packed.data_ptr<uint8_t>(), cols, plan);
-    const RowPlan& rp = plan.view;
+    // 2. the rows to read: one plan over the union, or one plan per batch row (prefer_per_row).
+    const uint8_t* pk = packed.data_ptr<uint8_t>();
+    const bool per_row = M > 1 && prefer_per_row(xq.data(), M, d);
+    std::vector<Plan> plans(per_row ? M : 1);  // sized once: the views point into the vectors
+    int64_t plan_bytes = 0;
+    for (int64_t i = 0; i < static_cast<int64_t>(plans.size()); ++i) {
+      plans[i].m0 = per_row ? i : 0;
+      build_plan(xq.data() + plans[i].m0 * d, per_row ? 1 : M, d, pk, cols, plans[i]);
+      plan_bytes += 4 * plans[i].view.n_quads * W;
+    }
 
     // 3. strips of output columns in parallel; each output is written by exactly one task, with a
     // fixed summation order, so results do not depend on the thread count.
     const int64_t n_strips = (cols + W - 1) / W;
-    const int64_t strip_bytes = std::max<int64_t>(1, 4 * rp.n_quads * W);
-    const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / strip_bytes);
+    const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, plan_bytes));
     const int64_t ld = 4 * W;
     at::parallel_for(0, n_strips, grain, [&](int64_t s0, int64_t s1) {
       std::vector<int32_t> scratch(path == Path::Scalar ? 0 : strip_scratch_words(W, M));
       std::vector<int32_t> acc(M * ld);
       for (int64_t st = s0; st < s1; ++st) {
         const int64_t b0 = st * W, nb = std::min(W, cols - b0);
-        const int32_t* a = acc.data();
-        if (path == Path::Avx512) {
-          strip_avx512(rp, b0, nb, vnni, acc.data(), ld, scratch.data());
-        } else if (path == Path::Avx2) {
-          // A short last strip is recomputed as the full strip ending at the last byte
-          // (cols >= kStripAvx2 here); only its own outputs are written below.
-          const int64_t bb = nb == W ? b0 : cols - W;
-          strip_avx2(rp, bb, W, acc.data(), ld, scratch.data());
-          a += 4 * (b0 - bb);
-        } else {
-          strip_scalar(rp, b0, nb, acc.data(), ld);
+        // A short last AVX2 strip is recomputed as the full strip ending at the last byte
+        // (cols >= kStripAvx2 on that path); only its own outputs are written below.
+        const int64_t bb = (path == Path::Avx2 && nb < W) ? cols - W : b0;
+        for (const Plan& pl : plans) {
+          int32_t* a = acc.data() + pl.m0 * ld;
+          if (path == Path::Avx512)
+            strip_avx512(pl.view, b0, nb, vnni, a, ld, scratch.data());
+          else if (path == Path::Avx2)
+            strip_avx2(pl.view, bb, W, a, ld, scratch.data());
+          else
+            strip_scalar(pl.view, b0, nb, a, ld);
         }
+        const int32_t* a = acc.data() + 4 * (b0 - bb);
         const int64_t j0 = 4 * b0, nj = std::min(4 * nb, out_features - j0);
         if (level == Isa::Avx512)
           epilogue_avx512(a, ld, rq.data(), ws, bp, op, out_features, M, j0, nj);
