@@ -180,7 +180,7 @@ def main(argv=None) -> int:
             rows.append({
                 "kernel": name, "mode": mode, "sparsity": s, "in_features": d, "out_features": n, "M": m,
                 "dtype": "bf16", "p50_us": p50 * 1e3, "p20_us": p20 * 1e3, "p80_us": p80 * 1e3,
-                "speedup_vs_F.linear": base[mode] / p50, "weight_GBps": gbps,
+                "speedup_vs_F.linear": base[mode] / p50 if nbytes else float("nan"), "weight_GBps": gbps,
                 "frac_of_copy_bw": gbps / copy_gbps if nbytes else float("nan"),
                 "copy_GBps": copy_gbps, "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
             })  # fmt: skip

@@ -12,7 +12,7 @@
 # the first failure. Each stage has its own time limit; together they stay under 8 minutes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 LOG=${OUT:-$(mktemp -d)}
 mkdir -p "$LOG"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -28,7 +28,7 @@ stage() {  # stage NAME TIMEOUT_S CMD...: run, tee the log, remember the first f
     echo
     echo "=== $name (limit ${limit}s, t=$((SECONDS - T0))s)"
     local rc=0
-    timeout --signal=INT --kill-after=5 "$limit" "$@" 2>&1 | tee "$LOG/$name.log" || rc=$?  # pipefail: the command's
+    timeout --signal=INT --kill-after=5 "$limit" "$@" 2>&1 | tee "$LOG/$name.log" || rc=$?  # pipefail: rc is the command's
     if [ "$rc" -ne 0 ]; then
         echo "=== $name FAILED (exit $rc)"
         [ "$status" -ne 0 ] || status=$rc
@@ -39,9 +39,9 @@ stage() {  # stage NAME TIMEOUT_S CMD...: run, tee the log, remember the first f
 echo "=== environment"
 date -u
 uname -srm
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.memory --format=csv || true
 nvcc --version 2>/dev/null | tail -n 2 || echo "nvcc: not found"
-"$PY" - <<'PYEOF'
+"$PY" - <<'PYEOF' || true
 import sys, torch
 print("python", sys.version.split()[0])
 print("torch", torch.__version__, "cuda", torch.version.cuda, "| cuda available:", torch.cuda.is_available())
