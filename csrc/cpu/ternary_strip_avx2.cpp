@@ -23,18 +23,10 @@ namespace qsk::cpu::ternary {
 namespace {
 
 constexpr int64_t kW = kStripAvx2;
-constexpr int64_t kPrefetchQuads = 8;  // plan rows are arbitrary: prefetch 32 rows ahead
 
 QSK_TARGET_AVX2 inline __attribute__((always_inline)) __m256i dot4(__m256i acc, __m256i codes, __m256i x) {
   const __m256i pairs = _mm256_maddubs_epi16(codes, x);
   return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-QSK_TARGET_AVX2 inline __attribute__((always_inline)) void prefetch_quad(const RowPlan& p, int64_t q, int64_t b0) {
-  if (q < p.n_quads)
-    for (int r = 0; r < 4; ++r)
-      _mm_prefetch(reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0),
-                   _MM_HINT_T0);
 }
 
 template <int S>
@@ -71,11 +63,12 @@ QSK_TARGET_AVX2 void strip(const RowPlan& p, int64_t b0, int32_t* out, int64_t l
   __m256i* codes = reinterpret_cast<__m256i*>(base);  // [kChunkQuads][8]
   __m256i* pacc = codes + kChunkQuads * 8;            // [M][8]
   for (int64_t i = 0; i < p.M * 8; ++i) pacc[i] = _mm256_setzero_si256();
-  for (int64_t q = 0; q < kPrefetchQuads; ++q) prefetch_quad(p, q, b0);
+  const Prefetch pf = strip_prefetch(p, b0, kW);
+  for (int64_t q = 0; q < kPrefetchQuads; ++q) prefetch_quad(p, q, b0, pf);
   for (int64_t q0 = 0; q0 < p.n_quads; q0 += kChunkQuads) {
     const int64_t nq = std::min(kChunkQuads, p.n_quads - q0);
     for (int64_t c = 0; c < nq; ++c) {
-      prefetch_quad(p, q0 + c + kPrefetchQuads, b0);
+      prefetch_quad(p, q0 + c + kPrefetchQuads, b0, pf);
       decode_quad(p, q0 + c, b0, codes + 8 * c);
     }
     for (int64_t m = 0; m < p.M; ++m) {

@@ -29,41 +29,6 @@ namespace qsk::cpu::ternary {
 namespace {
 
 constexpr int64_t kW = kStripAvx512;
-// Plan rows are arbitrary (the kept features), so the hardware prefetchers cannot guess the next
-// row: prefetch the strip of the quad this many quads ahead (64 rows in flight).
-constexpr int64_t kPrefetchQuads = 16;
-// A strip reads one 64 B line of each plan row, and the next line of the same row is only read by
-// the next strip, a whole pass over the other rows later: DRAM would see isolated lines. So every
-// group-th strip also prefetches the next group - 1 lines of each row into L2, where they wait for
-// the next strips, and DRAM sees runs of group adjacent lines per row. group is as large as keeps
-// the waiting lines within kL2BudgetLines (768 KB; L2 is 1-2 MB per core on AVX-512 parts), at most
-// kMaxGroup. Measured on 4096 x 11008, 1 thread, DRAM: dense 1.28 -> 0.95 ms, s = 0.6125 0.50 -> 0.36 ms.
-constexpr int64_t kL2BudgetLines = 12288;
-constexpr int64_t kMaxGroup = 8;
-
-struct Prefetch {
-  int64_t ahead;  // extra lines of each row to bring into L2 in this strip (0 or group - 1)
-  bool split;     // a row's strip spans two lines (the packed base or cols is not 64 B aligned)
-};
-
-inline Prefetch strip_prefetch(const RowPlan& p, int64_t b0) {
-  const int64_t rows = std::max<int64_t>(1, 4 * p.n_quads);
-  const int64_t group = std::clamp<int64_t>(1 + kL2BudgetLines / rows, 1, kMaxGroup);
-  const bool split = (p.cols % 64) != 0 || (reinterpret_cast<uintptr_t>(p.packed + b0) % 64) != 0;
-  return {(b0 / kW) % group == 0 ? group - 1 : 0, split};
-}
-
-QSK_TARGET_AVX512 inline __attribute__((always_inline)) void prefetch_quad(const RowPlan& p, int64_t q, int64_t b0,
-                                                                           const Prefetch& pf) {
-  if (q >= p.n_quads) return;
-  for (int r = 0; r < 4; ++r) {
-    const char* a = reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0);
-    _mm_prefetch(a, _MM_HINT_T0);
-    if (pf.split) _mm_prefetch(a + kW - 1, _MM_HINT_T0);
-    for (int64_t l = 1; l <= pf.ahead && b0 + 64 * l < p.cols; ++l) _mm_prefetch(a + 64 * l, _MM_HINT_T1);
-  }
-}
-
 template <bool kVnni>
 QSK_TARGET_AVX512 inline __attribute__((always_inline)) __m512i dot4(__m512i acc, __m512i codes, __m512i x) {
   if constexpr (kVnni) {
@@ -120,7 +85,7 @@ inline void store_natural(const int32_t (*acc)[16], int64_t nbytes, int32_t* out
 template <bool kVnni, bool kTail>
 QSK_TARGET_AVX512 void strip_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out) {
   const __mmask64 mask = kTail ? _bzhi_u64(~0ull, static_cast<unsigned>(nbytes)) : ~0ull;
-  const Prefetch pf = strip_prefetch(p, b0);
+  const Prefetch pf = strip_prefetch(p, b0, kW);
   // Every loop over acc is fully unrolled early (the pragmas) so that GCC keeps the 16
   // accumulators in registers instead of an array in memory.
   __m512i acc[16];
@@ -159,7 +124,7 @@ QSK_TARGET_AVX512 void strip_mn(const RowPlan& p, int64_t b0, int64_t nbytes, in
   __m512i* codes = reinterpret_cast<__m512i*>(base);  // [kChunkQuads][16]
   __m512i* pacc = codes + kChunkQuads * 16;            // [M][16]
   for (int64_t i = 0; i < p.M * 16; ++i) pacc[i] = _mm512_setzero_si512();
-  const Prefetch pf = strip_prefetch(p, b0);
+  const Prefetch pf = strip_prefetch(p, b0, kW);
   for (int64_t q = 0; q < kPrefetchQuads; ++q) prefetch_quad(p, q, b0, pf);
   for (int64_t q0 = 0; q0 < p.n_quads; q0 += kChunkQuads) {
     const int64_t nq = std::min(kChunkQuads, p.n_quads - q0);

@@ -16,6 +16,9 @@
 // exact whenever the true accumulator fits in int32 (|acc| <= 128 * d), for any code 3 too.
 #pragma once
 
+#include <xmmintrin.h>
+
+#include <algorithm>
 #include <cstdint>
 
 namespace qsk::cpu::ternary {
@@ -40,6 +43,45 @@ constexpr int64_t kStripScalar = 64;
 
 // Quads decoded at once into scratch by the batch (M > 1) kernels before every batch row consumes them.
 constexpr int64_t kChunkQuads = 8;
+
+// ---- prefetching, shared by the vector kernels (_mm_prefetch is baseline x86-64) ----
+
+// Plan rows are arbitrary (the kept features), so the hardware prefetchers cannot guess the next
+// row: a kernel prefetches the strip of the quad this many quads ahead (64 rows in flight).
+constexpr int64_t kPrefetchQuads = 16;
+// A strip reads one line of each plan row, and the next line of the same row is only read a whole
+// pass over the other rows later: DRAM would see isolated lines. So the first strip of every
+// group of lines also prefetches the next group - 1 lines of each row into L2, where they wait
+// for the next strips, and DRAM sees runs of group adjacent lines per row. group is as large as
+// keeps the waiting lines within kL2BudgetLines (768 KB; L2 is 1-2 MB per core on AVX-512 parts),
+// at most kMaxGroup. Measured on 4096 x 11008, AVX-512, 1 thread, DRAM-resident weights:
+// dense 1.28 -> 0.95 ms, s = 0.6125 0.50 -> 0.36 ms.
+constexpr int64_t kL2BudgetLines = 12288;
+constexpr int64_t kMaxGroup = 8;
+
+struct Prefetch {
+  int64_t ahead;  // extra lines of each row to bring into L2 at this strip (0 or group - 1)
+  bool split;     // a row's strip may span two lines (cols or the strip start is not line aligned)
+  int64_t width;  // strip width in bytes
+};
+
+inline Prefetch strip_prefetch(const RowPlan& p, int64_t b0, int64_t width) {
+  const int64_t rows = std::max<int64_t>(1, 4 * p.n_quads);
+  const int64_t group = std::clamp<int64_t>(1 + kL2BudgetLines / rows, 1, kMaxGroup);
+  const bool split =
+      (p.cols % 64) != 0 || (reinterpret_cast<uintptr_t>(p.packed + b0) % 64) + static_cast<uintptr_t>(width) > 64;
+  return {b0 % (64 * group) == 0 ? group - 1 : 0, split, width};
+}
+
+inline __attribute__((always_inline)) void prefetch_quad(const RowPlan& p, int64_t q, int64_t b0, const Prefetch& pf) {
+  if (q >= p.n_quads) return;
+  for (int r = 0; r < 4; ++r) {
+    const char* a = reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0);
+    _mm_prefetch(a, _MM_HINT_T0);
+    if (pf.split) _mm_prefetch(a + pf.width - 1, _MM_HINT_T0);
+    for (int64_t l = 1; l <= pf.ahead && b0 + 64 * l < p.cols; ++l) _mm_prefetch(a + 64 * l, _MM_HINT_T1);
+  }
+}
 
 // int32 words of per-thread scratch a strip kernel of width `strip` needs for M batch rows.
 inline int64_t strip_scratch_words(int64_t strip, int64_t M) {
