@@ -82,11 +82,11 @@ def main() -> None:
         gbs = nbytes / t.p50 / 1e9
         print(f"{name:34s} {t.p50 * 1e6:9.1f} {t.p20 * 1e6:9.1f} {t.p80 * 1e6:9.1f} {base.p50 / t.p50:7.2f}x "
               f"{gbs:7.1f} {100 * gbs * 1e9 / bw:4.0f}%")
-    for (name, k, sp), (_, t, _) in zip(cases, rows[1:], strict=False):
-        if sp in TARGETS or (k is None and None in TARGETS):
-            target = TARGETS[sp if k is not None else None]
+    for (name, k, sp), (_, t, _) in zip(cases, rows[1:], strict=True):
+        key = None if k is None else sp
+        if (k is None or sp is not None) and key in TARGETS:
             got = base.p50 / t.p50
-            print(f"target {name}: >= {target:g}x, got {got:.2f}x: {'met' if got >= target else 'MISSED'}")
+            print(f"target {name}: >= {TARGETS[key]:g}x, got {got:.2f}x: {'met' if got >= TARGETS[key] else 'MISSED'}")
     print(f"ideal bytes ratio bf16/ternary (dense): {base_bytes / (d * cols):.2f}x; "
           f"at s=0.6125: {base_bytes / (math.ceil((1 - 0.6125) * d) * cols):.2f}x")
 
