@@ -1,9 +1,10 @@
 """Triton kernels and their launchers (backend ``triton``). ``OPS`` maps op name -> launcher.
 
 Files: :mod:`.select` (per-row radix top-k: ``topk_sparsify`` and the kept lists),
-:mod:`.quantize` (``quantize_act_int8``), :mod:`.sparse_gemv` (``sparse_linear``),
-:mod:`.ternary_gemv` (``ternary_linear``), :mod:`.autotune` (configs and their cache),
-:mod:`._compat` (version guards).
+:mod:`.quantize` (``quantize_act_int8`` and the bit-exact rounding helpers), :mod:`.sparse_gemv`
+(``sparse_linear``), :mod:`.ternary_gemv` (``ternary_linear``), :mod:`.cast` (round-to-nearest-even
+stores), :mod:`.autotune` (configs and their per-shape cache), :mod:`._compat` (version guards,
+test hooks).
 
 Every launcher has the reference signature (without ``backend``) and expects arguments already
 checked by ``qsparse_kernels._validate``. None of them reads tensor data on the host, so a decode
