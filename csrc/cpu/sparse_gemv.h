@@ -1,4 +1,4 @@
-// The inner kernel of sparse_linear on the CPU: a column tile of y = xs @ W^T that reads only the
+// The inner kernel of sparse_linear on the CPU: a column panel of y = xs @ W^T that reads only the
 // weight rows of kept input features. Private to csrc/cpu/{sparse,topk}_*.cpp.
 //
 // The weight is used through its transpose wt = W^T, row-major with leading dimension ld: for a
@@ -26,16 +26,19 @@ struct SparseRows {
   int mb;  // 1 .. kMaxBlockRows
 };
 
-// Output columns one tile call computes for a block of mb rows: the register tile is mb x cols
-// float32 accumulators (mb = 1: 256 columns, 2: 128, 3 and 4: 64).
-inline int64_t tile_cols(int mb) { return mb == 1 ? 256 : (mb == 2 ? 128 : 64); }
+// Output columns one panel call computes for a block of mb rows. The mb x cols float32
+// accumulators live in an L1-resident buffer (16 KB), so every listed weight row is read as one
+// long contiguous run of cols values: long runs are what the DRAM pages and the prefetchers
+// stream well (a narrow register tile turns each row into many short, scattered reads).
+constexpr int64_t kPanelFloats = 4096;
+inline int64_t panel_cols(int mb) { return kPanelFloats / mb / 32 * 32; }
 
 // out[m * out_stride + j] = sum_u vals[u][m] * wt[idx[u] * ld + j0 + j]  for m < mb, j < ncols,
-// summed in float32 in ascending u (the same order for every tile, thread count and call).
-// Requires 0 < ncols <= tile_cols(mb); reads no weight element outside columns [j0, j0 + ncols).
+// summed in float32 in ascending u (the same order for every panel, thread count and call).
+// Requires 0 < ncols <= panel_cols(mb); reads no weight element outside columns [j0, j0 + ncols).
 // T is float, c10::BFloat16 or c10::Half. Implemented with AVX-512 (sparse_gemv_avx512.cpp).
 template <typename T>
-void sparse_gemv_tile_avx512(const T* wt, int64_t ld, const SparseRows& rows, int64_t j0, int64_t ncols, float* out,
-                             int64_t out_stride);
+void sparse_gemv_panel_avx512(const T* wt, int64_t ld, const SparseRows& rows, int64_t j0, int64_t ncols,
+                              float* out, int64_t out_stride);
 
 }  // namespace qsk::cpu

@@ -41,37 +41,33 @@ inline __attribute__((always_inline)) float widen(c10::BFloat16 v) {
   return f;
 }
 
-// Portable tile (scalar build, or compiled for AVX2 below): same contract as the AVX-512 one.
+// Portable panel (scalar build, or compiled for AVX2 below): same contract as the AVX-512 one.
 template <typename T>
-inline __attribute__((always_inline)) void tile_portable(const T* wt, int64_t ld, const SparseRows& r, int64_t j0,
-                                                          int64_t ncols, float* out, int64_t os) {
-  constexpr int64_t kCols = 64;
-  for (int64_t c0 = 0; c0 < ncols; c0 += kCols) {
-    const int64_t nc = std::min(kCols, ncols - c0);
-    float acc[kMaxBlockRows][kCols] = {};
-    for (int64_t u = 0; u < r.n; ++u) {
-      const T* row = wt + static_cast<int64_t>(r.idx[u]) * ld + j0 + c0;
-      for (int m = 0; m < r.mb; ++m) {
-        const float xv = r.vals[u * r.mb + m];
-        for (int64_t j = 0; j < nc; ++j) acc[m][j] += xv * widen(row[j]);
-      }
+inline __attribute__((always_inline)) void panel_portable(const T* wt, int64_t ld, const SparseRows& r, int64_t j0,
+                                                           int64_t ncols, float* out, int64_t os) {
+  for (int m = 0; m < r.mb; ++m) std::memset(out + m * os, 0, ncols * sizeof(float));
+  for (int64_t u = 0; u < r.n; ++u) {
+    const T* row = wt + static_cast<int64_t>(r.idx[u]) * ld + j0;
+    for (int m = 0; m < r.mb; ++m) {
+      const float xv = r.vals[u * r.mb + m];
+      float* acc = out + m * os;
+      for (int64_t j = 0; j < ncols; ++j) acc[j] += xv * widen(row[j]);
     }
-    for (int m = 0; m < r.mb; ++m) std::memcpy(out + m * os + c0, acc[m], nc * sizeof(float));
   }
 }
 
 template <typename T>
-QSK_TARGET_AVX2 void tile_avx2(const T* wt, int64_t ld, const SparseRows& r, int64_t j0, int64_t ncols, float* out,
-                               int64_t os) {
-  tile_portable(wt, ld, r, j0, ncols, out, os);
+QSK_TARGET_AVX2 void panel_avx2(const T* wt, int64_t ld, const SparseRows& r, int64_t j0, int64_t ncols, float* out,
+                                int64_t os) {
+  panel_portable(wt, ld, r, j0, ncols, out, os);
 }
 
 template <typename T>
-void gemv_tile(Isa level, const T* wt, int64_t ld, const SparseRows& r, int64_t j0, int64_t ncols, float* out,
-               int64_t os) {
-  if (level == Isa::Avx512) return sparse_gemv_tile_avx512(wt, ld, r, j0, ncols, out, os);
-  if (level == Isa::Avx2) return tile_avx2(wt, ld, r, j0, ncols, out, os);
-  tile_portable(wt, ld, r, j0, ncols, out, os);
+void gemv_panel(Isa level, const T* wt, int64_t ld, const SparseRows& r, int64_t j0, int64_t ncols, float* out,
+                int64_t os) {
+  if (level == Isa::Avx512) return sparse_gemv_panel_avx512(wt, ld, r, j0, ncols, out, os);
+  if (level == Isa::Avx2) return panel_avx2(wt, ld, r, j0, ncols, out, os);
+  panel_portable(wt, ld, r, j0, ncols, out, os);
 }
 
 // One block of rows and the weight rows it reads (see SparseRows).
@@ -127,28 +123,35 @@ std::vector<Block> build_blocks(const T* x, int64_t M, int64_t d, int64_t k, Isa
   return blocks;
 }
 
+// Output columns per parallel task: a full panel, or less when that leaves threads idle.
+inline int64_t span_cols(int64_t N) {
+  const int64_t per_thread = (N + at::get_num_threads() - 1) / at::get_num_threads();
+  return std::max<int64_t>(32, std::min(panel_cols(1), (per_thread + 31) / 32 * 32));
+}
+
 // y[M, N] for a column-major weight: wt = weight's storage as [d][ld] rows, ld = weight.stride(1).
 template <typename T>
 void sparse_path(const T* x, const T* wt, int64_t ld, const T* bias, T* y, int64_t M, int64_t d, int64_t N,
                  int64_t k, Isa level) {
   const std::vector<Block> blocks = build_blocks(x, M, d, k, level);
-  constexpr int64_t kSpan = 256;  // = tile_cols(1); a block of mb rows splits it into tile_cols(mb) tiles
-  const int64_t nspans = (N + kSpan - 1) / kSpan;
+  const int64_t span = span_cols(N);
+  const int64_t nspans = (N + span - 1) / span;
   at::parallel_for(0, nspans, 1, [&](int64_t s0, int64_t s1) {
-    float buf[kMaxBlockRows * kSpan];
+    std::vector<float> acc(kPanelFloats);  // [mb][panel_cols(mb)] accumulators, L1-resident
     for (int64_t s = s0; s < s1; ++s) {
-      const int64_t end = std::min(N, (s + 1) * kSpan);
+      const int64_t end = std::min(N, (s + 1) * span);
       // Every block over this span: the span's weight rows are re-read from cache, not DRAM.
       for (const Block& blk : blocks) {
         const SparseRows rows = blk.rows();
-        const int64_t tc = tile_cols(blk.mb);
-        for (int64_t j0 = s * kSpan; j0 < end; j0 += tc) {
-          const int64_t nc = std::min(tc, end - j0);
-          gemv_tile(level, wt, ld, rows, j0, nc, buf, tc);
+        const int64_t pc = panel_cols(blk.mb);
+        for (int64_t j0 = s * span; j0 < end; j0 += pc) {
+          const int64_t nc = std::min(pc, end - j0);
+          gemv_panel(level, wt, ld, rows, j0, nc, acc.data(), pc);
           for (int m = 0; m < blk.mb; ++m) {
             T* yr = y + (blk.row0 + m) * N + j0;
-            const float* br = buf + m * tc;
-            for (int64_t j = 0; j < nc; ++j) yr[j] = static_cast<T>(bias ? br[j] + static_cast<float>(bias[j0 + j]) : br[j]);
+            const float* ar = acc.data() + m * pc;
+            for (int64_t j = 0; j < nc; ++j)
+              yr[j] = static_cast<T>(bias ? ar[j] + static_cast<float>(bias[j0 + j]) : ar[j]);
           }
         }
       }
