@@ -170,6 +170,14 @@ def test_deterministic_across_calls_and_threads():
         _native._C.set_cpu_isa_cap("")
 
 
+def test_empty_dims(isa):
+    """d = 0 (every row quantizes to zeros: y = bias) and out_features = 0."""
+    x, p, s, b = torch.randn(3, 0), torch.zeros(0, 2, dtype=torch.uint8), torch.tensor(0.5), torch.randn(5)
+    for k in (None, 0):
+        assert_same(KERNEL(x, p, s, 5, k, b), R.ternary_linear(x, p, s, 5, k, b))
+    assert KERNEL(torch.randn(3, 8), torch.zeros(8, 0, dtype=torch.uint8), s, 0, 3, None).shape == (3, 0)
+
+
 def test_invalid_code_3_stays_in_bounds(isa):
     """Code 3 is invalid (output unspecified) but must never read or write out of bounds."""
     d, out_f = 65, 9
