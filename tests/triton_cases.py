@@ -108,6 +108,18 @@ def test_topk_ties_nan_inf(dtype, gen):
     assert torch.isnan(y[1, 5]) and y[2, 7] == float("inf") and torch.isnan(y[3, 0])
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
+def test_topk_subnormals(dtype):
+    """Distinct subnormal magnitudes (and a few normal ones): the narrow-float key shortcut holds."""
+    itype = torch.int32 if dtype == torch.float32 else torch.int16
+    bits = torch.stack([torch.randperm(100) * 1 + 1 for _ in range(2)])  # subnormal bit patterns
+    x = bits.to(itype).view(dtype) * torch.where(torch.rand(2, 100) < 0.5, -1.0, 1.0).to(dtype)
+    x = torch.cat([x, torch.tensor([[1.0, -3.0], [2.0, 0.5]], dtype=dtype)], dim=1)
+    (xd,) = to_dev(x)
+    for k in (1, 2, 3, 51, 101):
+        assert torch.equal(qk.topk_sparsify(xd, k, backend="triton").cpu().double(), topk64(x, k)), k
+
+
 def test_topk_ties_broken_by_lowest_index():
     """All magnitudes equal: the first k features are kept, across chunk boundaries."""
     d = 130

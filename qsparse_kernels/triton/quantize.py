@@ -34,9 +34,20 @@ KEY_MIN_ABSMAX = struct.unpack("<i", struct.pack("<f", 1e-5))[0]
 
 
 @triton.jit
+def to_f32(x):
+    """``x`` widened to float32, exactly. bfloat16 goes through its bits (the upper half of the
+    float32): the same shift the GPU does, and exact in Triton's interpreter, which converts
+    bfloat16 subnormals wrongly."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def mag_key(x):
     """|x| as int32 keys ordered like magnitudes: float32 bits with the sign cleared (NaN > +Inf)."""
-    return x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return to_f32(x).to(tl.int32, bitcast=True) & 0x7FFFFFFF
 
 
 @triton.jit
@@ -87,7 +98,7 @@ def _quantize_kernel(
     for start in range(0, d, BLOCK):
         o = start + offs
         x = tl.load(x_row + o * stride_xd, mask=o < d, other=0.0)
-        q = round_half_even_i32(x.to(tl.float32) * s)
+        q = round_half_even_i32(to_f32(x) * s)
         tl.store(q_ptr + row * stride_qm + o, q.to(tl.int8), mask=o < d)
     tl.store(scale_ptr + row, x_scale)
 

@@ -7,9 +7,10 @@ which is the SPEC's order. The threshold ``thr`` (the k-th largest key) is built
 digits at once, how many keys are >= ``prefix + (digit << shift)``, and keeps the largest digit
 whose count is still >= k (counts fall as the digit grows, so that is the number of candidates
 that pass, minus one). 31 key bits take 8 passes of 4 bits; each pass re-reads the row, which
-stays in L1/L2. A last pass keeps every key > ``thr`` plus the first ``k - count(key > thr)``
-keys equal to ``thr`` in index order (ties broken by lowest index, so exactly ``k`` are kept),
-using an exclusive prefix sum of the tie flags carried across chunks.
+stays in L1/L2. Keys of bf16 / fp16 inputs have 16 / 13 low bits that are always zero, so those
+take 4 / 5 passes (``KEY_ZERO_BITS``). A last pass keeps every key > ``thr`` plus the first
+``k - count(key > thr)`` keys equal to ``thr`` in index order (ties broken by lowest index, so
+exactly ``k`` are kept), using an exclusive prefix sum of the tie flags carried across chunks.
 
 The same pass can write, per row:
 
@@ -21,10 +22,6 @@ The same pass can write, per row:
 
 ``k == 0`` needs no special case: every candidate passes, ``thr`` ends at the largest key value
 and no key is kept. No host synchronisation: ``k`` is a launch argument, never read back.
-
-(:func:`.quantize.mag_key` is written out inline in the loops: every call of a nested
-``triton.jit`` function costs the interpreter a re-patch of ``triton.language``, and the loops
-run 10 times per chunk.)
 """
 
 from __future__ import annotations
@@ -38,10 +35,14 @@ import triton.language as tl
 from . import _compat
 from ._compat import wrap
 from .autotune import select_block
-from .quantize import KEY_MIN_ABSMAX, act_scales, round_half_even_i32
+from .quantize import KEY_MIN_ABSMAX, act_scales, mag_key, round_half_even_i32, to_f32
 
 RADIX_BITS = 4
 KEY_BITS = 31  # the sign bit of a magnitude key is always 0
+# Low key bits that are always 0 because the input is a narrower float widened to float32
+# (subnormals, Inf and NaN included): the radix passes skip them. bf16 keys take 4 passes, fp16 5,
+# fp32 8.
+KEY_ZERO_BITS = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
 
 
 # d and k vary per layer / call: one compiled kernel for all of them.
@@ -58,6 +59,7 @@ def _select_kernel(
     KEY_MIN: tl.constexpr,
     BLOCK: tl.constexpr,
     RADIX_BITS: tl.constexpr,
+    KEY_LOW: tl.constexpr,
     NPASS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -69,7 +71,7 @@ def _select_kernel(
     prefix = tl.full([], 0, tl.int32)
     mx = tl.full([BLOCK], -1, tl.int32)
     for p in range(NPASS):
-        shift = (NPASS - 1 - p) * RADIX_BITS
+        shift = KEY_LOW + (NPASS - 1 - p) * RADIX_BITS
         cand = prefix.to(tl.int64) + (digits.to(tl.int64) << shift)
         valid = cand <= 0x7FFFFFFF  # the top digit only has 31 - 28 = 3 bits
         cand32 = tl.where(valid, cand, 0x7FFFFFFF).to(tl.int32)
@@ -77,7 +79,7 @@ def _select_kernel(
         for start in range(0, d, BLOCK):
             o = start + offs
             x = tl.load(x_row + o * stride_xd, mask=o < d, other=0.0)
-            key = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF  # mag_key, inlined
+            key = mag_key(x)
             key = tl.where(o < d, key, -1)  # padding is below every candidate
             if QUANT:
                 mx = tl.maximum(mx, key)
@@ -90,7 +92,7 @@ def _select_kernel(
     for start in range(0, d, BLOCK):
         o = start + offs
         x = tl.load(x_row + o * stride_xd, mask=o < d, other=0.0)
-        key = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF  # mag_key, inlined
+        key = mag_key(x)
         n_gt += ((key > thr) & (o < d)).to(tl.int32)
     n_ties = k - tl.sum(n_gt, axis=0)  # how many keys equal to thr are kept, lowest index first
 
@@ -106,7 +108,7 @@ def _select_kernel(
         o = start + offs
         inb = o < d
         x = tl.load(x_row + o * stride_xd, mask=inb, other=0.0)
-        key = x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF  # mag_key, inlined
+        key = mag_key(x)
         tie = ((key == thr) & inb).to(tl.int32)
         tie_rank = ties_seen + tl.cumsum(tie, axis=0) - tie  # exclusive prefix count of ties
         kept = ((key > thr) & inb) | ((tie == 1) & (tie_rank < n_ties))
@@ -118,10 +120,10 @@ def _select_kernel(
             pos = kept_seen + tl.cumsum(kept_i, axis=0) - kept_i
             tl.store(idx_ptr + row * stride_cm + pos, o, mask=kept)
             if QUANT:
-                q = round_half_even_i32(x.to(tl.float32) * s)
+                q = round_half_even_i32(to_f32(x) * s)
                 tl.store(val_ptr + row * stride_cm + pos, q.to(tl.int8), mask=kept)
             else:
-                tl.store(val_ptr + row * stride_cm + pos, x.to(tl.float32), mask=kept)
+                tl.store(val_ptr + row * stride_cm + pos, to_f32(x), mask=kept)
             kept_seen += tl.sum(kept_i, axis=0)
 
 
@@ -130,6 +132,7 @@ def _launch(x2, k, y=None, idx=None, val=None, xscale=None):
     if m == 0 or d == 0:
         return
     block, warps = select_block(d)
+    key_low = KEY_ZERO_BITS[x2.dtype]
     dummy = x2  # never dereferenced: the constexpr flags compile those stores away
     wrap(_select_kernel)[(m,)](
         x2, x2.stride(0), x2.stride(1),
@@ -138,8 +141,8 @@ def _launch(x2, k, y=None, idx=None, val=None, xscale=None):
         dummy if xscale is None else xscale,
         d, k,
         WRITE_DENSE=y is not None, WRITE_LIST=idx is not None, QUANT=xscale is not None,
-        KEY_MIN=KEY_MIN_ABSMAX, BLOCK=block, RADIX_BITS=RADIX_BITS,
-        NPASS=triton.cdiv(KEY_BITS, RADIX_BITS), num_warps=warps,
+        KEY_MIN=KEY_MIN_ABSMAX, BLOCK=block, RADIX_BITS=RADIX_BITS, KEY_LOW=key_low,
+        NPASS=triton.cdiv(KEY_BITS - key_low, RADIX_BITS), num_warps=warps,
     )  # fmt: skip
 
 
