@@ -5,9 +5,9 @@
 #     bash benchmarks/gpu_check.sh
 #
 # 1. prints the environment; 2. builds the native extension in place with the machine's own
-# torch (no venv, no downloads); 3. runs tests/test_triton.py natively on CUDA tensors, then
-# every other test whose name or module says "cuda"; 4. prints the GPU benchmark table
-# (benchmarks/bench_gpu.py). Logs and bench_gpu.csv go to $OUT when it is set. A failing stage
+# torch (no venv, no downloads); 3. prints the GPU benchmark table (benchmarks/bench_gpu.py);
+# 4. runs tests/test_triton.py natively on CUDA tensors, then every other test whose name or
+# module says "cuda". Logs and bench_gpu.csv go to $OUT when it is set. A failing stage
 # does not stop the later ones (the benchmark is still worth seeing); the exit status is that of
 # the first failure. Each stage has its own time limit; together they stay under 8 minutes.
 set -euo pipefail
@@ -56,9 +56,12 @@ if torch.cuda.is_available():
 PYEOF
 git log --oneline -1 2>/dev/null || true
 
-stage build 150 "$PY" setup.py -q build_ext --inplace
-stage backends 20 "$PY" -c "import json, qsparse_kernels as qk; print(json.dumps(qk.backend_info(), indent=1))"
-stage test_triton 170 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_triton.py
+stage build 130 "$PY" setup.py -q build_ext --inplace
+stage backends 15 "$PY" -c "import json, qsparse_kernels as qk; print(json.dumps(qk.backend_info(), indent=1))"
+# The benchmark before the tests, so that slow test compilation cannot starve it (its own spot
+# check compares with the reference first).
+stage bench_gpu 85 "$PY" benchmarks/bench_gpu.py
+stage test_triton 200 "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=10 tests/test_triton.py
 # Every other CUDA test (module or test name containing "cuda"); exit 5 = none collected.
 cuda_tests() {
     local rc=0
@@ -67,7 +70,6 @@ cuda_tests() {
     return "$rc"
 }
 stage test_cuda 40 bash -c "$(declare -f cuda_tests); PY='$PY' cuda_tests"
-stage bench_gpu 90 "$PY" benchmarks/bench_gpu.py
 
 echo
 echo "=== done in $((SECONDS - T0))s, exit status $status (logs in $LOG)"
