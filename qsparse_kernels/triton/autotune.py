@@ -1,6 +1,6 @@
 """Launch configurations: heuristics, the H100/H200 search space, and the per-shape cache.
 
-Row kernels (selection, quantization) use :func:`row_block`. The GEMV kernels take a
+Row kernels use :func:`row_block` (quantization) and :func:`select_block` (top-k). The GEMV kernels take a
 :class:`GemvConfig`; :func:`gemv_config` returns, per *shape key*, the fastest config measured
 once on this GPU (cached in-process), or the heuristic when measuring is not possible:
 
@@ -74,8 +74,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 def heuristic(device: torch.device, m: int, n: int, nnz: int, elem_bytes: float) -> GemvConfig:
-    """A good config without measuring: enough programs to fill every SM about 4x over, each
-    streaming >= ~16 KB of weights per step (H100/H200: 132 SMs, ~3.3-4.8 TB/s)."""
+    """A good config without measuring: enough programs to fill every SM about 4x over (split-K
+    while the slices stay >= 2 steps deep); a step loads 16 KB of bf16 weights (256 x 32) or 4 KB
+    of packed ternary bytes (64 rows x 64 bytes); accumulators <= 64 registers per thread.
+    H100/H200: 132 SMs, ~3.3-4.8 TB/s."""
     if INTERPRET or device.type != "cuda":
         return INTERPRET_GEMV
     block_n = 256 if n >= 4096 else 128 if n >= 1024 else 64
