@@ -156,11 +156,12 @@ def topk_rows(x2: torch.Tensor, k: int) -> torch.Tensor:
 def kept_list(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x2 [M, d]`` -> ``(idx int32 [M, k], val float32 [M, k])``: kept features in index order."""
     m = x2.shape[0]
-    idx = _compat.empty((m, k), torch.int32, x2.device)
-    val = _compat.empty((m, k), torch.float32, x2.device)
+    # At least one column, so that the GEMV never gets a null data pointer when k == 0.
+    idx = _compat.empty((m, max(k, 1)), torch.int32, x2.device)
+    val = _compat.empty((m, max(k, 1)), torch.float32, x2.device)
     if k:
         _launch(x2, k, idx=idx, val=val)
-    return idx, val
+    return idx[:, :k], val[:, :k]
 
 
 def kept_list_int8(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
