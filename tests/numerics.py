@@ -78,3 +78,23 @@ def check_topk_invariants(x: torch.Tensor, y: torch.Tensor, k: int) -> None:
     lo = torch.where(kept, keys, torch.full_like(keys, 2**40)).amin(-1)
     hi = torch.where(~kept, keys, torch.full_like(keys, -1)).amax(-1)
     assert bool((lo >= hi).all()), "a dropped |x| exceeds a kept |x|"
+
+
+def assert_elementwise_bound(y: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
+    """Every element of ``y = linear(xs, w, bias)`` (float32 accumulation, output in ``y.dtype``)
+    within the worst-case rounding bound ``(d * 2^-23 + eps(y.dtype)) * (|xs| @ |w|^T + |bias|)``
+    (plus one subnormal step of ``y.dtype``, the output rounding below its normal range) of the
+    float64 result. Norm-wise parity can average away a few wrong or unwritten elements;
+    this cannot (a garbage or zero element misses the bound unless the true value is tiny)."""
+    xs64, w64 = xs.double(), w.double()
+    ref = F_linear(xs64, w64, None if bias is None else bias.double())
+    mag = F_linear(xs64.abs(), w64.abs(), None if bias is None else bias.double().abs())
+    fi = torch.finfo(y.dtype)
+    bound = (xs.shape[-1] * 2.0**-23 + fi.eps) * mag + fi.smallest_normal * fi.eps
+    err = (y.double() - ref).abs()
+    bad = ~(err <= bound)
+    assert not bool(bad.any()), f"{int(bad.sum())} elements outside the rounding bound, e.g. {y[bad][:4].tolist()}"
+
+
+def F_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:  # noqa: N802
+    return torch.nn.functional.linear(x, w, b)

@@ -176,8 +176,9 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int6
   at::Tensor b;
   if (bias.has_value()) {
     b = bias->contiguous();
-    QSK_CHECK_DEVICE(b, at::kCPU);
-    QSK_CHECK_DTYPE(b, x.scalar_type());
+    TORCH_CHECK(b.device().type() == at::kCPU, "sparse_linear_kernel: bias must be on CPU, got ", b.device());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "sparse_linear_kernel: bias must be ", x.scalar_type(), ", got ",
+                b.scalar_type());
     TORCH_CHECK(b.dim() == 1 && b.size(0) == N, "sparse_linear_kernel: bias must have shape [", N, "], got ",
                 b.sizes());
   }
