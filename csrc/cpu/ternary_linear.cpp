@@ -304,27 +304,38 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
       plan_bytes += 4 * plans[i].view.n_quads * W;
     }
 
-    // 3. strips of output columns in parallel; each output is written by exactly one task, with a
-    // fixed summation order, so results do not depend on the thread count.
-    const int64_t n_strips = (cols + W - 1) / W;
-    const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, plan_bytes));
-    const int64_t ld = 4 * W;
-    at::parallel_for(0, n_strips, grain, [&](int64_t s0, int64_t s1) {
+    // 3. blocks of output columns in parallel; each output is written by exactly one task, with a
+    // fixed summation order, so results do not depend on the thread count. AVX-512 blocks are
+    // several strips wide (row runs for DRAM, see block_avx512_m1), but small enough to give each
+    // thread at least two blocks; the other paths use one strip per block.
+    int64_t B = W;
+    if (path == Path::Avx512) {
+      const int64_t per_thread = cols / (2 * std::max<int64_t>(1, at::get_num_threads()));
+      B = std::clamp<int64_t>(per_thread / W * W, W, kBlockAvx512);
+    }
+    const int64_t n_blocks = (cols + B - 1) / B;
+    const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, plan_bytes * (B / W)));
+    const int64_t ld = 4 * B;
+    at::parallel_for(0, n_blocks, grain, [&](int64_t k0, int64_t k1) {
       std::vector<int32_t> scratch(path == Path::Scalar ? 0 : strip_scratch_words(W, M));
       std::vector<int32_t> acc(M * ld);
-      for (int64_t st = s0; st < s1; ++st) {
-        const int64_t b0 = st * W, nb = std::min(W, cols - b0);
+      for (int64_t blk = k0; blk < k1; ++blk) {
+        const int64_t b0 = blk * B, nb = std::min(B, cols - b0);
         // A short last AVX2 strip is recomputed as the full strip ending at the last byte
         // (cols >= kStripAvx2 on that path); only its own outputs are written below.
         const int64_t bb = (path == Path::Avx2 && nb < W) ? cols - W : b0;
         for (const Plan& pl : plans) {
           int32_t* a = acc.data() + pl.m0 * ld;
-          if (path == Path::Avx512)
-            strip_avx512(pl.view, b0, nb, vnni, a, ld, scratch.data());
-          else if (path == Path::Avx2)
+          if (path == Path::Avx512 && pl.view.M == 1) {
+            block_avx512_m1(pl.view, b0, nb, vnni, a);
+          } else if (path == Path::Avx512) {
+            for (int64_t s = 0; s < nb; s += W) strip_avx512(pl.view, b0 + s, std::min(W, nb - s), vnni, a + 4 * s, ld,
+                                                             scratch.data());
+          } else if (path == Path::Avx2) {
             strip_avx2(pl.view, bb, W, a, ld, scratch.data());
-          else
+          } else {
             strip_scalar(pl.view, b0, nb, a, ld);
+          }
         }
         const int32_t* a = acc.data() + 4 * (b0 - bb);
         const int64_t j0 = 4 * b0, nj = std::min(4 * nb, out_features - j0);

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "qsk/cpu_ternary.h"
 #include "qsk/isa.h"
@@ -81,22 +82,30 @@ inline void store_natural(const int32_t (*acc)[16], int64_t nbytes, int32_t* out
       }
 }
 
-// M == 1: the 16 accumulators of the strip stay in registers for the whole row list.
+// M == 1 over a block of up to kBlockAvx512 bytes per row (several strips): rows are visited in
+// chunks of kBlockRowQuads quads, and for each chunk every strip of the block runs over the
+// chunk's rows with its 16 accumulators in registers (parked in L1 between chunks). So each row is
+// read as one run of up to kBlockAvx512 contiguous bytes within a short time, which DRAM serves far
+// better than isolated lines; while strip s runs, line s of the next chunk's rows is prefetched
+// into L2. (Measurements: qsk/cpu_ternary.h, kBlockAvx512.)
 template <bool kVnni, bool kTail>
-QSK_TARGET_AVX512 void strip_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out) {
+QSK_TARGET_AVX512 inline __attribute__((always_inline)) void block_strip(const RowPlan& p, int64_t q0, int64_t nq,
+                                                                         int64_t bs, int64_t nbytes,
+                                                                         int32_t (*acc_mem)[16]) {
   const __mmask64 mask = kTail ? _bzhi_u64(~0ull, static_cast<unsigned>(nbytes)) : ~0ull;
-  const Prefetch pf = strip_prefetch(p, b0, kW);
-  // Every loop over acc is fully unrolled early (the pragmas) so that GCC keeps the 16
-  // accumulators in registers instead of an array in memory.
   __m512i acc[16];
 #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_si512();
-  for (int64_t q = 0; q < kPrefetchQuads; ++q) prefetch_quad(p, q, b0, pf);
-  for (int64_t q = 0; q < p.n_quads; ++q) {
-    prefetch_quad(p, q + kPrefetchQuads, b0, pf);
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_load_si512(acc_mem[i]);
+  const int64_t next = q0 + kBlockRowQuads;
+  for (int64_t c = 0; c < nq; ++c) {
+    if (next + c < p.n_quads)  // this strip's line of the next chunk's rows, into L2
+      for (int r = 0; r < 4; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * (next + c) + r]) * p.cols +
+                                                   bs),
+                     _MM_HINT_T1);
     __m512i v[4];
-    load_quad<kTail>(p, q, b0, mask, v);
-    const __m512i x = _mm512_set1_epi32(p.x4[q]);
+    load_quad<kTail>(p, q0 + c, bs, mask, v);
+    const __m512i x = _mm512_set1_epi32(p.x4[q0 + c]);
 #pragma GCC unroll 4
     for (int g = 0; g < 4; ++g) {
       acc[4 * g + 0] = dot4<kVnni>(acc[4 * g + 0], plane<0>(v[g]), x);
@@ -105,11 +114,33 @@ QSK_TARGET_AVX512 void strip_m1(const RowPlan& p, int64_t b0, int64_t nbytes, in
       acc[4 * g + 3] = dot4<kVnni>(acc[4 * g + 3], plane<3>(v[g]), x);
     }
   }
-  // Stored only here: if acc's address escaped into the loop, GCC would keep it in memory.
-  alignas(64) int32_t tmp[16][16];
 #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) _mm512_store_si512(tmp[i], acc[i]);
-  store_natural(tmp, nbytes, out);
+  for (int i = 0; i < 16; ++i) _mm512_store_si512(acc_mem[i], acc[i]);
+}
+
+template <bool kVnni>
+QSK_TARGET_AVX512 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out) {
+  const int64_t ns = (nbytes + kW - 1) / kW;
+  alignas(64) int32_t acc_mem[kBlockAvx512 / kW][16][16];
+  std::memset(acc_mem, 0, sizeof(int32_t) * 16 * 16 * ns);
+  // The first chunk's runs (later chunks are prefetched by the chunk before them).
+  for (int64_t q = 0; q < std::min(kBlockRowQuads, p.n_quads); ++q)
+    for (int r = 0; r < 4; ++r)
+      for (int64_t s = 0; s < ns; ++s)
+        _mm_prefetch(reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0 +
+                                                   kW * s),
+                     _MM_HINT_T0);
+  for (int64_t q0 = 0; q0 < p.n_quads; q0 += kBlockRowQuads) {
+    const int64_t nq = std::min(kBlockRowQuads, p.n_quads - q0);
+    for (int64_t s = 0; s < ns; ++s) {
+      const int64_t nb = std::min(kW, nbytes - kW * s);
+      if (nb == kW)
+        block_strip<kVnni, false>(p, q0, nq, b0 + kW * s, nb, acc_mem[s]);
+      else
+        block_strip<kVnni, true>(p, q0, nq, b0 + kW * s, nb, acc_mem[s]);
+    }
+  }
+  for (int64_t s = 0; s < ns; ++s) store_natural(acc_mem[s], std::min(kW, nbytes - kW * s), out + 4 * kW * s);
 }
 
 // M > 1: decode kChunkQuads quads into scratch once, then every batch row runs its dot products
@@ -162,15 +193,16 @@ QSK_TARGET_AVX512 void strip_mn(const RowPlan& p, int64_t b0, int64_t nbytes, in
 
 template <bool kVnni>
 void strip_dispatch(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld, int32_t* scratch) {
-  const bool tail = nbytes < kW;
-  if (p.M == 1)
-    tail ? strip_m1<kVnni, true>(p, b0, nbytes, acc) : strip_m1<kVnni, false>(p, b0, nbytes, acc);
-  else
-    tail ? strip_mn<kVnni, true>(p, b0, nbytes, acc, ld, scratch)
-         : strip_mn<kVnni, false>(p, b0, nbytes, acc, ld, scratch);
+  if (p.M == 1) return block_m1<kVnni>(p, b0, nbytes, acc);  // a block of one strip
+  nbytes < kW ? strip_mn<kVnni, true>(p, b0, nbytes, acc, ld, scratch)
+              : strip_mn<kVnni, false>(p, b0, nbytes, acc, ld, scratch);
 }
 
 }  // namespace
+
+void block_avx512_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc) {
+  vnni ? block_m1<true>(plan, b0, nbytes, acc) : block_m1<false>(plan, b0, nbytes, acc);
+}
 
 void strip_avx512(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc, int64_t ld,
                   int32_t* scratch) {
