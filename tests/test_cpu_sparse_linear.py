@@ -77,9 +77,9 @@ def test_parity_sizes(isa, dtype, in_f, out_f, gen):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("lead", [(0,), (1,), (2,), (3,), (5,), (8,), (17,), (2, 3)])
+@pytest.mark.parametrize("lead", [(0,), (1,), (2,), (3,), (4,), (5,), (17,), (2, 2), (2, 3)])
 def test_parity_batch(isa, dtype, lead, gen):
-    """M = 1 (one row), 2..8 (blocks sharing the union of kept rows), 17 (dense path), 3-D input."""
+    """M = 1 (one row), 2..4 (a block sharing the union of kept rows), 5 and 17 (dense path), 3-D input."""
     in_f, out_f = 300, 1100
     w = _weight(out_f, in_f, dtype, "col", gen)
     b = torch.randn(out_f, generator=gen).to(dtype)
@@ -124,7 +124,7 @@ def test_nonfinite_rows(isa, dtype, gen):
                 torch.testing.assert_close(y[fin], ref[fin], rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("m", [1, 3, 6])
+@pytest.mark.parametrize("m", [1, 3, 4])
 def test_repeatable_and_thread_independent(m, gen):
     x = _x((m,), 4097, torch.bfloat16, gen)
     w = _weight(4100, 4097, torch.bfloat16, "col", gen)

@@ -21,9 +21,11 @@
 namespace qsk::cpu {
 namespace {
 
-// How many listed rows ahead the prefetches run (a row's panel is 4..16 KB: one row is enough
-// to cover the memory latency; more would evict the accumulators' lines sooner).
-constexpr int64_t kPrefetchRows = 2;
+// How many listed rows ahead the prefetches run: one group (a row's panel is 4..16 KB, so this
+// is far enough ahead to cover the memory latency).
+constexpr int64_t kPrefetchRows = 4;
+// Listed rows accumulated per pass over the panel (the accumulators stay in registers meanwhile).
+constexpr int kGroup = 4;
 
 inline __mmask32 cols_mask(int64_t left) {
   return left >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << left) - 1);
@@ -60,17 +62,56 @@ QSK_TARGET_AVX512 inline void unpermute_block(float* acc) {
   _mm512_storeu_ps(acc + 16, _mm512_permutex2var_ps(a, hi, b));
 }
 
-// acc[m][32c .. 32c + 32) += xb[m] * (32 weights at w, columns masked by `cols`).
-template <typename T, int MB>
-QSK_TARGET_AVX512 inline void fma_block(const T* w, __mmask32 cols, const __m512* xb, float* acc, int64_t os) {
-  __m512 w0, w1;
-  load_pair(w, cols, w0, w1);
+// acc[m][32 columns] += sum over g < G of xb[g][m] * (32 weights at rows[g] + off), in g order.
+// The accumulators stay in registers across the G rows: one load and one store per G rows.
+template <typename T, int MB, int G>
+QSK_TARGET_AVX512 inline void fma_block(const T* const* rows, int64_t off, __mmask32 cols, const __m512 (*xb)[MB],
+                                        float* acc, int64_t os) {
+  __m512 a[MB][2];
 #pragma GCC unroll 4
   for (int m = 0; m < MB; ++m) {
-    float* a = acc + m * os;
-    _mm512_storeu_ps(a, _mm512_fmadd_ps(xb[m], w0, _mm512_loadu_ps(a)));
-    _mm512_storeu_ps(a + 16, _mm512_fmadd_ps(xb[m], w1, _mm512_loadu_ps(a + 16)));
+    a[m][0] = _mm512_loadu_ps(acc + m * os);
+    a[m][1] = _mm512_loadu_ps(acc + m * os + 16);
   }
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) {
+    __m512 w0, w1;
+    load_pair(rows[g] + off, cols, w0, w1);
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) {
+      a[m][0] = _mm512_fmadd_ps(xb[g][m], w0, a[m][0]);
+      a[m][1] = _mm512_fmadd_ps(xb[g][m], w1, a[m][1]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) {
+    _mm512_storeu_ps(acc + m * os, a[m][0]);
+    _mm512_storeu_ps(acc + m * os + 16, a[m][1]);
+  }
+}
+
+// Listed rows u0 .. u0 + G - 1 into the panel; prefetches rows pf[0 .. G) meanwhile.
+template <typename T, int MB, int G>
+QSK_TARGET_AVX512 inline void rows_into_panel(const T* base, int64_t ld, const SparseRows& r, int64_t u0,
+                                              const char* const* pf, int64_t nfull, __mmask32 tail, float* out,
+                                              int64_t os) {
+  constexpr int kLinesPerBlock = 32 * sizeof(T) / 64;  // 1 for the half types, 2 for float32
+  const T* rows[G];
+  __m512 xb[G][MB];
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) {
+    rows[g] = base + static_cast<int64_t>(r.idx[u0 + g]) * ld;
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) xb[g][m] = _mm512_set1_ps(r.vals[(u0 + g) * MB + m]);
+  }
+  for (int64_t c = 0; c < nfull; ++c) {
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 2
+      for (int l = 0; l < kLinesPerBlock; ++l) _mm_prefetch(pf[g] + (c * kLinesPerBlock + l) * 64, _MM_HINT_T1);
+    fma_block<T, MB, G>(rows, 32 * c, static_cast<__mmask32>(0xffffffffu), xb, out + 32 * c, os);
+  }
+  if (tail) fma_block<T, MB, G>(rows, 32 * nfull, tail, xb, out + 32 * nfull, os);
 }
 
 template <typename T, int MB>
@@ -81,24 +122,22 @@ QSK_TARGET_AVX512 void panel(const T* wt, int64_t ld, const SparseRows& r, int64
   const int64_t nblocks = nfull + (tail != 0);
   for (int m = 0; m < MB; ++m) std::memset(out + m * os, 0, nblocks * 32 * sizeof(float));
 
-  // Lines of weight per 32-column block: 1 for the half types, 2 for float32.
-  constexpr int kLinesPerBlock = 32 * sizeof(T) / 64;
   const T* base = wt + j0;
-  const int32_t* idx = r.idx;
-  for (int64_t u = 0; u < r.n; ++u) {
-    const T* row = base + static_cast<int64_t>(idx[u]) * ld;
-    // The row kPrefetchRows ahead (the current one again near the end: harmless, no branch).
-    const char* pf = reinterpret_cast<const char*>(
-        u + kPrefetchRows < r.n ? base + static_cast<int64_t>(idx[u + kPrefetchRows]) * ld : row);
-    __m512 xb[MB];
-#pragma GCC unroll 4
-    for (int m = 0; m < MB; ++m) xb[m] = _mm512_set1_ps(r.vals[u * MB + m]);
-    for (int64_t c = 0; c < nfull; ++c) {
-#pragma GCC unroll 2
-      for (int l = 0; l < kLinesPerBlock; ++l) _mm_prefetch(pf + (c * kLinesPerBlock + l) * 64, _MM_HINT_T1);
-      fma_block<T, MB>(row + 32 * c, static_cast<__mmask32>(0xffffffffu), xb, out + 32 * c, os);
-    }
-    if (tail) fma_block<T, MB>(row + 32 * nfull, tail, xb, out + 32 * nfull, os);
+  // The row kPrefetchRows ahead of each row (the row itself near the end: harmless, no branch).
+  auto pf_row = [&](int64_t u) {
+    const int64_t v = u + kPrefetchRows < r.n ? u + kPrefetchRows : u;
+    return reinterpret_cast<const char*>(base + static_cast<int64_t>(r.idx[v]) * ld);
+  };
+  // Rows in groups of kGroup (accumulators loaded and stored once per group), then the rest.
+  int64_t u = 0;
+  for (; u + kGroup <= r.n; u += kGroup) {
+    const char* pf[kGroup];
+    for (int g = 0; g < kGroup; ++g) pf[g] = pf_row(u + g);
+    rows_into_panel<T, MB, kGroup>(base, ld, r, u, pf, nfull, tail, out, os);
+  }
+  for (; u < r.n; ++u) {
+    const char* pf[1] = {pf_row(u)};
+    rows_into_panel<T, MB, 1>(base, ld, r, u, pf, nfull, tail, out, os);
   }
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     for (int m = 0; m < MB; ++m)

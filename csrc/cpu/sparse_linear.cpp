@@ -24,10 +24,15 @@
 
 namespace qsk::cpu {
 
-// Batch rows up to which the sparse path runs; above it the dense path. Measured with
-// `benchmarks/bench_cpu_sparse.py --batch` (4096 -> 11008, sparsity 0.5, bf16 and fp32, 2 threads,
-// AMD EPYC Zen 4): the sparse path is faster up to this M and dense GEMM is faster beyond it.
-constexpr int64_t kSparseMaxRows = 8;
+// Batch rows up to which the sparse path runs; above it the dense path (at::linear on the
+// top-K-masked activations). Measured at 4096 -> 11008, sparsity 0.5, 1 thread (thread CPU time,
+// the 2-core machine being shared), sparse path forced at every M vs the dense path:
+//   bf16  M = 1: 0.33x, 2: 0.61x, 4: 0.89x, 6: 1.01x, 8: 1.31x, 16: 1.69x (sparse / dense time)
+//   fp32  M = 1: 0.47x, 2: 0.37x, 4: 0.29x, 8: 0.50x, 16: 0.75x, 32: 1.03x (torch's fp32 GEMM is
+//         slow at 2 <= M <= 16 here)
+// bf16 (the dtype that matters) crosses at M ~ 6, so 4 keeps every dtype on its faster path.
+// Re-measure with `benchmarks/bench_cpu_sparse.py --batch` after changing the kernels.
+constexpr int64_t kSparseMaxRows = 4;
 
 namespace {
 
