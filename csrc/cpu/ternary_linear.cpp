@@ -160,7 +160,8 @@ QSK_TARGET_AVX2 void epilogue_avx2(const int32_t* a, int64_t ld, const RowQuant*
 constexpr int64_t kRowQuadCost = 2;
 constexpr int64_t kUnionQuadCost = 3;
 
-bool prefer_per_row(const int8_t* xq, int64_t M, int64_t d) {
+// Also returns the union size in *n_union.
+bool prefer_per_row(const int8_t* xq, int64_t M, int64_t d, int64_t* n_union) {
   std::vector<uint8_t> any(d, 0);
   int64_t own = 0;
   for (int64_t m = 0; m < M; ++m)
@@ -171,6 +172,7 @@ bool prefer_per_row(const int8_t* xq, int64_t M, int64_t d) {
     }
   int64_t uni = 0;
   for (int64_t i = 0; i < d; ++i) uni += any[i];
+  *n_union = uni;
   return own * kRowQuadCost < uni * (kUnionQuadCost + M);
 }
 
@@ -295,7 +297,8 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
 
     // 2. the rows to read: one plan over the union, or one plan per batch row (prefer_per_row).
     const uint8_t* pk = packed.data_ptr<uint8_t>();
-    const bool per_row = M > 1 && prefer_per_row(xq.data(), M, d);
+    int64_t n_union = d;
+    const bool per_row = M > 1 && prefer_per_row(xq.data(), M, d, &n_union);
     std::vector<Plan> plans(per_row ? M : 1);  // sized once: the views point into the vectors
     int64_t plan_bytes = 0;
     for (int64_t i = 0; i < static_cast<int64_t>(plans.size()); ++i) {
@@ -311,7 +314,10 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
     int64_t B = W;
     if (path == Path::Avx512) {
       const int64_t per_thread = cols / (2 * std::max<int64_t>(1, at::get_num_threads()));
-      B = std::clamp<int64_t>(per_thread / W * W, W, kBlockAvx512);
+      // Per-row batches re-read each block once per batch row: keep the block of the union rows
+      // within L2 (kL2BudgetLines) so that those re-reads hit L2.
+      const int64_t cap = per_row ? std::max<int64_t>(W, kL2BudgetLines * 64 / std::max<int64_t>(1, n_union)) : kBlockAvx512;
+      B = std::clamp<int64_t>(per_thread / W * W, W, std::min(cap, kBlockAvx512) / W * W);
     }
     const int64_t n_blocks = (cols + B - 1) / B;
     const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, plan_bytes * (B / W)));
