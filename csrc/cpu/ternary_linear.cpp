@@ -156,7 +156,9 @@ QSK_TARGET_AVX2 void epilogue_avx2(const int32_t* a, int64_t ld, const RowQuant*
 // from L1). Fitted on 4096 x 11008, AVX-512 VNNI, 1 thread, DRAM-resident weights (median us,
 // per-row vs union): dense M=2 1346 vs 1432, M=4 2306 vs 2014; s=0.5 M=4 1408 vs 1895, M=8 2457
 // vs 3010; s=0.6125 M=2 555 vs 898, M=8 1977 vs 2786. So per-row wins for sparse batches up to
-// M ~ 16 and the union for dense batches from M ~ 3-4. This is the one place that decides it.
+// M ~ 16 and the union for dense batches from M ~ 3-4. (Fitted with the one-strip M == 1 kernel;
+// the block kernel since made per-row cheaper in DRAM, e.g. dense M=2 per-row 1022 us vs union
+// ~1430, which only moves the crossover further towards per-row.) The one place that decides it.
 constexpr int64_t kRowQuadCost = 2;
 constexpr int64_t kUnionQuadCost = 3;
 
