@@ -128,10 +128,14 @@ std::vector<Block> build_blocks(const T* x, int64_t M, int64_t d, int64_t k, Isa
   return blocks;
 }
 
-// Output columns per parallel task: a full panel, or less when that leaves threads idle.
+// Output columns per parallel task: at most a panel, and a whole number of tasks per thread so
+// that every thread streams the same share of the weight (at::parallel_for hands each thread one
+// contiguous run of tasks).
 inline int64_t span_cols(int64_t N) {
-  const int64_t per_thread = (N + at::get_num_threads() - 1) / at::get_num_threads();
-  return std::max<int64_t>(32, std::min(panel_cols(1), (per_thread + 31) / 32 * 32));
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t rounds = std::max<int64_t>(1, (N + threads * panel_cols(1) - 1) / (threads * panel_cols(1)));
+  const int64_t tasks = threads * rounds;
+  return std::max<int64_t>(32, ((N + tasks - 1) / tasks + 31) / 32 * 32);
 }
 
 // y[M, N] for a column-major weight: wt = weight's storage as [d][ld] rows, ld = weight.stride(1).
