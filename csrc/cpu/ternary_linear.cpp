@@ -311,15 +311,19 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
 
     // 3. blocks of output columns in parallel; each output is written by exactly one task, with a
     // fixed summation order, so results do not depend on the thread count. AVX-512 blocks are
-    // several strips wide (row runs for DRAM, see block_avx512_m1), but small enough to give each
-    // thread at least two blocks; the other paths use one strip per block.
+    // several strips wide (row runs for DRAM, see block_avx512_m1), at most `cap`, and as equal
+    // as whole strips allow, in a multiple of the thread count so every thread gets the same share
+    // (at::parallel_for hands each thread one contiguous range); the other paths use one strip.
     int64_t B = W;
     if (path == Path::Avx512) {
-      const int64_t per_thread = cols / (2 * std::max<int64_t>(1, at::get_num_threads()));
+      const int64_t T = std::max<int64_t>(1, at::get_num_threads());
       // Per-row batches re-read each block once per batch row: keep the block of the union rows
       // within L2 (kL2BudgetLines) so that those re-reads hit L2.
-      const int64_t cap = per_row ? std::max<int64_t>(W, kL2BudgetLines * 64 / std::max<int64_t>(1, n_union)) : kBlockAvx512;
-      B = std::clamp<int64_t>(per_thread / W * W, W, std::min(cap, kBlockAvx512) / W * W);
+      const int64_t cap_bytes = per_row ? kL2BudgetLines * 64 / std::max<int64_t>(1, n_union) : kBlockAvx512;
+      const int64_t cap = std::clamp<int64_t>(cap_bytes / W, 1, kBlockAvx512 / W);  // in strips
+      const int64_t strips = (cols + W - 1) / W;
+      const int64_t n = T * ((strips + T * cap - 1) / (T * cap));  // blocks wanted: a multiple of T
+      B = W * ((strips + n - 1) / n);
     }
     const int64_t n_blocks = (cols + B - 1) / B;
     const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, plan_bytes * (B / W)));

@@ -41,10 +41,16 @@ def ternary_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused top-K + int8 quantization + sparse ternary GEMV over the canonical packed layout."""
+    flat = x.dim() == 2 and x.is_contiguous()  # the decode case: skip the reshapes (~2 us per call)
     y = torch.ops.qsparse.ternary_linear_kernel(
-        _native_ops.rows(x), packed.contiguous(), scale, out_features, k, None if bias is None else bias.contiguous()
+        x if flat else _native_ops.rows(x),
+        packed if packed.is_contiguous() else packed.contiguous(),
+        scale,
+        out_features,
+        k,
+        bias if bias is None or bias.is_contiguous() else bias.contiguous(),
     )
-    return y.reshape(*x.shape[:-1], out_features)
+    return y if flat else y.reshape(*x.shape[:-1], out_features)
 
 
 OPS = {
