@@ -15,15 +15,27 @@ import torch.nn.functional as F
 from .layout import BITS_PER_CODE, CODE_MASK, CODE_OFFSET, CODES_PER_BYTE, INVALID_CODE, PAD_CODE, packed_cols
 
 
+def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """``|x|`` as int64 keys whose order is the magnitude order with NaN above +Inf (SPEC 1):
+    the float32 bit pattern with the sign cleared (exact for bf16 and fp16 too)."""
+    return (x.float().view(torch.int32) & 0x7FFFFFFF).to(torch.int64)
+
+
 def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest-magnitude entries of each row of ``x [..., d]``; zero (+0) the rest."""
+    """Keep the ``k`` largest-magnitude entries of each row of ``x [..., d]``; zero (+0) the rest.
+
+    NaN ranks above +-Inf. Among equal magnitudes the lowest indices are kept: SPEC allows any
+    choice, and every backend of this library makes this one, so they agree exactly.
+    """
     d = x.shape[-1]
     if k == 0:
         return torch.zeros_like(x)
     if k >= d:
         return x.clone()
-    # torch.topk orders NaN above every number, which is the SPEC's rule for NaN.
-    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    # One exact selection on (magnitude, -index): larger magnitude first, then lower index.
+    index = torch.arange(d, device=x.device, dtype=torch.int64)
+    composite = (magnitude_keys(x) << 32) | ((1 << 32) - 1 - index)
+    idx = composite.topk(k, dim=-1, sorted=False).indices
     return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
 
 
