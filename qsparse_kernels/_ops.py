@@ -13,16 +13,35 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.library import custom_op
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_dispatch_mode
 
 from . import _validate as check
 from .backends import select
 from .layout import packed_shape
 
 NS = "qsparse"
+_function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
 
 
 def _run(op: str, backend: str, device: torch.device, *args):
     return select(op, backend, device)[1](*args)
+
+
+def direct_ok(*tensors: Tensor | None) -> bool:
+    """True for an eager call on plain tensors that needs no autograd and no mode: there the
+    registered op would only add dispatcher overhead (~6 us), so :mod:`.ops` calls the selected
+    implementation directly (:func:`run`). Compiled graphs, tensor subclasses (fake, functional),
+    active dispatch / function modes and autograd always go through the registered op."""
+    if torch.compiler.is_compiling() or _get_dispatch_mode() is not None or _function_mode_on():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+run = _run
 
 
 # ---- topk_sparsify ----

@@ -1,4 +1,6 @@
-"""Public functional API. Each function normalises its arguments and makes one ``torch.ops`` call.
+"""Public functional API. Each function checks its arguments and makes one call of the registered
+op (``torch.ops.qsparse.*``), or, for eager inference on plain tensors, of the implementation that
+op would select (same result, without the dispatcher's overhead; see :func:`._ops.direct_ok`).
 
 Shapes: ``x`` is ``[..., d]`` (leading dims are flattened to ``M`` rows by the kernels);
 ``d = in_features``. ``backend`` is ``"auto"`` or a name from ``backend_info()``.
@@ -34,6 +36,8 @@ def topk_sparsify(x: Tensor, k: int, *, backend: str = "auto") -> Tensor:
     Backward is straight-through (the gradient reaches every entry).
     """
     check.topk_sparsify(x, k)
+    if _ops.direct_ok(x):
+        return _ops.run("topk_sparsify", backend, x.device, x, k)
     return _ops.topk_sparsify(x, k, backend)
 
 
@@ -43,6 +47,8 @@ def block_topk_sparsify(x: Tensor, n: int, m: int, *, backend: str = "auto") -> 
     x: ``[..., d]`` float with ``d % m == 0``; ``0 <= n <= m``. Same shape and dtype out.
     """
     check.block_topk_sparsify(x, n, m)
+    if _ops.direct_ok(x):
+        return _ops.run("block_topk_sparsify", backend, x.device, x, n, m)
     return _ops.block_topk_sparsify(x, n, m, backend)
 
 
@@ -54,6 +60,8 @@ def sparse_linear(x: Tensor, weight: Tensor, k: int, bias: Tensor | None = None,
     Returns ``[..., out]`` in ``x.dtype``. Backward: STE (SPEC "Autograd").
     """
     check.sparse_linear(x, weight, k, bias)
+    if _ops.direct_ok(x, weight, bias):
+        return _ops.run("sparse_linear", backend, x.device, x, weight, k, bias)
     return _ops.sparse_linear(x, weight, k, bias, backend)
 
 
@@ -64,6 +72,8 @@ def quantize_act_int8(x: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tens
     with ``x ~= x_q * x_scale``, where ``x_scale = clamp(max|x|, 1e-5) / 127``.
     """
     check.quantize_act_int8(x)
+    if _ops.direct_ok(x):
+        return _ops.run("quantize_act_int8", backend, x.device, x)
     return _ops.quantize_act_int8(x, backend)
 
 
@@ -108,6 +118,8 @@ def ternary_linear(
     entries hold NaN or +-Inf.
     """
     check.ternary_linear(x, packed, scale, out_features, k, bias)
+    if _ops.direct_ok(x, packed, scale, bias):
+        return _ops.run("ternary_linear", backend, x.device, x, packed, scale, out_features, k, bias)
     return _ops.ternary_linear(x, packed, scale, out_features, k, bias, backend)
 
 

@@ -107,16 +107,21 @@ def requested(explicit: str = "auto") -> str:
 
 def select(op: str, explicit: str, device: torch.device) -> tuple[str, Callable]:
     """``(backend name, implementation)`` of ``op`` for a tensor on ``device``."""
-    name = requested(explicit)
+    name = _resolve(op, requested(explicit), device.type)
+    return name, ops(name)[op]
+
+
+@functools.cache
+def _resolve(op: str, name: str, device_type: str) -> str:
+    """The backend that runs ``op``; backend status is fixed per process, so this is cached."""
     if name == "auto":
-        for cand in AUTO_ORDER.get(device.type, ("reference",)):
-            if op in ops(cand) and status(cand)[1] and device.type in devices(cand):
-                return cand, ops(cand)[op]
-        return "reference", ops("reference")[op]
+        for cand in AUTO_ORDER.get(device_type, ("reference",)):
+            if op in ops(cand) and status(cand)[1] and device_type in devices(cand):
+                return cand
+        return "reference"
     _require_usable(name)
-    if device.type not in devices(name):
+    if device_type not in devices(name):
         raise RuntimeError(
-            f"qsparse_kernels: backend {name!r} runs on {devices(name)} tensors, got a tensor on {device}"
+            f"qsparse_kernels: backend {name!r} runs on {devices(name)} tensors, got a tensor on {device_type}"
         )
-    impl = ops(name).get(op)
-    return (name, impl) if impl is not None else ("reference", ops("reference")[op])
+    return name if op in ops(name) else "reference"

@@ -1,7 +1,8 @@
 """Wrappers over the device-dispatched native ops (``torch.ops.qsparse.*_kernel``).
 
 The same op name has a CPU implementation (``csrc/cpu``) and a CUDA one (``csrc/cuda``); the
-dispatcher picks by the tensor's device, so the ``cpu`` and ``cuda`` backends share these.
+dispatcher picks by the tensor's device, so the ``cpu`` and ``cuda`` backends share these. Each has
+the reference signature; the kernels take ``x`` as a contiguous ``[M, d]`` matrix.
 """
 
 from __future__ import annotations
@@ -12,10 +13,43 @@ import torch
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
-    """``x [..., d]`` as a contiguous ``[M, d]`` matrix (a view when ``x`` is contiguous)."""
+    """``x [..., d]`` as a contiguous ``[M, d]`` matrix (``x`` itself or a view when possible)."""
+    if x.dim() == 2 and x.is_contiguous():
+        return x
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
+
+
+def unrows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A kernel's ``[M, n]`` result back to ``x``'s leading dims: ``[..., n]``."""
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x_q, x_scale = torch.ops.qsparse.quantize_act_int8_kernel(rows(x))
-    return x_q.reshape(x.shape), x_scale.reshape(*x.shape[:-1], 1)
+    return unrows(x_q, x), unrows(x_scale, x)
+
+
+def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
+    return unrows(torch.ops.qsparse.topk_sparsify_kernel(rows(x), k), x)
+
+
+def block_topk_sparsify(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    return unrows(torch.ops.qsparse.block_topk_sparsify_kernel(rows(x), n, m), x)
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Fast for a column-major ``weight`` (``weight.stride(0) == 1``) at small batch; any strides work."""
+    return unrows(torch.ops.qsparse.sparse_linear_kernel(rows(x), weight, k, bias), x)
+
+
+def ternary_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    out_features: int,
+    k: int | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused top-K + int8 quantization + sparse ternary GEMV over the canonical packed layout."""
+    b = None if bias is None else bias.contiguous()
+    return unrows(torch.ops.qsparse.ternary_linear_kernel(rows(x), packed.contiguous(), scale, out_features, k, b), x)

@@ -1,7 +1,7 @@
 """The ``cuda`` backend: C++/CUDA kernels in ``csrc/cuda``, registered for the CUDA dispatch key.
 
-The native ops dispatch by device, so this backend reuses the ``cpu`` backend's wrappers and adds
-the GPU's dense crossover and launch-size limits.
+The native ops dispatch by device, so this backend shares the ``cpu`` backend's wrappers
+(:mod:`._native_ops`) and adds the GPU's dense crossover and launch-size limits.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native
-from . import _native_ops, cpu
+from . import _native_ops as native
 
 # Above this many rows the sparse GEMV stops paying against cuBLAS on the masked activations.
 # A placeholder until measured on the GPU (benchmarks/gpu_check.sh prints the batch sweep).
@@ -34,30 +34,27 @@ def status() -> tuple[bool, bool, str]:
 
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    rows = _native_ops.rows(x)
+    rows = native.rows(x)
     if rows.shape[0] > DENSE_CROSSOVER_M:
-        y = F.linear(cpu.topk_sparsify(rows, k), weight, bias)
-    else:
-        y = torch.ops.qsparse.sparse_linear_kernel(rows, weight, k, bias)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+        return F.linear(native.topk_sparsify(x, k), weight, bias)
+    return native.unrows(torch.ops.qsparse.sparse_linear_kernel(rows, weight, k, bias), x)
 
 
 def ternary_linear(x, packed, scale, out_features, k=None, bias=None) -> torch.Tensor:
-    rows = _native_ops.rows(x)
+    rows = native.rows(x)
     b = None if bias is None else bias.contiguous()
     chunks = [
         torch.ops.qsparse.ternary_linear_kernel(rows[i : i + MAX_ROWS_PER_LAUNCH], packed.contiguous(), scale,
                                                 out_features, k, b)
         for i in range(0, max(1, rows.shape[0]), MAX_ROWS_PER_LAUNCH)
     ]
-    y = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-    return y.reshape(*x.shape[:-1], out_features)
+    return native.unrows(chunks[0] if len(chunks) == 1 else torch.cat(chunks), x)
 
 
 OPS = {
-    "quantize_act_int8": _native_ops.quantize_act_int8,
-    "topk_sparsify": cpu.topk_sparsify,
-    "block_topk_sparsify": cpu.block_topk_sparsify,
+    "quantize_act_int8": native.quantize_act_int8,
+    "topk_sparsify": native.topk_sparsify,
+    "block_topk_sparsify": native.block_topk_sparsify,
     "sparse_linear": sparse_linear,
     "ternary_linear": ternary_linear,
 }
