@@ -221,3 +221,24 @@ def test_use_backend_is_context_local():
         th.join()
         assert _which() == "reference"
     assert seen == ["cpu"]
+
+
+def test_direct_eager_path_equals_registered_op():
+    from qsparse_kernels import _ops
+
+    x, w = torch.randn(3, 64), qk.to_fast_layout(torch.randn(16, 64))
+    t = torch.randint(-1, 2, (16, 64), dtype=torch.int8)
+    packed, scale = R.pack_ternary(t), torch.tensor(0.1)
+    assert _ops.direct_ok(x, w, None)
+    assert torch.equal(qk.sparse_linear(x, w, 10), torch.ops.qsparse.sparse_linear(x, w, 10, None, "auto"))
+    assert torch.equal(qk.topk_sparsify(x, 5), torch.ops.qsparse.topk_sparsify(x, 5, "auto"))
+    assert torch.equal(qk.ternary_linear(x, packed, scale, 16, 9),
+                       torch.ops.qsparse.ternary_linear(x, packed, scale, 16, 9, None, "auto"))
+    # autograd, fake tensors and dispatch modes take the registered op
+    assert not _ops.direct_ok(torch.randn(2, 4, requires_grad=True))
+    with torch.no_grad():
+        assert _ops.direct_ok(torch.randn(2, 4, requires_grad=True))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert not _ops.direct_ok(torch.empty(2, 4))
