@@ -1,4 +1,4 @@
-"""GPU benchmark of the ``triton`` backend at the decode shape 4096 -> 14336, bf16, batch 1.
+"""GPU benchmark of the ``triton`` and ``cuda`` backends at the decode shape 4096 -> 14336, bf16, batch 1.
 
 Prints one table and, when ``$OUT`` is set, writes ``$OUT/bench_gpu.csv`` (long format, one row
 per case and timing mode). Method (SPEC "How speed is measured"):
@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--backends", nargs="*", default=["triton", "cuda"], help="GPU backends, side by side")
     args = ap.parse_args(argv)
     assert args.reps >= 20, "median of >= 20 repetitions"
     if not torch.cuda.is_available():
@@ -113,7 +114,10 @@ def main(argv=None) -> int:
 
     env = f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, {gpu}"
     print(f"bench_gpu: {env}")
-    print(f"triton backend: {qk.backend_info()['triton']['reason']}")
+    info = qk.backend_info()
+    for b in args.backends:
+        print(f"{b} backend: {info[b]['reason']}")
+    backends = [b for b in args.backends if info[b]["usable"]]
 
     copy_gbps = copy_bandwidth(args.reps)
     print(f"copy bandwidth (1 GB, read + write): {copy_gbps:.0f} GB/s")
@@ -137,35 +141,38 @@ def main(argv=None) -> int:
 
     tern_w = copies(make_ternary, packed_bytes)
 
-    cases: list[tuple[str, float, int, Callable[[tuple], Callable[[], object]], list[tuple]]] = []
-    cases.append(("F.linear (cuBLAS)", 0.0, dense_bytes, lambda w: (lambda: F.linear(x, w[0])), dense_w))
-    for s in (0.5, 0.9):
-        k = qk.sparsity_to_k(d, s)
-        cases.append((
-            "sparse_linear", s, k * n * 2,
-            lambda w, k=k: (lambda: qk.sparse_linear(x, w[0], k, backend="triton")), col_w,
-        ))  # fmt: skip
-    cases.append((
-        "ternary_linear", 0.0, packed_bytes,
-        lambda w: (lambda: qk.ternary_linear(x, w[0], w[1], n, None, backend="triton")), tern_w,
-    ))  # fmt: skip
+    cases: list[tuple[str, str, float, int, Callable[[tuple], Callable[[], object]], list[tuple]]] = []
+    cases.append(("F.linear (cuBLAS)", "torch", 0.0, dense_bytes, lambda w: (lambda: F.linear(x, w[0])), dense_w))
     k_t = qk.sparsity_to_k(d, 0.6125)
-    cases.append((
-        "ternary_linear", 0.6125, k_t * ((n + 3) // 4),
-        lambda w: (lambda: qk.ternary_linear(x, w[0], w[1], n, k_t, backend="triton")), tern_w,
-    ))  # fmt: skip
-    # The selection alone (no weights): its share of a decode step.
-    cases.append(("topk_sparsify", 0.5, 0, lambda w: (lambda: qk.topk_sparsify(x, d // 2, backend="triton")), [()]))
+    for be in backends:
+        for s in (0.5, 0.9):
+            k = qk.sparsity_to_k(d, s)
+            cases.append((
+                "sparse_linear", be, s, k * n * 2,
+                lambda w, k=k, be=be: (lambda: qk.sparse_linear(x, w[0], k, backend=be)), col_w,
+            ))  # fmt: skip
+        cases.append((
+            "ternary_linear", be, 0.0, packed_bytes,
+            lambda w, be=be: (lambda: qk.ternary_linear(x, w[0], w[1], n, None, backend=be)), tern_w,
+        ))  # fmt: skip
+        cases.append((
+            "ternary_linear", be, 0.6125, k_t * ((n + 3) // 4),
+            lambda w, be=be: (lambda: qk.ternary_linear(x, w[0], w[1], n, k_t, backend=be)), tern_w,
+        ))  # fmt: skip
+        # The selection alone (no weights): its share of a decode step.
+        cases.append((
+            "topk_sparsify", be, 0.5, 0, lambda w, be=be: (lambda: qk.topk_sparsify(x, d // 2, backend=be)), [()]
+        ))  # fmt: skip
 
-    # Correctness spot check at the benchmark shape before timing anything.
-    ref = qk.sparse_linear(x, dense_w[0][0], d // 2, backend="reference")
-    got = qk.sparse_linear(x, dense_w[0][0].t().contiguous().t(), d // 2, backend="triton")
-    err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-    print(f"spot check sparse_linear vs reference: rel err {err:.2e}")
+        # Correctness spot check at the benchmark shape before timing anything.
+        ref = qk.sparse_linear(x, dense_w[0][0], d // 2, backend="reference")
+        got = qk.sparse_linear(x, dense_w[0][0].t().contiguous().t(), d // 2, backend=be)
+        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        print(f"spot check sparse_linear[{be}] vs reference: rel err {err:.2e}")
 
     rows = []
     base: dict[str, float] = {}
-    for name, s, nbytes, make_fn, ws in cases:
+    for name, be, s, nbytes, make_fn, ws in cases:
         for mode in ("graph", "eager"):
             fns = [make_fn(w) for w in ws]
             if mode == "graph":
@@ -178,7 +185,7 @@ def main(argv=None) -> int:
                 base[mode] = p50
             gbps = nbytes / (p50 * 1e-3) / 1e9 if nbytes else float("nan")
             rows.append({
-                "kernel": name, "mode": mode, "sparsity": s, "in_features": d, "out_features": n, "M": m,
+                "kernel": name, "backend": be, "mode": mode, "sparsity": s, "in_features": d, "out_features": n, "M": m,
                 "dtype": "bf16", "p50_us": p50 * 1e3, "p20_us": p20 * 1e3, "p80_us": p80 * 1e3,
                 "speedup_vs_F.linear": base[mode] / p50 if nbytes else float("nan"), "weight_GBps": gbps,
                 "frac_of_copy_bw": gbps / copy_gbps if nbytes else float("nan"),
@@ -189,7 +196,7 @@ def main(argv=None) -> int:
 
     targets = {("sparse_linear", 0.5): 1.8, ("ternary_linear", 0.0): 6.0, ("ternary_linear", 0.6125): 10.0}
     hdr = (
-        f"{'kernel':<18} {'mode':<6} {'s':>7} {'p50 us':>9} {'p20 us':>9} {'p80 us':>9} {'x F.lin':>8} "
+        f"{'kernel':<18} {'backend':<8} {'mode':<6} {'s':>7} {'p50 us':>9} {'p20 us':>9} {'p80 us':>9} {'x F.lin':>8} "
         f"{'GB/s':>7} {'%copy':>6}  target"
     )
     print(hdr)
@@ -203,8 +210,8 @@ def main(argv=None) -> int:
             ok = r["frac_of_copy_bw"] >= 0.8
             note += f"{'; ' if note else ''}>= 80% copy bw: {'met' if ok else 'MISSED'}"
         print(
-            f"{r['kernel']:<18} {r['mode']:<6} {r['sparsity']:>7.4g} {r['p50_us']:>9.1f} {r['p20_us']:>9.1f} "
-            f"{r['p80_us']:>9.1f} {r['speedup_vs_F.linear']:>8.2f} {r['weight_GBps']:>7.0f} "
+            f"{r['kernel']:<18} {r['backend']:<8} {r['mode']:<6} {r['sparsity']:>7.4g} {r['p50_us']:>9.1f} "
+            f"{r['p20_us']:>9.1f} {r['p80_us']:>9.1f} {r['speedup_vs_F.linear']:>8.2f} {r['weight_GBps']:>7.0f} "
             f"{100 * r['frac_of_copy_bw']:>5.0f}%  {note}"
         )
     out_dir = os.environ.get("OUT")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the triton backend (and the CUDA-marked tests): one command, < 8 minutes on a
+# GPU check of the triton and cuda backends: one command, < 8 minutes on a
 # fresh GPU machine (torch 2.11+ with CUDA, Triton 3.6+, nvcc; H100/H200), repo root as cwd:
 #
 #     bash benchmarks/gpu_check.sh
@@ -70,6 +70,13 @@ cuda_tests() {
     return "$rc"
 }
 stage test_cuda 40 bash -c "$(declare -f cuda_tests); PY='$PY' cuda_tests"
+# compute-sanitizer memcheck over the CUDA kernels' tests, where the tool exists.
+if command -v compute-sanitizer > /dev/null; then
+    stage memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -p no:cacheprovider \
+        -x tests/test_cuda_kernels.py -k "ternary_linear_exact or sparse_linear or topk_distinct"
+else
+    echo "=== memcheck: compute-sanitizer not found, skipped"
+fi
 
 echo
 echo "=== done in $((SECONDS - T0))s, exit status $status (logs in $LOG)"
