@@ -6,7 +6,6 @@ A builder returns ``(call, n_variants, weight_bytes_read)``: ``call(i)`` runs th
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -32,51 +31,68 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 Case = tuple[Callable[[int], object], int, int]
 
+# Weight memory one case may hold for its rotation; a very sparse case whose kept rows are small
+# rotates fewer copies than the cache rule asks (its rotating activations still vary the rows).
+MAX_ROTATION_BYTES = 2 << 30
+N_ACTIVATIONS = 16  # activations rotate too, so every call keeps a different set of features
 
-@functools.lru_cache(maxsize=2)
-def _weights(out_f: int, in_f: int, dtype: torch.dtype, device: torch.device, layout: str) -> list[torch.Tensor]:
-    """Rotating weight copies, cached for the points of one shape (they are not modified)."""
-    n = copies_needed(out_f * in_f * torch.finfo(dtype).bits // 8, device)
-    ws = []
-    for _ in range(n):
+_pool: dict[tuple, list[torch.Tensor]] = {}
+
+
+def _copies(key: tuple, make: Callable[[], torch.Tensor], bytes_read: int, bytes_each: int, device) -> list:
+    """``n`` copies made by ``make``: enough that the bytes read over a rotation exceed the cache
+    (SPEC: >= 4x the last-level cache), within :data:`MAX_ROTATION_BYTES`. Kept per shape."""
+    n = max(2, min(copies_needed(bytes_read, device), MAX_ROTATION_BYTES // max(1, bytes_each)))
+    if _pool and key not in _pool and next(iter(_pool))[:3] != key[:3]:
+        _pool.clear()  # a new shape: free the previous one's copies
+    pool = _pool.setdefault(key, [])
+    while len(pool) < n:
+        pool.append(make())
+    return pool[:n]
+
+
+def _activations(x: torch.Tensor) -> list[torch.Tensor]:
+    return [x] + [torch.randn_like(x) for _ in range(N_ACTIVATIONS - 1)]
+
+
+def _float_weights(out_f, in_f, dtype, device, layout, bytes_read) -> list[torch.Tensor]:
+    def make():
         w = torch.randn(out_f, in_f, device=device, dtype=dtype) * in_f**-0.5
-        ws.append(ops.to_fast_layout(w) if layout == "colmajor" else w)
-    return ws
+        return ops.to_fast_layout(w) if layout == "colmajor" else w
+
+    each = out_f * in_f * torch.finfo(dtype).bits // 8
+    return _copies((out_f, in_f, str(device), dtype, layout), make, bytes_read, each, device)
 
 
 def dense(x: torch.Tensor, out_f: int) -> Case:
     """The baseline: ``F.linear`` with the standard row-major ``nn.Linear`` weight."""
-    ws = _weights(out_f, x.shape[-1], x.dtype, x.device, "rowmajor")
-    return (lambda i: F.linear(x, ws[i])), len(ws), ws[0].numel() * ws[0].element_size()
+    read = out_f * x.shape[-1] * x.element_size()
+    ws, xs = _float_weights(out_f, x.shape[-1], x.dtype, x.device, "rowmajor", read), _activations(x)
+    return (lambda i: F.linear(xs[i % len(xs)], ws[i % len(ws)])), len(ws), read
 
 
 def sparse_linear(x: torch.Tensor, out_f: int, k: int, backend: str) -> Case:
     """``sparse_linear`` (top-K included) over the column-major weight."""
-    ws = _weights(out_f, x.shape[-1], x.dtype, x.device, "colmajor")
-    read = k * out_f * ws[0].element_size()
-    return (lambda i: ops.sparse_linear(x, ws[i], k, backend=backend)), len(ws), read
+    read = k * out_f * x.element_size()
+    ws, xs = _float_weights(out_f, x.shape[-1], x.dtype, x.device, "colmajor", read), _activations(x)
+    return (lambda i: ops.sparse_linear(xs[i % len(xs)], ws[i % len(ws)], k, backend=backend)), len(ws), read
 
 
-@functools.lru_cache(maxsize=1)
-def _packed(out_f: int, in_f: int, device: torch.device) -> list[torch.Tensor]:
-    """Rotating random packed ternary weights (codes 0..2 only), cached per shape."""
-    n = copies_needed(in_f * packed_cols(out_f), device)
-    packs = []
-    for _ in range(n):
-        codes = torch.randint(0, 256, (in_f, packed_cols(out_f)), dtype=torch.uint8, device=device)
-        codes = torch.where((codes & 3) == 3, codes ^ 1, codes)  # no invalid code 3 in any slot ...
-        for shift in (2, 4, 6):
-            bad = ((codes >> shift) & 3) == 3
-            codes = torch.where(bad, codes ^ (1 << shift), codes)  # ... (3 -> 2)
-        packs.append(codes)
-    return packs
+def _random_packed(in_f: int, out_f: int, device) -> torch.Tensor:
+    """Random canonical packed ternary bytes (codes 0..2 only)."""
+    codes = torch.randint(0, 256, (in_f, packed_cols(out_f)), dtype=torch.uint8, device=device)
+    for shift in (0, 2, 4, 6):
+        bad = ((codes >> shift) & 3) == 3
+        codes = torch.where(bad, codes ^ (1 << shift), codes)  # the invalid code 3 -> 2
+    return codes
 
 
 def ternary_linear(x: torch.Tensor, out_f: int, k: int | None, backend: str) -> Case:
     """``ternary_linear`` over packed 2-bit weights; ``k=None`` is dense activations."""
     in_f = x.shape[-1]
-    packs = _packed(out_f, in_f, x.device)
-    n = len(packs)
-    scale = torch.tensor(0.02, device=x.device)
     read = (in_f if k is None else k) * packed_cols(out_f)
-    return (lambda i: ops.ternary_linear(x, packs[i], scale, out_f, k, backend=backend)), n, read
+    packs = _copies((out_f, in_f, str(x.device), "packed"), lambda: _random_packed(in_f, out_f, x.device), read,
+                    in_f * packed_cols(out_f), x.device)
+    xs, scale = _activations(x), torch.tensor(0.02, device=x.device)
+    return (lambda i: ops.ternary_linear(xs[i % len(xs)], packs[i % len(packs)], scale, out_f, k, backend=backend),
+            len(packs), read)
