@@ -52,9 +52,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+    def forward(self, x):  # HF's order: normalise in float32, cast back, then scale
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
 def _rotate_half(x):
@@ -84,9 +83,7 @@ class Attention(nn.Module):
         cache_k[:, :, pos : pos + T] = k
         cache_v[:, :, pos : pos + T] = v
         keys, values = cache_k[:, :, : pos + T], cache_v[:, :, : pos + T]
-        rep = s.num_attention_heads // s.num_key_value_heads
-        keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1)
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -126,11 +123,15 @@ class LlamaDecoder(nn.Module):
         self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
 
     def _rope(self, pos: int, T: int, device, dtype):
-        hd = self.shape.head_dim
-        inv = 1.0 / (self.shape.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
-        ang = torch.arange(pos, pos + T, device=device, dtype=torch.float32)[:, None] * inv[None]
-        emb = torch.cat((ang, ang), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """cos, sin [T, head_dim] for positions pos..pos+T-1, from a table grown on demand."""
+        table = getattr(self, "_rope_table", None)
+        if table is None or table[0].shape[0] < pos + T or table[0].dtype != dtype or table[0].device != device:
+            hd, n = self.shape.head_dim, max(2 * (pos + T), 256)
+            inv = 1.0 / (self.shape.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+            ang = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv[None]
+            emb = torch.cat((ang, ang), dim=-1)
+            table = self._rope_table = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return table[0][pos : pos + T], table[1][pos : pos + T]
 
     def new_cache(self, batch: int, max_len: int, device, dtype):
         s = self.shape
