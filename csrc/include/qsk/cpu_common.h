@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace qsk::cpu {
 
@@ -30,11 +31,15 @@ inline __attribute__((always_inline)) float key_to_float(uint32_t u) {
 }
 
 // SPEC 4: q = clamp(round_half_even(v), -128, 127), with a non-finite v giving 0.
+// Clamping first gives the same q (the bounds are integers and rounding is monotonic), and on
+// [-128, 127] adding and subtracting 1.5 * 2^23 rounds half to even in the default rounding mode
+// (the sum's ulp is 1). Unlike std::nearbyint, which GCC leaves as a libm call per element
+// without -fno-trapping-math, this inlines and vectorizes.
 inline __attribute__((always_inline)) int8_t quantize_i8(float v) {
-  float r = std::nearbyint(v);
-  if (!(std::fabs(r) <= 3.0e38f)) return 0;  // NaN or +-Inf
-  r = r < -128.f ? -128.f : (r > 127.f ? 127.f : r);
-  return static_cast<int8_t>(r);
+  if (!(std::fabs(v) <= std::numeric_limits<float>::max())) return 0;  // NaN or +-Inf
+  const float c = v < -128.f ? -128.f : (v > 127.f ? 127.f : v);
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  return static_cast<int8_t>((c + kRound) - kRound);
 }
 
 }  // namespace qsk::cpu
