@@ -181,7 +181,7 @@ def weight_scale(op: str, scale, x: torch.Tensor) -> None:
         and not torch.compiler.is_compiling()
         and not isinstance(scale, torch._subclasses.FakeTensor)
     ):
-        v = float(scale.reshape(()))
+        v = scale.item()  # one element (checked above)
         if not math.isfinite(v) or v <= 0.0:
             raise _err(ValueError, op, f"scale must be finite and > 0, got {v}")
 

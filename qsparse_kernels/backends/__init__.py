@@ -93,9 +93,8 @@ def use_backend(name: str) -> Iterator[None]:
 
 def requested(explicit: str = "auto") -> str:
     """The backend name in force for a call whose own argument is ``explicit``."""
-    _check_name(explicit, "backend")
     if explicit != "auto":
-        return explicit
+        return _check_name(explicit, "backend")
     ctx = _context.get()
     if ctx is not None:
         return ctx
@@ -107,8 +106,14 @@ def requested(explicit: str = "auto") -> str:
 
 def select(op: str, explicit: str, device: torch.device) -> tuple[str, Callable]:
     """``(backend name, implementation)`` of ``op`` for a tensor on ``device``."""
-    name = _resolve(op, requested(explicit), device.type)
-    return name, ops(name)[op]
+    name, table = _pick(op, requested(explicit), device.type)
+    return name, table[op]
+
+
+@functools.cache
+def _pick(op: str, name: str, device_type: str) -> tuple[str, dict[str, Callable]]:
+    resolved = _resolve(op, name, device_type)
+    return resolved, ops(resolved)
 
 
 @functools.cache

@@ -14,14 +14,14 @@ import torch
 
 def rows(x: torch.Tensor) -> torch.Tensor:
     """``x [..., d]`` as a contiguous ``[M, d]`` matrix (``x`` itself or a view when possible)."""
-    if x.dim() == 2 and x.is_contiguous():
-        return x
+    if x.is_contiguous():
+        return x if x.dim() == 2 else x.view(math.prod(x.shape[:-1]), x.shape[-1])
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
 def unrows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A kernel's ``[M, n]`` result back to ``x``'s leading dims: ``[..., n]``."""
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,9 +120,7 @@ class BitLinear(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        k = self.k
-        if k is None and self.sparsity is not None:
-            k = ops.sparsity_to_k(x.shape[-1], self.sparsity)
+        k = cfg.kept(self.sparsity, self.k, x.shape[-1])
         if self.is_packed:
             x, bias = cfg.autocast_args(x, self.bias)
             return ops.ternary_linear(x, self.packed, self.scale, self.out_features, k, bias, backend=self.backend)

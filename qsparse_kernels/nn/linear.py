@@ -120,7 +120,7 @@ class QSparseLinear(nn.Module):
         if self.block is not None:
             n, m = self.block
             return F.linear(ops.block_topk_sparsify(x, n, m, backend=self.backend), self.weight, self.bias)
-        k = self.k if self.k is not None else ops.sparsity_to_k(x.shape[-1], self.sparsity)
+        k = cfg.kept(self.sparsity, self.k, x.shape[-1])
         x, weight, bias = cfg.autocast_args(x, self.weight, self.bias)
         return ops.sparse_linear(x, weight, k, bias, backend=self.backend)
 
