@@ -426,6 +426,26 @@ def test_autotune_picks_and_caches(monkeypatch, gen):
         assert autotune.heuristic(x.device, 1, n, 13, 2) == autotune.INTERPRET_GEMV
 
 
+
+def test_deterministic_mode_uses_the_shape_heuristic(monkeypatch):
+    """Under torch.use_deterministic_algorithms the config never comes from a measurement."""
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "1")
+    autotune.clear_cache()
+    dev = torch.device(DEVICE)
+    fake = GemvConfig(block_n=16, block_k=16, split_k=1)
+    autotune._CACHE[("key",)] = fake  # what an earlier measurement would have left
+    benched = []
+    bench = lambda cfg: benched.append(cfg) or (lambda: None)  # noqa: E731
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        cfg = autotune.gemv_config(("key",), dev, 1, 300, 40, 2, bench, tracing=False)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert cfg == autotune.heuristic(dev, 1, 300, 40, 2) and cfg != fake and benched == []
+    assert autotune.gemv_config(("key",), dev, 1, 300, 40, 2, bench, tracing=False) == fake
+    autotune.clear_cache()
+
 if DEVICE == "cuda":
 
     def test_cuda_graph_capture_decode_step(gen):

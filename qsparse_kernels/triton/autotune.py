@@ -6,7 +6,9 @@ once on this GPU (cached in-process), or the heuristic when measuring is not pos
 
 * under ``TRITON_INTERPRET=1`` one fixed small config (autotuning the interpreter is pointless);
 * while torch.compile traces (fake tensors) or a CUDA graph is being captured;
-* when ``QSPARSE_TRITON_AUTOTUNE=0``.
+* when ``QSPARSE_TRITON_AUTOTUNE=0``;
+* under ``torch.use_deterministic_algorithms(True)``: measured choices can differ between
+  processes, and a different split-K changes the float summation order of ``sparse_linear``.
 
 Warm up (one call per shape) before capturing a CUDA graph so that the capture finds the cache
 filled. A shape key buckets the kept count to a power of two so that every ``k`` of a layer shares
@@ -137,6 +139,9 @@ def gemv_config(
 
     ``bench(cfg)`` returns a zero-argument callable that launches the kernel with ``cfg``.
     """
+    if torch.are_deterministic_algorithms_enabled():
+        # The tile (and so the float summation order) is a function of the shape alone.
+        return heuristic(device, m, n, nnz, elem_bytes)
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
