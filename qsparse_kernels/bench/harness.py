@@ -68,7 +68,11 @@ def time_calls(
 
 
 def read_bandwidth(device: torch.device, nbytes: int = 512 << 20, reps: int = 7) -> float:
-    """Measured read bandwidth in bytes/s: a reduction over a buffer far larger than the cache."""
+    """Measured read bandwidth in bytes/s: a reduction over a buffer far larger than the cache.
+
+    ``amax`` (one compare per element; ~8% faster than ``sum`` on the 2-core CPU). It streams one
+    sequential range per thread; a GEMV that reads many rows at once keeps more loads in flight
+    and can exceed it (the CPU sparse GEMV reaches ~110-120% at some shapes)."""
     buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    t = time_calls(lambda _: buf.sum(), 1, device, reps=reps, warmup=2)
+    t = time_calls(lambda _: buf.amax(), 1, device, reps=reps, warmup=2)
     return nbytes / t.p50
