@@ -24,8 +24,9 @@ bench: setup
 sanitize: setup  # C++ CPU kernels under AddressSanitizer + UBSan, CPU tests incl. the fuzz profile
 	bash scripts/sanitize.sh
 
-fuzz: setup  # the long property-test profile (>= 10,000 examples per test)
+fuzz: setup  # long property tests: >= 10,000 examples per test (reference, cpu), 2,000 (triton interpreter)
 	QSPARSE_FUZZ=long $(PY) -m pytest -q tests/test_fuzz.py
+	TRITON_INTERPRET=1 QSPARSE_FUZZ=interpreter-long QSPARSE_FUZZ_BACKENDS=triton $(PY) -m pytest -q tests/test_fuzz.py
 
 lint:
 	$(PY) -m ruff check .

@@ -18,6 +18,10 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q -r requirements/dev.txt
   echo "$want" > "$STAMP"
 fi
+# The in-place package on the venv's path (what an editable install does), so that scripts run
+# from anywhere (examples/, benchmarks/) import it.
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD" > "$site/qsparse_kernels_inplace.pth"
 echo "[setup] building qsparse_kernels._C"
 start=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_ext --inplace > "$VENV/build.log" 2>&1 || {

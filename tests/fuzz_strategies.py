@@ -10,13 +10,19 @@ from hypothesis import strategies as st
 
 from tests.numerics import FLOAT_DTYPES
 
-# Profiles: "ci" (the default, a few hundred examples in all) and "long" (>= 10,000 per test,
-# `make fuzz`). Select with QSPARSE_FUZZ=long.
+# Profiles: "ci" (the default, a few hundred examples in all), "long" (>= 10,000 per test,
+# `make fuzz`) and the two below for Triton's interpreter. Select with QSPARSE_FUZZ=<name>.
 settings.register_profile(
     "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 settings.register_profile(
     "long", max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck)
+)
+# The Triton kernels under TRITON_INTERPRET=1 (~0.1 s per example): the child run of
+# tests/test_triton.py uses "interpreter", `make fuzz` also "interpreter-long".
+settings.register_profile("interpreter", max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+settings.register_profile(
+    "interpreter-long", max_examples=2_000, deadline=None, suppress_health_check=list(HealthCheck)
 )
 settings.load_profile(os.environ.get("QSPARSE_FUZZ", "ci"))
 

@@ -5,6 +5,8 @@ with +-0, subnormals, huge magnitudes, ties, NaN and +-Inf. Profile "ci" by defa
 `QSPARSE_FUZZ=long` (make fuzz) runs >= 10,000 examples per test.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -16,7 +18,10 @@ from tests.conftest import cpu_backends
 from tests.fuzz_strategies import float_matrix
 from tests.numerics import assert_parity, mag_keys
 
-BACKENDS = st.sampled_from(cpu_backends())
+# QSPARSE_FUZZ_BACKENDS=triton: the Triton kernels instead (tests/test_triton.py's child run sets
+# it together with TRITON_INTERPRET=1 and the smaller "interpreter" profile).
+_ONLY = os.environ.get("QSPARSE_FUZZ_BACKENDS")
+BACKENDS = st.sampled_from(_ONLY.split(",") if _ONLY else cpu_backends())
 
 
 def _same_bits_nan_aware(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -23,8 +23,9 @@ else:
     CHILD_TIMEOUT_S = 900
 
     def test_triton_kernels_under_interpreter():
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__]
+        env = dict(os.environ, TRITON_INTERPRET="1", QSPARSE_FUZZ="interpreter", QSPARSE_FUZZ_BACKENDS="triton")
+        fuzz = os.path.join(os.path.dirname(__file__), "test_fuzz.py")  # the property tests, on triton
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__, fuzz]
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
         report = (r.stdout[-12000:] + "\n" + r.stderr[-4000:]).strip()
