@@ -12,39 +12,20 @@ from . import (
     _native,  # noqa: F401  (loads the C++ extension when it was built)
     _ops,  # noqa: F401  (registers the custom ops)
     nn,
+    ops,
     scaling,
 )
 from .backends import backend_info, use_backend
 from .checkpoint import load_checkpoint, save_checkpoint
 from .convert import QSparseConfig, convert
-from .ops import (
-    block_topk_sparsify,
-    pack_ternary,
-    quantize_act_int8,
-    quantize_weight_ternary,
-    sparse_linear,
-    sparsity_to_k,
-    ternary_linear,
-    to_fast_layout,
-    topk_sparsify,
-    unpack_ternary,
-)
+from .ops import *  # noqa: F403  (the public ops, ops.__all__)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "backend_info",
     "use_backend",
-    "sparsity_to_k",
-    "topk_sparsify",
-    "block_topk_sparsify",
-    "sparse_linear",
-    "quantize_act_int8",
-    "quantize_weight_ternary",
-    "pack_ternary",
-    "unpack_ternary",
-    "ternary_linear",
-    "to_fast_layout",
+    *ops.__all__,
     "nn",
     "scaling",
     "convert",

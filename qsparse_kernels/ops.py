@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import _ops
 from . import _validate as check
+from ._op_names import OP_NAMES
 
 
 def sparsity_to_k(d: int, sparsity: float) -> int:
@@ -129,16 +130,4 @@ def to_fast_layout(weight: Tensor) -> Tensor:
     return weight.t().contiguous().t()
 
 
-__all__ = [
-    "sparsity_to_k",
-    "topk_sparsify",
-    "block_topk_sparsify",
-    "sparse_linear",
-    "quantize_act_int8",
-    "quantize_weight_ternary",
-    "pack_ternary",
-    "unpack_ternary",
-    "ternary_linear",
-    "to_fast_layout",
-]
-
+__all__ = ["sparsity_to_k", *OP_NAMES, "to_fast_layout"]

@@ -3,20 +3,9 @@
 from __future__ import annotations
 
 from .. import reference
+from .._op_names import OP_NAMES
 
-OPS = {
-    name: getattr(reference, name)
-    for name in (
-        "topk_sparsify",
-        "block_topk_sparsify",
-        "sparse_linear",
-        "quantize_act_int8",
-        "quantize_weight_ternary",
-        "pack_ternary",
-        "unpack_ternary",
-        "ternary_linear",
-    )
-}
+OPS = {name: getattr(reference, name) for name in OP_NAMES}
 
 
 def devices() -> tuple[str, ...]:
