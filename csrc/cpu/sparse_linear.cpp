@@ -30,9 +30,12 @@ namespace qsk::cpu {
 //   bf16  M = 1: 0.33x, 2: 0.61x, 4: 0.89x, 6: 1.01x, 8: 1.31x, 16: 1.69x (sparse / dense time)
 //   fp32  M = 1: 0.47x, 2: 0.37x, 4: 0.29x, 8: 0.50x, 16: 0.75x, 32: 1.03x (torch's fp32 GEMM is
 //         slow at 2 <= M <= 16 here)
-// bf16 (the dtype that matters) crosses at M ~ 6, so 4 keeps every dtype on its faster path.
-// Re-measure with `benchmarks/bench_cpu_sparse.py --batch` after changing the kernels.
-constexpr int64_t kSparseMaxRows = 4;
+// bf16 crosses at M ~ 6 and fp32 at M ~ 32, hence 4 and 16 (fp16, not measured, follows bf16:
+// its GEMM in torch is no faster). With 16 for fp32, `python -m qsparse_kernels.bench --shapes
+// llama2-7b.up --batches 4 8 16 64 --sparsities 0.5 --dtypes fp32` gives vs dense F.linear: M=8
+// 1.95x, M=16 1.22x (both 0.65-0.7x through the dense path before). Re-measure with
+// `benchmarks/bench_cpu_sparse.py --batch` after changing the kernels. The one place that decides it.
+inline int64_t sparse_max_rows(at::ScalarType dtype) { return dtype == at::kFloat ? 16 : 4; }
 
 namespace {
 
@@ -194,7 +197,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int6
   // Column-major (or a single output): input feature i's outputs are the contiguous row
   // storage[i * stride(1) .. + N).
   const bool colmajor = weight.stride(0) == 1 || N == 1;
-  if (!colmajor || M > kSparseMaxRows) {
+  if (!colmajor || M > sparse_max_rows(x.scalar_type())) {
     const at::Tensor xs = k == d ? x : topk_sparsify_cpu(x, k);
     return at::linear(xs, weight, bias.has_value() ? std::optional<at::Tensor>(b) : std::nullopt);
   }
