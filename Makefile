@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup build test bench bench-pytest sanitize fuzz lint clean
+.PHONY: setup build test bench bench-pytest sanitize fuzz training lint clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -27,6 +27,9 @@ sanitize: setup  # C++ CPU kernels under AddressSanitizer + UBSan, CPU tests inc
 fuzz: setup  # long property tests: >= 10,000 examples per test (reference, cpu), 2,000 (triton interpreter)
 	QSPARSE_FUZZ=long $(PY) -m pytest -q tests/test_fuzz.py
 	TRITON_INTERPRET=1 QSPARSE_FUZZ=interpreter-long QSPARSE_FUZZ_BACKENDS=triton $(PY) -m pytest -q tests/test_fuzz.py
+
+training: setup  # the Q-Sparse training study (~35 min on 2 cores): benchmarks/training/results
+	$(PY) -m benchmarks.training $(ARGS)
 
 lint:
 	$(PY) -m ruff check .
