@@ -2,6 +2,7 @@
 
     python -m benchmarks.training            # full study (~35 min on 2 cores) -> benchmarks/training/results
     python -m benchmarks.training --quick    # tiny smoke run (< 2 min) -> bench_out/training_quick
+    python -m benchmarks.training --report-only   # re-render the report from results/results.json
 
 The report (``README.md`` with every number, ``results.json``, ``loss_curves.png``,
 ``grad_norms.png``, ``continue_training.png``) goes to ``--out``.
@@ -30,12 +31,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="report folder (default: benchmarks/training/results, or bench_out/training_quick)")
     p.add_argument("--configs", nargs="*", default=list(study.CONFIGS), choices=list(study.CONFIGS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report-only", action="store_true",
+                   help="no training: re-render README.md and the plots from OUT/results.json")
     args = p.parse_args(argv)
     if "dense" not in args.configs:
         p.error("--configs must include dense (the baseline of every ratio)")
     budget = study.QUICK if args.quick else study.FULL
     here = os.path.dirname(os.path.abspath(__file__))
     out = args.out or ("bench_out/training_quick" if args.quick else os.path.join(here, "results"))
+    if args.report_only:
+        with open(os.path.join(out, "results.json")) as f:
+            report.write(json.load(f), out)
+        study.log(f"re-rendered {out}/README.md and the plots from results.json")
+        return 0
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(args.threads)
 

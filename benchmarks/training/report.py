@@ -65,6 +65,35 @@ def claims(res: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+def closing_note(res: dict) -> list[str]:
+    """Which of the paper's claims this run reproduced, which not, and what limits the evidence."""
+    rows = claims(res)
+    yes = [c for c, _, v in rows if v == "reproduced"]
+    no = [f"{c} ({m}; {v})" for c, m, v in rows if v != "reproduced"]
+    s = res["budget"]["shape"]
+    lines = ["## Closing note", ""]
+    lines.append(f"Reproduced at this scale ({len(yes)} of {len(rows)}): " + ("; ".join(yes) if yes else "none") + ".")
+    lines.append("")
+    lines.append("Not reproduced: " + ("; ".join(no) if no else "none") + ".")
+    lines += [
+        "",
+        "What limits this evidence:",
+        "",
+        f"- Scale: a {s['n_layers']}-block, d_model {s['d_model']} model trained on {res['tokens_per_config']:,} "
+        "bytes, far below the paper's models and token counts; the claims are checked in direction and "
+        "rough size, not in the paper's numbers.",
+        "- One seed per configuration: differences of a few hundredths of a nat/byte may be within "
+        "seed-to-seed noise, which this study does not measure.",
+        "- The FFN is squared ReLU without a gate (`down(relu(up(x))**2)`), in every configuration, so "
+        "the comparison is fair; the paper uses the gated ReLU²GLU.",
+        "- The no-STE ablation is study-local (`NoSTEQSparseLinear`: the input gradient is masked "
+        "like the forward); the library's modules always use the STE.",
+        "- Decode speed at this size measures Python and per-call overhead, not weight bytes.",
+        "",
+    ]
+    return lines
+
+
 def _plots(res: dict, out: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, run in res["runs"].items():
@@ -79,20 +108,37 @@ def _plots(res: dict, out: str) -> None:
     fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in ("dense", "qsparse-40", "qsparse-40-no-ste"):
-        run = res["runs"].get(name)
-        if not run or not run["grad_norms"]:
-            continue
-        n_layers = len(run["grad_norms"][0][1])
-        mean = [sum(g[i] for _, g in run["grad_norms"]) / len(run["grad_norms"]) for i in range(n_layers)]
+    names = [n for n in ("dense", "qsparse-40", "qsparse-40-no-ste") if res["runs"].get(n, {}).get("grad_norms")]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name in names:
+        gn = res["runs"][name]["grad_norms"]
+        n_layers = len(gn[0][1])
+        mean = [sum(g[i] for _, g in gn) / len(gn) for i in range(n_layers)]
         ax.plot(range(n_layers), mean, marker="o", label=name)
     ax.set_xlabel("block (0 = next to the embedding)")
     ax.set_ylabel("weight-gradient norm (mean over training)")
     ax.set_yscale("log")
-    ax.set_title("Per-block gradient norms: the STE effect")
+    ax.set_xticks(range(len(res["runs"][names[0]]["grad_norms"][0][1])) if names else [])
+    ax.set_title("Per-block gradient norms, mean over training")
     ax.legend()
     ax.grid(alpha=0.3)
+    # A few points in training: each block's norm relative to the last block's, STE vs no STE.
+    styles = {"qsparse-40": "-", "qsparse-40-no-ste": "--"}
+    for name in (n for n in names if n in styles):
+        gn = res["runs"][name]["grad_norms"]
+        picks = sorted({0, len(gn) // 4, len(gn) // 2, len(gn) - 1})
+        for j, i in enumerate(picks):
+            step, g = gn[i]
+            if not g[-1] > 0:
+                continue
+            ax2.plot(range(len(g)), [x / g[-1] for x in g], ls=styles.get(name, "-"), marker="o",
+                     color=plt.cm.viridis(j / max(1, len(picks) - 1)), label=f"{name}, step {step}")
+    ax2.set_xlabel("block (0 = next to the embedding)")
+    ax2.set_xticks(ax.get_xticks())
+    ax2.set_ylabel("norm / last block's norm")
+    ax2.set_title("At a few training steps (solid STE, dashed no STE)")
+    ax2.legend(fontsize=6, ncol=2)
+    ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "grad_norms.png"), dpi=110)
     plt.close(fig)
@@ -101,7 +147,9 @@ def _plots(res: dict, out: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     steps, vals = zip(*c["run"]["curve"], strict=True)
     ax.plot(steps, vals, marker=".", label="dense -> Q-Sparse 50%, continue-training")
-    steps, vals = zip(*c["dense_run"]["curve"], strict=True)
+    # Step 0 of the baseline: the trained dense model's last evaluation (same validation windows).
+    start = [(0, res["runs"]["dense"]["curve"][-1][1])] if res["runs"]["dense"]["curve"] else []
+    steps, vals = zip(*(start + list(c["dense_run"]["curve"])), strict=True)
     ax.plot(steps, vals, marker=".", color="k", ls="--", label="dense model, continued the same way")
     ax.set_xlabel("continue-training step")
     ax.set_ylabel("validation loss (nats/byte)")
@@ -161,7 +209,9 @@ def write(res: dict, out: str) -> None:
         "",
         "## Per-block gradient norms (STE vs no STE)",
         "",
-        "Weight-gradient norm of each block's projections, mean over the recorded steps (before clipping).",
+        "Weight-gradient norm of each block's projections (q, k, v, o, up, down together), mean over the steps "
+        f"recorded every {b['grad_every']} steps (before clipping). Without the STE a dropped input entry "
+        "passes no gradient down, so the blocks nearer the embedding should receive less.",
         "",
         _table(
             ["configuration"] + [f"block {i}" for i in range(s["n_layers"])] + ["first / last"],
@@ -202,6 +252,6 @@ def write(res: dict, out: str) -> None:
         "",
         "![continue-training](continue_training.png)",
         "",
-    ]
+    ] + closing_note(res)
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("\n".join(lines))
