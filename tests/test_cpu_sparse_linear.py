@@ -150,6 +150,22 @@ def test_opcheck(dtype, gen):
         torch.library.opcheck(torch.ops.qsparse.sparse_linear_kernel, (x, w, 0, None))
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_kernel_takes_any_leading_dims_and_strides(dtype):
+    # The cpu backend passes the public op's x straight to the kernel: [..., d], any strides.
+    op = torch.ops.qsparse.sparse_linear_kernel
+    w = qk.to_fast_layout(torch.randn(9, 33, dtype=dtype))
+    bias = torch.randn(9, dtype=dtype)
+    x = torch.randn(3, 2, 33, dtype=dtype)
+    want = op(x.reshape(6, 33), w, 7, bias).reshape(3, 2, 9)
+    assert torch.equal(op(x, w, 7, bias), want)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
+    assert not xt.is_contiguous()
+    assert torch.equal(op(xt, w, 7, bias), want)
+    assert torch.equal(op(x[0, 0], w, 7, bias), want[0, 0])  # 1-D x -> 1-D result
+    assert op(x[:0], w, 7, bias).shape == (0, 2, 9)
+
+
 def test_kernel_checks_arguments():
     op = torch.ops.qsparse.sparse_linear_kernel
     x, w = torch.randn(2, 8), torch.randn(5, 8)
@@ -157,10 +173,8 @@ def test_kernel_checks_arguments():
         op(x, w, 9, None)
     with pytest.raises(RuntimeError, match="weight.size\\(1\\)"):
         op(x, torch.randn(5, 7), 1, None)
-    with pytest.raises(RuntimeError, match="must be 2-D"):
-        op(torch.randn(8), w, 1, None)
-    with pytest.raises(RuntimeError, match="contiguous"):
-        op(torch.randn(8, 2).t(), w, 1, None)
+    with pytest.raises(RuntimeError, match="at least 1 dimension"):
+        op(torch.tensor(1.0), w, 1, None)
     with pytest.raises(RuntimeError, match="weight must be"):
         op(x, w.half(), 1, None)
     with pytest.raises(RuntimeError, match="bias must have shape"):

@@ -171,12 +171,9 @@ void sparse_path(const T* x, const T* wt, int64_t ld, const T* bias, T* y, int64
   });
 }
 
-at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t k,
-                             const std::optional<at::Tensor>& bias) {
-  QSK_CHECK_DEVICE(x, at::kCPU);
-  QSK_CHECK_FLOAT(x);
-  QSK_CHECK_DIM(x, 2);
-  QSK_CHECK_CONTIGUOUS(x);
+// x [..., d] (any strides) -> [..., N]; the kernels below see the contiguous [M, d] view.
+at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int64_t k,
+                              const std::optional<at::Tensor>& bias) {
   QSK_CHECK_DEVICE(weight, at::kCPU);
   QSK_CHECK_DTYPE(weight, x.scalar_type());
   QSK_CHECK_DIM(weight, 2);
@@ -209,6 +206,13 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int6
                           b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), M, d, N, k, level);
   });
   return y;
+}
+
+at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t k,
+                             const std::optional<at::Tensor>& bias) {
+  QSK_CHECK_DEVICE(x, at::kCPU);
+  QSK_CHECK_FLOAT(x);
+  return unrows(sparse_linear_rows(as_rows(x, "sparse_linear_kernel"), weight, k, bias), x);
 }
 
 }  // namespace

@@ -230,17 +230,10 @@ void build_plan(const int8_t* xq, int64_t M, int64_t d, const uint8_t* packed, i
 
 enum class Path { Avx512, Avx2, Scalar };
 
-at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                              int64_t out_features, std::optional<int64_t> k_opt,
-                              const std::optional<at::Tensor>& bias_opt) {
-  QSK_CHECK_DEVICE(x, at::kCPU);
-  QSK_CHECK_FLOAT(x);
-  QSK_CHECK_DIM(x, 2);
-  QSK_CHECK_CONTIGUOUS(x);
-  QSK_CHECK_DEVICE(packed, at::kCPU);
-  QSK_CHECK_DTYPE(packed, at::kByte);
-  QSK_CHECK_DIM(packed, 2);
-  QSK_CHECK_CONTIGUOUS(packed);
+// x [M, d] contiguous, packed contiguous (ternary_linear_cpu makes them so).
+at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                               int64_t out_features, std::optional<int64_t> k_opt,
+                               const std::optional<at::Tensor>& bias_opt) {
   QSK_CHECK_DEVICE(scale, at::kCPU);
   QSK_CHECK_DTYPE(scale, at::kFloat);
   const int64_t M = x.size(0), d = x.size(1);
@@ -361,6 +354,22 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
     });
   });
   return out;
+}
+
+// x [..., d] (any strides) -> [..., out_features].
+at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                              int64_t out_features, std::optional<int64_t> k_opt,
+                              const std::optional<at::Tensor>& bias_opt) {
+  QSK_CHECK_DEVICE(x, at::kCPU);
+  QSK_CHECK_FLOAT(x);
+  QSK_CHECK_DEVICE(packed, at::kCPU);
+  QSK_CHECK_DTYPE(packed, at::kByte);
+  QSK_CHECK_DIM(packed, 2);
+  std::optional<at::Tensor> bias;
+  if (bias_opt) bias = bias_opt->contiguous();
+  return unrows(ternary_linear_rows(as_rows(x, "ternary_linear_kernel"), packed.contiguous(), scale, out_features,
+                                    k_opt, bias),
+                x);
 }
 
 }  // namespace

@@ -26,9 +26,9 @@ def _block_topk_sparsify_kernel(x, n, m):
 
 @torch.library.register_fake("qsparse::sparse_linear_kernel")
 def _sparse_linear_kernel(x, weight, k, bias):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("qsparse::ternary_linear_kernel")
 def _ternary_linear_kernel(x, packed, scale, out_features, k, bias):
-    return x.new_empty((x.shape[0], out_features))
+    return x.new_empty((*x.shape[:-1], out_features))

@@ -36,20 +36,3 @@ def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
 def block_topk_sparsify(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return unrows(torch.ops.qsparse.block_topk_sparsify_kernel(rows(x), n, m), x)
 
-
-def sparse_linear(x: torch.Tensor, weight: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Fast for a column-major ``weight`` (``weight.stride(0) == 1``) at small batch; any strides work."""
-    return unrows(torch.ops.qsparse.sparse_linear_kernel(rows(x), weight, k, bias), x)
-
-
-def ternary_linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    out_features: int,
-    k: int | None = None,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Fused top-K + int8 quantization + sparse ternary GEMV over the canonical packed layout."""
-    b = None if bias is None else bias.contiguous()
-    return unrows(torch.ops.qsparse.ternary_linear_kernel(rows(x), packed.contiguous(), scale, out_features, k, b), x)

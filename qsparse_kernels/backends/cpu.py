@@ -18,10 +18,21 @@ def status() -> tuple[bool, bool, str]:
     return True, True, f"C++ CPU kernels, ISA {_native._C.cpu_isa()}, {torch.get_num_threads()} threads"
 
 
+def _linear_ops() -> dict:
+    # The linear kernels take the reference signature's arguments as they are (x [..., d], any
+    # strides: csrc/registration.cpp), so the op overloads are the implementations: no Python
+    # wrapper on the per-layer hot path.
+    if not _native.loaded():
+        return {}
+    return {
+        "sparse_linear": torch.ops.qsparse.sparse_linear_kernel.default,
+        "ternary_linear": torch.ops.qsparse.ternary_linear_kernel.default,
+    }
+
+
 OPS = {
     "quantize_act_int8": native.quantize_act_int8,
     "topk_sparsify": native.topk_sparsify,
     "block_topk_sparsify": native.block_topk_sparsify,
-    "sparse_linear": native.sparse_linear,
-    "ternary_linear": native.ternary_linear,
+    **_linear_ops(),
 }
