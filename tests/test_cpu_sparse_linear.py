@@ -77,10 +77,10 @@ def test_parity_sizes(isa, dtype, in_f, out_f, gen):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("lead", [(0,), (1,), (2,), (3,), (4,), (5,), (9,), (16,), (17,), (2, 2), (2, 3)])
+@pytest.mark.parametrize("lead", [(0,), (1,), (2,), (3,), (4,), (5,), (9,), (16,), (17,), (70,), (2, 2), (2, 3)])
 def test_parity_batch(isa, dtype, lead, gen):
-    """M = 1 (one row), blocks of rows sharing the union of kept rows (M <= 4; fp32 M <= 16), the
-    dense path above that (5, 9 and 16 for bf16/fp16; 17 for all), 3-D input."""
+    """M = 1 (one row), blocks of rows sharing the union of kept rows (bf16 M <= 4, fp32 M <= 16,
+    fp16 every M), the dense path above that (bf16 5, 9, 16, 17, 70; fp32 17, 70), 3-D input."""
     in_f, out_f = 300, 1100
     w = _weight(out_f, in_f, dtype, "col", gen)
     b = torch.randn(out_f, generator=gen).to(dtype)

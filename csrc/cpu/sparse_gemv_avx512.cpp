@@ -39,8 +39,9 @@ QSK_TARGET_AVX512 inline void load_pair(const float* p, __mmask32 m, __m512& a, 
 }
 
 QSK_TARGET_AVX512 inline void load_pair(const c10::Half* p, __mmask32 m, __m512& a, __m512& b) {
-  a = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>(m), p));
-  b = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>(m >> 16), p + 16));
+  const __m512i v = _mm512_maskz_loadu_epi16(m, p);  // one 64-byte load, then two conversions
+  a = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
+  b = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(v, 1));
 }
 
 // bf16 -> float32 is a 16-bit left shift. Read 32 bf16 as 16 dwords: the low halves (even

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "qsk/checks.h"
@@ -30,12 +31,19 @@ namespace qsk::cpu {
 //   bf16  M = 1: 0.33x, 2: 0.61x, 4: 0.89x, 6: 1.01x, 8: 1.31x, 16: 1.69x (sparse / dense time)
 //   fp32  M = 1: 0.47x, 2: 0.37x, 4: 0.29x, 8: 0.50x, 16: 0.75x, 32: 1.03x (torch's fp32 GEMM is
 //         slow at 2 <= M <= 16 here)
-// bf16 crosses at M ~ 6 and fp32 at M ~ 32, hence 4 and 16 (fp16, not measured, follows bf16:
-// its GEMM in torch is no faster). With 16 for fp32, `python -m qsparse_kernels.bench --shapes
-// llama2-7b.up --batches 4 8 16 64 --sparsities 0.5 --dtypes fp32` gives vs dense F.linear: M=8
-// 1.95x, M=16 1.22x (both 0.65-0.7x through the dense path before). Re-measure with
-// `benchmarks/bench_cpu_sparse.py --batch` after changing the kernels. The one place that decides it.
-inline int64_t sparse_max_rows(at::ScalarType dtype) { return dtype == at::kFloat ? 16 : 4; }
+// bf16 crosses at M ~ 6 and fp32 at M ~ 32, hence 4 and 16. With 16 for fp32, `python -m
+// qsparse_kernels.bench --shapes llama2-7b.up --batches 4 8 16 64 --sparsities 0.5 --dtypes fp32`
+// gives vs dense F.linear: M=8 1.95x, M=16 1.22x (both 0.65-0.7x through the dense path before).
+// fp16 never takes the dense path: torch's CPU fp16 GEMM on the column-major weight has no fast
+// kernel (4096 -> 11008, M = 8: 3.1 s, ~100x slower than on the row-major weight), and even on the
+// row-major weight it is slower than the sparse path at every M (chunks of 4 rows, both threads,
+// s = 0 / 0.5: M = 8 2.2x / 2.4x, M = 64 2.8x / 3.0x faster than F.linear row-major).
+// Re-measure with `benchmarks/bench_cpu_sparse.py --batch` after changing the kernels. The one
+// place that decides it.
+inline int64_t sparse_max_rows(at::ScalarType dtype) {
+  if (dtype == at::kHalf) return std::numeric_limits<int64_t>::max();
+  return dtype == at::kFloat ? 16 : 4;
+}
 
 namespace {
 
