@@ -99,6 +99,17 @@ def test_qsparse_linear_ste_gradients(backend, gen):
     torch.testing.assert_close(x.grad[~masked], x2.grad[~masked], rtol=1e-5, atol=1e-6)
 
 
+def test_weight_gradient_comes_in_the_weight_layout(gen):
+    # Computed column-major like the weight: AccumulateGrad then neither copies nor adds across
+    # transposed strides (torch.autograd.grad shows the raw gradient, before any layout fix-up).
+    m = QSparseLinear(40, 12, sparsity=0.5)
+    x = _x(7, 40, gen)
+    g = torch.randn(7, 12, generator=gen)
+    (dw,) = torch.autograd.grad(m(x), m.weight, g)
+    assert dw.stride() == m.weight.stride() == (1, 12)
+    torch.testing.assert_close(dw, g.t() @ R.topk_sparsify(x, 20), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_block_ste_gradients(backend, gen):
     m = QSparseLinear(32, 8, block=(3, 8), backend=backend)
