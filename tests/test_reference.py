@@ -229,3 +229,15 @@ def test_quantize_act_scale_is_reciprocal_times_127():
     assert q.tolist() == [[63, 127]]
     hf_scale = 127.0 / x.abs().max(dim=-1, keepdim=True).values.clamp_(min=1e-5)  # ActQuant, literally
     assert torch.equal(q, (x * hf_scale).round().clamp_(-128, 127).to(torch.int8))
+
+
+def test_float32_parity_rule_under_cancellation():
+    """The float32 rule: 1e-5 relative, or at most 2x plain float32 PyTorch where even that misses
+    1e-5 (the failing draw that motivated it: one output of 7 terms, sum(|t|) / |sum| ~ 1600)."""
+    ref64 = torch.tensor([[-1.4586475617967364e-12]], dtype=torch.float64)
+    plain = torch.tensor([[-1.458583254176915e-12]])  # what F.linear gives in float32 (4.4e-5 off)
+    assert_parity(plain.clone(), ref64, plain)
+    with pytest.raises(AssertionError):
+        assert_parity(plain * 1.001, ref64, plain)
+    with pytest.raises(AssertionError):  # well-conditioned: 1e-5 holds, whatever plain does
+        assert_parity(torch.tensor([[1.0 + 2e-5]]), torch.tensor([[1.0]], dtype=torch.float64), torch.ones(1, 1))

@@ -70,6 +70,34 @@ def time_variant(model: LlamaDecoder, prompt: torch.Tensor, n_new: int) -> dict:
     }
 
 
+class _Zeros(torch.nn.Module):
+    """Stands in for a projection in :func:`breakdown`: returns zeros of the right shape, no work."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return x.new_zeros((*x.shape[:-1], self.out_features))
+
+
+def breakdown(model: LlamaDecoder, prompt: torch.Tensor, n_new: int) -> dict:
+    """Milliseconds per decoded token spent in ``lm_head``, in the other projections and in the rest.
+
+    Times the model as it is, then with ``lm_head`` replaced by a module that returns zeros, then
+    with every projection replaced as well; the differences are the shares. Modifies ``model``.
+    """
+    full = time_variant(model, prompt, n_new)["ms_per_token"]
+    model.lm_head = _Zeros(model.lm_head.out_features)
+    no_head = time_variant(model, prompt, n_new)["ms_per_token"]
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                setattr(parent, name, _Zeros(child.out_features))
+    rest = time_variant(model, prompt, n_new)["ms_per_token"]
+    return {"total": full, "lm_head": full - no_head, "projections": no_head - rest, "rest": rest}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m qsparse_kernels.bench.decode", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -79,6 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", default="bench_out", help="folder for decode.csv ('' for none)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also split each variant's ms/token into lm_head, projections and the rest (3 more runs each)")
     args = p.parse_args(argv)
 
     shape = LlamaShape.from_hf_config(args.hf_config) if args.hf_config else LlamaShape()
@@ -94,12 +124,19 @@ def main(argv=None) -> int:
         built = time.perf_counter() - t0
         results[v] = time_variant(model, prompt, args.new_tokens)
         print(f"#   {v}: built in {built:.1f}s, {results[v]['decode_tok_s']:.2f} tok/s", file=sys.stderr)
+        if args.breakdown:
+            results[v]["split"] = breakdown(model, prompt, args.new_tokens)
         del model
     base = results["dense"]
     print(f"{'variant':<30}{'prefill ms':>12}{'x dense':>9}{'decode tok/s':>14}{'ms/token':>10}{'x dense':>9}")
     for v, r in results.items():
         print(f"{v:<30}{r['prefill_ms']:>12.1f}{base['prefill_ms'] / r['prefill_ms']:>8.2f}x"
               f"{r['decode_tok_s']:>14.2f}{r['ms_per_token']:>10.1f}{r['decode_tok_s'] / base['decode_tok_s']:>8.2f}x")
+    if args.breakdown:
+        print(f"\n{'ms per decoded token':<30}{'total':>9}{'lm_head':>9}{'projections':>13}{'rest':>9}")
+        for v, r in results.items():
+            sp = r["split"]
+            print(f"{v:<30}{sp['total']:>9.1f}{sp['lm_head']:>9.1f}{sp['projections']:>13.1f}{sp['rest']:>9.1f}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "decode.csv"), "w", newline="") as f:
