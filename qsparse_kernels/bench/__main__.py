@@ -79,7 +79,7 @@ def _backends_for(op: str, device: torch.device, wanted: list[str] | None) -> li
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m qsparse_kernels.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--full", action="store_true", help="sweep every batch size, sparsity and fp32/bf16")
+    p.add_argument("--full", action="store_true", help="sweep every batch size, sparsity and dtype (bf16, fp32, fp16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backends", nargs="*", help="backends to run (default: every usable one with a native kernel)")
     p.add_argument("--shapes", nargs="*", help="shape names (default: every headline shape)")
@@ -99,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def plan(args) -> list[tuple]:
     shapes = [s for s in cases.HEADLINE_SHAPES if not args.shapes or s[0] in args.shapes]
     batches = args.batches or (cases.BATCHES if args.full else [1])
-    dtypes = args.dtypes or (["bf16", "fp32"] if args.full else ["bf16"])
+    dtypes = args.dtypes or (["bf16", "fp32", "fp16"] if args.full else ["bf16"])
     sparse_s = args.sparsities or (cases.SPARSITIES if args.full else [0.0, 0.5, 0.9])
     tern_s = args.sparsities or (cases.SPARSITIES if args.full else [0.5, 0.6125])
     points = []
