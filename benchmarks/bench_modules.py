@@ -46,8 +46,8 @@ def block_forward(reps: int) -> None:
             with torch.inference_mode():
                 t = time_interleaved(
                     {
-                        "dense": lambda i: pairs[i % len(pairs)][0](xs[i % 7]),
-                        "block": lambda i: pairs[i % len(pairs)][1](xs[i % 7]),
+                        "dense": lambda i, p=pairs, xs=xs: p[i % len(p)][0](xs[i % 7]),
+                        "block": lambda i, p=pairs, xs=xs: p[i % len(p)][1](xs[i % 7]),
                     },
                     reps,
                 )
