@@ -6,7 +6,8 @@ Environment:
   QSPARSE_CUDA_ARCHS   semicolon list of compute capabilities, default "80;90"; PTX is embedded
                        for the last one so newer GPUs can JIT it.
   MAX_JOBS             parallel compile jobs (torch's ninja build honours it).
-  QSPARSE_SANITIZE     "1" builds the C++ with AddressSanitizer + UBSan (see scripts/sanitize.sh).
+  QSPARSE_SANITIZE_FLAGS  sanitizer flags added to the C++ compile and link (scripts/sanitize.sh
+                       sets ASan + UBSan; tests/cuda_emu builds with the same ones).
 The CPU code is compiled for baseline x86-64; the AVX2 / AVX-512 kernels carry their own target
 attributes and are picked at run time (csrc/cpu/isa.cpp), so no -march=native ever ships.
 """
@@ -65,9 +66,8 @@ def extensions():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
     link = ["-fopenmp"]
-    if os.environ.get("QSPARSE_SANITIZE") == "1":  # `make sanitize`: ASan + UBSan build of the CPU code
-        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
-        cxx, link = cxx + san, link + san
+    san = os.environ.get("QSPARSE_SANITIZE_FLAGS", "").split()  # `make sanitize`: ASan + UBSan build
+    cxx, link = cxx + san, link + san
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     kwargs = dict(extra_link_args=link, include_dirs=include_dirs)

@@ -1,10 +1,10 @@
 // Launch-shape helpers shared by the CUDA GEMV kernels.
 #pragma once
 
-#include <ATen/cuda/CUDAContext.h>
-
 #include <algorithm>
 #include <cstdint>
+
+#include "runtime.cuh"
 
 namespace qsk::cuda {
 
@@ -19,7 +19,7 @@ struct SplitPlan {
 };
 
 inline SplitPlan plan_splits(int64_t kept, int64_t tiles, int64_t M) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t sms = sm_count();
   int64_t splits = std::max<int64_t>(1, ceil_div(4 * sms, std::max<int64_t>(1, tiles * M)));
   splits = std::min(splits, std::max<int64_t>(1, ceil_div(kept, 8)));  // at least ~8 rows per split
   int64_t rows = ceil_div(std::max<int64_t>(kept, 1), splits);

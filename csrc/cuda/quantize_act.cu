@@ -1,10 +1,9 @@
 // SPEC 4 on the GPU: per-row absmax int8 activation quantization, bit-exact with the reference.
 // One block per row; the absmax is an integer max over |x| bits (NaN above Inf, as on the CPU).
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "qsk/checks.h"
+#include "runtime.cuh"
 
 namespace qsk::cuda {
 namespace {
@@ -43,26 +42,26 @@ __global__ void quantize_act_int8_kernel(const T* __restrict__ x, int8_t* __rest
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_act_int8_cuda(const at::Tensor& x) {
-  QSK_CHECK_DEVICE(x, at::kCUDA);
+  QSK_CHECK_DEVICE(x, kDevice);
   QSK_CHECK_FLOAT(x);
   QSK_CHECK_DIM(x, 2);
   QSK_CHECK_CONTIGUOUS(x);
-  const at::cuda::OptionalCUDAGuard guard(x.device());
+  QSK_DEVICE_GUARD(x);
   const int64_t M = x.size(0), d = x.size(1);
   TORCH_CHECK(M <= 2147483647LL, "x has too many rows for one launch: ", M);
   auto q = at::empty({M, d}, x.options().dtype(at::kChar));
   auto scale = at::empty({M, 1}, x.options().dtype(at::kFloat));
   if (M == 0) return {q, scale};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = current_stream();
   QSK_DISPATCH_FLOAT(x.scalar_type(), "quantize_act_int8_cuda", [&] {
-    quantize_act_int8_kernel<scalar_t><<<static_cast<unsigned int>(M), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), q.data_ptr<int8_t>(), scale.data_ptr<float>(), d);
+    launch(quantize_act_int8_kernel<scalar_t>, static_cast<unsigned int>(M), kThreads, stream, x.data_ptr<scalar_t>(),
+           q.data_ptr<int8_t>(), scale.data_ptr<float>(), d);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  QSK_LAUNCH_CHECK();
   return {q, scale};
 }
 
 }  // namespace
 }  // namespace qsk::cuda
 
-TORCH_LIBRARY_IMPL(qsparse, CUDA, m) { m.impl("quantize_act_int8_kernel", &qsk::cuda::quantize_act_int8_cuda); }
+TORCH_LIBRARY_IMPL(QSK_CUDA_LIB, QSK_CUDA_KEY, m) { m.impl("quantize_act_int8_kernel", &qsk::cuda::quantize_act_int8_cuda); }

@@ -4,10 +4,9 @@
 // the threshold and the lowest-index ties at it, so exactly k are kept, deterministically.
 #pragma once
 
-#include <cub/block/block_reduce.cuh>
-#include <cub/block/block_scan.cuh>
-
 #include <cstdint>
+
+#include "runtime.cuh"
 
 namespace qsk::cuda {
 

@@ -1,8 +1,6 @@
 // sparse_linear on the GPU: per-row top-K selection, then a split-K gather-GEMV over the
 // column-major weight that reads only the kept features' rows (16-byte vector loads, fp32
 // accumulation), then a fixed-order reduction of the splits (deterministic, no atomics).
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "launch.cuh"
@@ -94,7 +92,7 @@ __global__ void reduce_splits_kernel(const float* __restrict__ partial, int64_t 
 }
 
 void check_float_rows(const at::Tensor& x) {
-  QSK_CHECK_DEVICE(x, at::kCUDA);
+  QSK_CHECK_DEVICE(x, kDevice);
   QSK_CHECK_FLOAT(x);
   QSK_CHECK_DIM(x, 2);
   QSK_CHECK_CONTIGUOUS(x);
@@ -112,19 +110,19 @@ std::tuple<at::Tensor, at::Tensor> select_topk_cuda(const at::Tensor& x, int64_t
   auto idx = at::empty({M, k}, x.options().dtype(at::kInt));
   auto val = at::empty({M, k}, x.options().dtype(at::kFloat));
   if (M == 0 || d == 0) return {idx, val};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = current_stream();
   QSK_DISPATCH_FLOAT(x.scalar_type(), "select_topk_cuda", [&] {
     SelectOut out{idx.data_ptr<int32_t>(), val.data_ptr<float>(), nullptr, nullptr, nullptr};
-    select_kernel<scalar_t><<<static_cast<unsigned int>(M), kSelectThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), d, k, out, dense.defined() ? dense.data_ptr<scalar_t>() : nullptr);
+    launch(select_kernel<scalar_t>, static_cast<unsigned int>(M), kSelectThreads, stream, x.data_ptr<scalar_t>(), d, k,
+           out, dense.defined() ? dense.data_ptr<scalar_t>() : nullptr);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  QSK_LAUNCH_CHECK();
   return {idx, val};
 }
 
 at::Tensor topk_sparsify_cuda(const at::Tensor& x, int64_t k) {
   check_float_rows(x);
-  const at::cuda::OptionalCUDAGuard guard(x.device());
+  QSK_DEVICE_GUARD(x);
   auto y = at::empty_like(x);
   select_topk_cuda(x, k, y);
   return y;
@@ -134,7 +132,7 @@ at::Tensor block_topk_sparsify_cuda(const at::Tensor& x, int64_t n, int64_t m) {
   check_float_rows(x);
   TORCH_CHECK(m >= 1 && x.size(1) % m == 0, "x.size(1) = ", x.size(1), " must be divisible by m = ", m);
   TORCH_CHECK(n >= 0 && n <= m, "n must be in [0, m = ", m, "], got ", n);
-  const at::cuda::OptionalCUDAGuard guard(x.device());
+  QSK_DEVICE_GUARD(x);
   auto blocks = x.reshape({-1, m});
   auto y = at::empty_like(blocks);
   select_topk_cuda(blocks, n, y);
@@ -144,24 +142,24 @@ at::Tensor block_topk_sparsify_cuda(const at::Tensor& x, int64_t n, int64_t m) {
 at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& weight, int64_t k,
                               const std::optional<at::Tensor>& bias) {
   check_float_rows(x);
-  QSK_CHECK_DEVICE(weight, at::kCUDA);
+  QSK_CHECK_DEVICE(weight, kDevice);
   QSK_CHECK_DIM(weight, 2);
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight must have the dtype of x");
   TORCH_CHECK(weight.size(1) == x.size(1), "weight.size(1) must equal x.size(1)");
   const int64_t M = x.size(0), d = x.size(1), out = weight.size(0);
   TORCH_CHECK(k >= 0 && k <= d, "k must be in [0, ", d, "], got ", k);
   if (bias) {
-    QSK_CHECK_DEVICE(*bias, at::kCUDA);
+    QSK_CHECK_DEVICE(*bias, kDevice);
     TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 && bias->size(0) == out,
                 "bias must be [out_features] in the dtype of x");
   }
   TORCH_CHECK(M <= 65535, "sparse_linear_cuda: at most 65535 rows per call (the grid's z), got ", M,
               "; larger batches take the dense path");
-  const at::cuda::OptionalCUDAGuard guard(x.device());
+  QSK_DEVICE_GUARD(x);
   auto y = at::empty({M, out}, x.options());
   if (M == 0 || out == 0) return y;
   auto [idx, val] = select_topk_cuda(x, k, at::Tensor());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = current_stream();
   const auto bias_c = bias ? bias->contiguous() : at::Tensor();
   QSK_DISPATCH_FLOAT(x.scalar_type(), "sparse_linear_cuda", [&] {
     constexpr int VEC = vec_of<scalar_t>();
@@ -176,30 +174,25 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& weight, int
     const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(plan.splits),
                     static_cast<unsigned int>(M));
     if (k > 0) {
-      if (vector)
-        gather_gemv_kernel<scalar_t, true><<<grid, kGemvThreads, 0, stream>>>(
-            w, s_out, s_in, idx.data_ptr<int32_t>(), val.data_ptr<float>(), k, plan.rows_per_split,
-            partial.data_ptr<float>(), out, M);
-      else
-        gather_gemv_kernel<scalar_t, false><<<grid, kGemvThreads, 0, stream>>>(
-            w, s_out, s_in, idx.data_ptr<int32_t>(), val.data_ptr<float>(), k, plan.rows_per_split,
-            partial.data_ptr<float>(), out, M);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(vector ? gather_gemv_kernel<scalar_t, true> : gather_gemv_kernel<scalar_t, false>, grid, kGemvThreads,
+             stream, w, s_out, s_in, idx.data_ptr<int32_t>(), val.data_ptr<float>(), k, plan.rows_per_split,
+             partial.data_ptr<float>(), out, M);
+      QSK_LAUNCH_CHECK();
     } else {
       partial.zero_();
     }
     const int64_t n = M * out;
-    reduce_splits_kernel<scalar_t><<<static_cast<unsigned int>(ceil_div(n, 256)), 256, 0, stream>>>(
-        partial.data_ptr<float>(), plan.splits, M, out, bias ? bias_c.data_ptr<scalar_t>() : nullptr,
-        y.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(reduce_splits_kernel<scalar_t>, static_cast<unsigned int>(ceil_div(n, 256)), 256, stream,
+           partial.data_ptr<float>(), plan.splits, M, out, bias ? bias_c.data_ptr<scalar_t>() : nullptr,
+           y.data_ptr<scalar_t>());
+    QSK_LAUNCH_CHECK();
   });
   return y;
 }
 
 }  // namespace qsk::cuda
 
-TORCH_LIBRARY_IMPL(qsparse, CUDA, m) {
+TORCH_LIBRARY_IMPL(QSK_CUDA_LIB, QSK_CUDA_KEY, m) {
   m.impl("topk_sparsify_kernel", &qsk::cuda::topk_sparsify_cuda);
   m.impl("block_topk_sparsify_kernel", &qsk::cuda::block_topk_sparsify_cuda);
   m.impl("sparse_linear_kernel", &qsk::cuda::sparse_linear_cuda);

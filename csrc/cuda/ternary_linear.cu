@@ -7,8 +7,6 @@
 // j (mask 0x03030303 after a shift by 2j) is then the code c = t + 1 of output 4p + j in each row,
 // and dp4a(codes, x_q[r0..r3]) adds sum_r c_r * x_q_r. Since c = t + 1, the kernel accumulates
 // sum(x_q * t) + sum(x_q); the epilogue subtracts sum(x_q) over the kept entries once.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "launch.cuh"
@@ -116,15 +114,15 @@ __global__ void ternary_epilogue_kernel(const int32_t* __restrict__ partial, int
 at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                                int64_t out_features, std::optional<int64_t> k_opt,
                                const std::optional<at::Tensor>& bias) {
-  QSK_CHECK_DEVICE(x, at::kCUDA);
+  QSK_CHECK_DEVICE(x, kDevice);
   QSK_CHECK_FLOAT(x);
   QSK_CHECK_DIM(x, 2);
   QSK_CHECK_CONTIGUOUS(x);
-  QSK_CHECK_DEVICE(packed, at::kCUDA);
+  QSK_CHECK_DEVICE(packed, kDevice);
   QSK_CHECK_DTYPE(packed, at::kByte);
   QSK_CHECK_DIM(packed, 2);
   QSK_CHECK_CONTIGUOUS(packed);
-  QSK_CHECK_DEVICE(scale, at::kCUDA);
+  QSK_CHECK_DEVICE(scale, kDevice);
   QSK_CHECK_DTYPE(scale, at::kFloat);
   TORCH_CHECK(scale.numel() == 1, "scale must have one element");
   const int64_t M = x.size(0), d = x.size(1), out = out_features;
@@ -136,14 +134,14 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
   TORCH_CHECK(k >= 0 && k <= d, "k must be in [0, ", d, "], got ", k);
   TORCH_CHECK(M <= 65535, "ternary_linear_cuda: at most 65535 rows per call, got ", M);
   if (bias) {
-    QSK_CHECK_DEVICE(*bias, at::kCUDA);
+    QSK_CHECK_DEVICE(*bias, kDevice);
     TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 && bias->size(0) == out,
                 "bias must be [out_features] in the dtype of x");
   }
-  const at::cuda::OptionalCUDAGuard guard(x.device());
+  QSK_DEVICE_GUARD(x);
   auto y = at::empty({M, out}, x.options());
   if (M == 0 || out == 0) return y;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = current_stream();
   auto idx = at::empty({M, k}, x.options().dtype(at::kInt));
   auto xq = at::empty({M, k}, x.options().dtype(at::kChar));
   auto x_scale = at::empty({M}, x.options().dtype(at::kFloat));
@@ -152,10 +150,10 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
     QSK_DISPATCH_FLOAT(x.scalar_type(), "ternary_select_cuda", [&] {
       SelectOut so{idx.data_ptr<int32_t>(), nullptr, xq.data_ptr<int8_t>(), x_scale.data_ptr<float>(),
                    xq_sum.data_ptr<int32_t>()};
-      select_quant_kernel<scalar_t><<<static_cast<unsigned int>(M), kSelectThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), d, k, so);
+      launch(select_quant_kernel<scalar_t>, static_cast<unsigned int>(M), kSelectThreads, stream,
+             x.data_ptr<scalar_t>(), d, k, so);
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    QSK_LAUNCH_CHECK();
   } else {
     x_scale.fill_(1e-5f / 127.0f);
     xq_sum.zero_();
@@ -168,10 +166,10 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
     const bool aligned = row_bytes % 4 == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 4 == 0;
     const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(plan.splits),
                     static_cast<unsigned int>(M));
-    ternary_gemv_kernel<<<grid, kGemvThreads, 0, stream>>>(packed.data_ptr<uint8_t>(), row_bytes, aligned,
-                                                           idx.data_ptr<int32_t>(), xq.data_ptr<int8_t>(), k,
-                                                           plan.rows_per_split, partial.data_ptr<int32_t>(), out, M);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(ternary_gemv_kernel, grid, kGemvThreads, stream, packed.data_ptr<uint8_t>(), row_bytes, aligned,
+           idx.data_ptr<int32_t>(), xq.data_ptr<int8_t>(), k, plan.rows_per_split, partial.data_ptr<int32_t>(), out,
+           M);
+    QSK_LAUNCH_CHECK();
   } else {
     partial.zero_();
   }
@@ -179,14 +177,14 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
   const auto scale_c = scale.reshape({1}).contiguous();
   QSK_DISPATCH_FLOAT(x.scalar_type(), "ternary_epilogue_cuda", [&] {
     const int64_t n = M * out;
-    ternary_epilogue_kernel<scalar_t><<<static_cast<unsigned int>(ceil_div(n, 256)), 256, 0, stream>>>(
+    launch(ternary_epilogue_kernel<scalar_t>, static_cast<unsigned int>(ceil_div(n, 256)), 256, stream,
         partial.data_ptr<int32_t>(), plan.splits, M, out, xq_sum.data_ptr<int32_t>(), x_scale.data_ptr<float>(),
         scale_c.data_ptr<float>(), bias ? bias_c.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  QSK_LAUNCH_CHECK();
   return y;
 }
 
 }  // namespace qsk::cuda
 
-TORCH_LIBRARY_IMPL(qsparse, CUDA, m) { m.impl("ternary_linear_kernel", &qsk::cuda::ternary_linear_cuda); }
+TORCH_LIBRARY_IMPL(QSK_CUDA_LIB, QSK_CUDA_KEY, m) { m.impl("ternary_linear_kernel", &qsk::cuda::ternary_linear_cuda); }

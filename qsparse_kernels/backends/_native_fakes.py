@@ -1,7 +1,8 @@
 """Fake (meta) implementations of the native kernel ops, for opcheck and ``torch.compile``.
 
 Imported by :mod:`qsparse_kernels._native` only when ``_C`` loaded (the ops exist only then).
-One function per op declared in ``csrc/registration.cpp``.
+One function per op declared in ``csrc/include/qsk/schemas.h``; :func:`register` also serves the
+tests' emulated CUDA kernels, which declare the same schemas in another library.
 """
 
 from __future__ import annotations
@@ -9,26 +10,39 @@ from __future__ import annotations
 import torch
 
 
-@torch.library.register_fake("qsparse::quantize_act_int8_kernel")
 def _quantize_act_int8_kernel(x):
     return torch.empty_like(x, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
-@torch.library.register_fake("qsparse::topk_sparsify_kernel")
 def _topk_sparsify_kernel(x, k):
     return torch.empty_like(x)
 
 
-@torch.library.register_fake("qsparse::block_topk_sparsify_kernel")
 def _block_topk_sparsify_kernel(x, n, m):
     return torch.empty_like(x)
 
 
-@torch.library.register_fake("qsparse::sparse_linear_kernel")
 def _sparse_linear_kernel(x, weight, k, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.register_fake("qsparse::ternary_linear_kernel")
 def _ternary_linear_kernel(x, packed, scale, out_features, k, bias):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+FAKES = {
+    "quantize_act_int8_kernel": _quantize_act_int8_kernel,
+    "topk_sparsify_kernel": _topk_sparsify_kernel,
+    "block_topk_sparsify_kernel": _block_topk_sparsify_kernel,
+    "sparse_linear_kernel": _sparse_linear_kernel,
+    "ternary_linear_kernel": _ternary_linear_kernel,
+}
+
+
+def register(library: str) -> None:
+    """Registers the fakes for ``library::<op>`` (``qsparse``, or a library with the same schemas)."""
+    for name, fn in FAKES.items():
+        torch.library.register_fake(f"{library}::{name}", fn)
+
+
+register("qsparse")

@@ -20,7 +20,7 @@ def status() -> tuple[bool, bool, str]:
 
 def _linear_ops() -> dict:
     # The linear kernels take the reference signature's arguments as they are (x [..., d], any
-    # strides: csrc/registration.cpp), so the op overloads are the implementations: no Python
+    # strides: csrc/include/qsk/schemas.h), so the op overloads are the implementations: no Python
     # wrapper on the per-layer hot path.
     if not _native.loaded():
         return {}

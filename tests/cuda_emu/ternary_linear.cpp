@@ -1,0 +1,2 @@
+// ternary_linear.cu built for the host under the SIMT emulator (see simt_emulator.h).
+#include "../../csrc/cuda/ternary_linear.cu"
