@@ -24,8 +24,9 @@ bench: setup
 sanitize: setup  # C++ CPU kernels under AddressSanitizer + UBSan, CPU tests incl. the fuzz profile
 	bash scripts/sanitize.sh
 
-fuzz: setup  # long property tests: >= 10,000 examples per test (reference, cpu), 2,000 (triton interpreter)
-	QSPARSE_FUZZ=long $(PY) -m pytest -q tests/test_fuzz.py
+fuzz: setup  # long property tests: >= 10,000 examples per test (reference, cpu), 2,000 (emulated CUDA, triton interpreter)
+	QSPARSE_FUZZ=long QSPARSE_FUZZ_BACKENDS=reference,cpu $(PY) -m pytest -q tests/test_fuzz.py
+	QSPARSE_FUZZ=interpreter-long QSPARSE_FUZZ_BACKENDS=cuda-emulated $(PY) -m pytest -q tests/test_fuzz.py
 	TRITON_INTERPRET=1 QSPARSE_FUZZ=interpreter-long QSPARSE_FUZZ_BACKENDS=triton $(PY) -m pytest -q tests/test_fuzz.py
 
 training: setup  # the Q-Sparse training study (~35 min on 2 cores): benchmarks/training/results

@@ -18,8 +18,8 @@ settings.register_profile(
 settings.register_profile(
     "long", max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck)
 )
-# The Triton kernels under TRITON_INTERPRET=1 (~0.1 s per example): the child run of
-# tests/test_triton.py uses "interpreter", `make fuzz` also "interpreter-long".
+# The Triton kernels under TRITON_INTERPRET=1 (~0.1 s per example) and the emulated CUDA kernels
+# (~0.03 s): the child run of tests/test_triton.py uses "interpreter", `make fuzz` "interpreter-long".
 settings.register_profile("interpreter", max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 settings.register_profile(
     "interpreter-long", max_examples=2_000, deadline=None, suppress_health_check=list(HealthCheck)

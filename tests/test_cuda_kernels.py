@@ -18,8 +18,11 @@ import torch.nn.functional as F
 
 import qsparse_kernels as qk
 from qsparse_kernels import reference as R
-from qsparse_kernels.backends import _native_fakes
+from tests.cuda_emu import ops as emu_ops
+from tests.cuda_emu.build import load
 from tests.numerics import FLOAT_DTYPES, assert_parity, check_topk_invariants, distinct_magnitudes
+from tests.test_native_quantize import SHAPES as QUANT_SHAPES
+from tests.test_native_quantize import assert_same_quantized, quantize_inputs
 
 SIZES = [1, 7, 63, 4097]
 NO_GPU = "needs a CUDA GPU (none visible here)"
@@ -40,13 +43,8 @@ class Target:
 
 
 def _emulated() -> Target:
-    from tests.cuda_emu.build import load
-
-    emu = load()
-    if not getattr(load, "fakes_registered", False):
-        _native_fakes.register("qsparse_cuda_emu")
-        load.fakes_registered = True
-    emu.set_sm_count(132)  # an H100 / H200
+    emu_ops.library()
+    load().set_sm_count(132)  # an H100 / H200
     return Target("emulated", "cpu", "qsparse_cuda_emu")
 
 
@@ -95,15 +93,12 @@ def test_block_topk(kern, dtype):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("d", [1, 7, 300, 4097])
-@pytest.mark.parametrize("M", [1, 3])
-def test_quantize_act_bit_exact(kern, dtype, d, M):
-    x = torch.randn(M, d).to(dtype) * 3
-    if d > 1:
-        x[0, d // 2] = 0.0
-    q, s = kern.ops.quantize_act_int8_kernel(kern(x))
-    q_ref, s_ref = R.quantize_act_int8(x)
-    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
+@pytest.mark.parametrize("shape", QUANT_SHAPES)
+def test_quantize_act_bit_exact(kern, dtype, shape):
+    x = quantize_inputs(shape, dtype)
+    q, s = kern.ops.quantize_act_int8_kernel(kern(x.reshape(-1, x.shape[-1])))
+    got = q.cpu().reshape(x.shape), s.cpu().reshape(*x.shape[:-1], 1)
+    assert_same_quantized(got, R.quantize_act_int8(x))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -143,8 +138,6 @@ def test_sparse_linear_unaligned_and_strided_weights(kern, dtype):
 def test_split_plans_emulated(sms):
     """Split-K plans from one split per tile to many short splits and the 512-row cap per split
     (the emulator's SM count drives the planner; a real GPU has one fixed count)."""
-    from tests.cuda_emu.build import load
-
     kern = _emulated()
     load().set_sm_count(sms)
     try:
@@ -241,6 +234,7 @@ def test_public_api_on_cuda():
     y = qk.sparse_linear(x.cuda(), qk.to_fast_layout(w.cuda()), 100, backend="cuda").cpu()
     xs = R.topk_sparsify(x, 100)
     assert_parity(y, F.linear(xs.double(), w.double()), F.linear(xs, w))
+    assert_same_quantized(qk.quantize_act_int8(x.cuda(), backend="cuda"), R.quantize_act_int8(x))
     packed = R.pack_ternary(torch.randint(-1, 2, (70, 300), dtype=torch.int8))
     y = qk.ternary_linear(x.cuda(), packed.cuda(), torch.tensor(0.5, device="cuda"), 70, 100, backend="cuda").cpu()
     assert torch.equal(y, R.ternary_linear(x, packed, torch.tensor(0.5), 70, 100))

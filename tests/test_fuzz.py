@@ -18,10 +18,20 @@ from tests.conftest import cpu_backends
 from tests.fuzz_strategies import float_matrix
 from tests.numerics import assert_parity, mag_keys
 
+# "cuda-emulated": the CUDA kernels under the SIMT emulator of tests/cuda_emu (on CPU tensors).
 # QSPARSE_FUZZ_BACKENDS=triton: the Triton kernels instead (tests/test_triton.py's child run sets
 # it together with TRITON_INTERPRET=1 and the smaller "interpreter" profile).
 _ONLY = os.environ.get("QSPARSE_FUZZ_BACKENDS")
-BACKENDS = st.sampled_from(_ONLY.split(",") if _ONLY else cpu_backends())
+BACKENDS = st.sampled_from(_ONLY.split(",") if _ONLY else [*cpu_backends(), "cuda-emulated"])
+
+
+def _run(op: str, backend: str, *args):
+    """``qk.<op>(*args, backend=backend)``, or the emulated CUDA kernel for "cuda-emulated"."""
+    if backend == "cuda-emulated":
+        from tests.cuda_emu import ops as emu
+
+        return getattr(emu, op)(*args)
+    return getattr(qk, op)(*args, backend=backend)
 
 
 def _same_bits_nan_aware(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -60,14 +70,14 @@ def _check_topk(x: torch.Tensor, y: torch.Tensor, k: int) -> None:
 @given(x=float_matrix(), data=st.data(), backend=BACKENDS)
 def test_topk_sparsify(x, data, backend):
     k = data.draw(st.integers(0, x.shape[-1]))
-    _check_topk(x, qk.topk_sparsify(x, k, backend=backend), k)
+    _check_topk(x, _run("topk_sparsify", backend, x, k), k)
 
 
 @given(x=float_matrix(n_cols=st.sampled_from([0, 4, 8, 32, 96])), data=st.data(), backend=BACKENDS)
 def test_block_topk_sparsify(x, data, backend):
     m = data.draw(st.sampled_from([m for m in (1, 2, 4, 8, 16, 32) if x.shape[-1] % m == 0]))
     n = data.draw(st.integers(0, m))
-    y = qk.block_topk_sparsify(x, n, m, backend=backend)
+    y = _run("block_topk_sparsify", backend, x, n, m)
     M, d = x.shape
     _check_topk(x.reshape(M * d // m, m) if d else x, y.reshape(M * d // m, m) if d else y, n)
 
@@ -81,7 +91,7 @@ def test_sparse_linear(x, data, backend):
     if data.draw(st.booleans()):
         w = qk.to_fast_layout(w)
     b = torch.randn(out_f).to(x.dtype) if data.draw(st.booleans()) else None
-    y = qk.sparse_linear(x, w, k, b, backend=backend)
+    y = _run("sparse_linear", backend, x, w, k, b)
     xs = R.topk_sparsify(x, k)
     ref64 = F.linear(xs.double(), w.double(), None if b is None else b.double())
     assert y.shape == ref64.shape and y.dtype == x.dtype
@@ -91,7 +101,7 @@ def test_sparse_linear(x, data, backend):
 
 @given(x=float_matrix(), backend=BACKENDS)
 def test_quantize_act_int8(x, backend):
-    q, s = qk.quantize_act_int8(x, backend=backend)
+    q, s = _run("quantize_act_int8", backend, x)
     q_ref, s_ref = R.quantize_act_int8(x)
     assert torch.equal(q, q_ref)
     assert _same_bits_nan_aware(s, s_ref)
@@ -106,7 +116,7 @@ def test_ternary_linear(x, data, backend):
     packed = R.pack_ternary(t)
     scale = torch.tensor(data.draw(st.floats(1e-4, 10.0)), dtype=torch.float32)
     b = torch.randn(out_f).to(x.dtype) if data.draw(st.booleans()) else None
-    y = qk.ternary_linear(x, packed, scale, out_f, k, b, backend=backend)
+    y = _run("ternary_linear", backend, x, packed, scale, out_f, k, b)
     ref = R.ternary_linear(x, packed, scale, out_f, k, b)
     assert y.shape == ref.shape and y.dtype == ref.dtype
     assert torch.equal(torch.isnan(y), torch.isnan(ref)), "NaN rows differ"
