@@ -9,8 +9,6 @@ point is to run the kernel. The property tests (tests/test_fuzz.py) use these as
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from qsparse_kernels.backends import _native_fakes
@@ -31,7 +29,7 @@ def library():
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
+    return x.reshape(1, -1) if x.dim() == 1 else x.flatten(0, -2).contiguous()
 
 
 def _unrows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
