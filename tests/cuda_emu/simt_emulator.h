@@ -330,26 +330,23 @@ inline T max(T a, T b) {
 
 namespace cub {
 
+// What BlockScan and BlockReduce share: every thread publishes its value in the TempStorage and
+// waits at a barrier; the collective then reads them all (no trailing barrier, as in cub).
 template <class T, int THREADS>
-class BlockScan {
+class BlockCollective {
  public:
   struct TempStorage {
     T v[THREADS];
   };
-  explicit BlockScan(TempStorage& s) : s_(s) {}
-  void ExclusiveSum(T in, T& out, T& aggregate) {
-    const int tid = simt::tl_linear_tid;
+  explicit BlockCollective(TempStorage& s) : s_(s) {}
+
+ protected:
+  const T* publish(T in) {
     if (int(blockDim.x * blockDim.y * blockDim.z) != THREADS)
-      throw std::runtime_error("simt: BlockScan<THREADS> used with another block size");
-    s_.v[tid] = in;
+      throw std::runtime_error("simt: a cub block collective used with another block size");
+    s_.v[simt::tl_linear_tid] = in;
     __syncthreads();
-    T before = T(0), all = T(0);
-    for (int i = 0; i < THREADS; ++i) {
-      if (i < tid) before += s_.v[i];
-      all += s_.v[i];
-    }
-    out = before;
-    aggregate = all;
+    return s_.v;
   }
 
  private:
@@ -357,24 +354,32 @@ class BlockScan {
 };
 
 template <class T, int THREADS>
-class BlockReduce {
+class BlockScan : public BlockCollective<T, THREADS> {
  public:
-  struct TempStorage {
-    T v[THREADS];
-  };
-  explicit BlockReduce(TempStorage& s) : s_(s) {}
+  using BlockCollective<T, THREADS>::BlockCollective;
+  void ExclusiveSum(T in, T& out, T& aggregate) {
+    const T* v = this->publish(in);
+    T before = T(0), all = T(0);
+    for (int i = 0; i < THREADS; ++i) {
+      if (i < simt::tl_linear_tid) before += v[i];
+      all += v[i];
+    }
+    out = before;
+    aggregate = all;
+  }
+};
+
+template <class T, int THREADS>
+class BlockReduce : public BlockCollective<T, THREADS> {
+ public:
+  using BlockCollective<T, THREADS>::BlockCollective;
   T Sum(T in) {
-    const int tid = simt::tl_linear_tid;
-    s_.v[tid] = in;
-    __syncthreads();
-    if (tid != 0) return T(0x5eed);  // undefined outside thread 0 in cub
+    const T* v = this->publish(in);
+    if (simt::tl_linear_tid != 0) return T(0x5eed);  // undefined outside thread 0 in cub
     T all = T(0);
-    for (int i = 0; i < THREADS; ++i) all += s_.v[i];
+    for (int i = 0; i < THREADS; ++i) all += v[i];
     return all;
   }
-
- private:
-  TempStorage& s_;
 };
 
 }  // namespace cub
