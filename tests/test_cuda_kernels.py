@@ -182,6 +182,31 @@ def test_ternary_unaligned_packed(kern):
         assert torch.equal(y, R.ternary_linear(x, packed, scale, out_f, k, None))
 
 
+def test_offsets_beyond_2_31(kern):
+    """Kept features whose weight rows start past 2**31 elements (sparse) and bytes (ternary): the
+    kernels index with 64-bit offsets. Only the kept rows are written; on CPU the rest of the
+    torch.empty storage is never touched, so it costs no memory."""
+    d, k, dev = 40_000, 3, kern.device
+    kept = torch.tensor([5, 33_000, 39_999])  # 39_999 * 65_536 > 2**31
+    x = torch.zeros(1, d)
+    x[0, kept] = torch.tensor([1.5, -2.0, 3.0])
+    out_f = 65_536
+    cols = torch.randn(k, out_f).to(torch.bfloat16)
+    store = torch.empty(d, out_f, dtype=torch.bfloat16, device=dev)  # column-major weight [out, d]
+    store[kept.to(dev)] = kern(cols)
+    y = kern.ops.sparse_linear_kernel(kern(x.to(torch.bfloat16)), store.t(), k, None).cpu()
+    xk = x[:, kept].to(torch.bfloat16)
+    assert_parity(y, xk.double() @ cols.double(), xk @ cols)
+    del store
+    out_t = 4 * 65_536  # 65_536 packed bytes per feature row
+    rows = R.pack_ternary(torch.randint(-1, 2, (out_t, k), dtype=torch.int8))  # [k, 65_536]
+    packed = torch.empty(d, out_t // 4, dtype=torch.uint8, device=dev)
+    packed[kept.to(dev)] = kern(rows)
+    scale = torch.tensor(0.5)
+    y = kern.ops.ternary_linear_kernel(kern(x), packed, kern(scale), out_t, k, None).cpu()
+    assert torch.equal(y, R.ternary_linear(x[:, kept], rows, scale, out_t, k))
+
+
 def test_ternary_nonfinite_rows(kern):
     x = torch.randn(3, 64)
     x[0, 3], x[1, 9] = float("nan"), float("inf")
