@@ -46,6 +46,7 @@ def assert_parity(y: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor | No
         bound = HALF_FACTOR * base + HALF_ATOL
     assert err <= bound, f"{y.dtype} relative error {err:.3e} > {bound:.3e} (plain PyTorch: {base})"
 
+
 def distinct_magnitudes(rows: int, d: int, dtype: torch.dtype, generator: torch.Generator | None = None):
     """``[rows, d]`` with distinct |x| in each row (random order and signs): top-K has no ties."""
     itype, base = _BITS[dtype]
