@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup_env.sh
 
 build:
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py -q build_ext --inplace
+	MAX_JOBS=$${MAX_JOBS:-2} QSPARSE_BUILD_CUDA=$${QSPARSE_BUILD_CUDA:-toolkit} $(PY) setup.py -q build_ext --inplace
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -1,8 +1,13 @@
 """Builds ``qsparse_kernels._C``: the C++ CPU kernels always, the CUDA kernels when possible.
 
 Environment:
-  QSPARSE_BUILD_CUDA   "1" forces the CUDA build, "0" skips it; unset: build it when nvcc is
-                       found and torch is a CUDA build (never decided by whether a GPU is visible).
+  QSPARSE_BUILD_CUDA   unset (what `pip install .` does): the CUDA kernels are built only when a
+                       CUDA device is visible and nvcc and a CUDA build of torch are there, so a
+                       CPU-only machine compiles the CPU kernels alone. "1" forces the CUDA build
+                       (an error without nvcc or with a CPU build of torch: a GPU image built on a
+                       machine without a GPU), "0" skips it, "toolkit" builds it whenever nvcc and
+                       a CUDA build of torch are there (`make` / scripts/setup_env.sh use this, so
+                       CI compiles and links the CUDA kernels without a GPU).
   QSPARSE_CUDA_ARCHS   semicolon list of compute capabilities, default "80;90"; PTX is embedded
                        for the last one so newer GPUs can JIT it.
   MAX_JOBS             parallel compile jobs (torch's ninja build honours it).
@@ -22,13 +27,32 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+CUDA_CHOICES = ("", "0", "1", "toolkit")
+
+
 def _want_cuda() -> bool:
-    flag = os.environ.get("QSPARSE_BUILD_CUDA")
+    """Whether to build the CUDA kernels (see QSPARSE_BUILD_CUDA in the module docstring)."""
+    flag = os.environ.get("QSPARSE_BUILD_CUDA", "").strip()
+    if flag not in CUDA_CHOICES:
+        raise ValueError(f"QSPARSE_BUILD_CUDA must be one of {CUDA_CHOICES[1:]} or unset, got {flag!r}")
+    toolkit = torch.version.cuda is not None and CUDA_HOME is not None
     if flag == "0":
         return False
     if flag == "1":
+        if not toolkit:
+            raise RuntimeError(
+                "QSPARSE_BUILD_CUDA=1 needs nvcc (CUDA_HOME) and a CUDA build of torch; found "
+                f"CUDA_HOME={CUDA_HOME!r}, torch.version.cuda={torch.version.cuda!r}"
+            )
         return True
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    if flag == "toolkit":
+        return toolkit
+    if not torch.cuda.is_available():
+        print("[qsparse_kernels] no CUDA device visible, CPU kernels only (QSPARSE_BUILD_CUDA=1 builds CUDA too)")
+        return False
+    if not toolkit:
+        print("[qsparse_kernels] a CUDA device is visible, but nvcc or a CUDA build of torch is missing: CPU only")
+    return toolkit
 
 
 def _gencode(archs: str) -> list[str]:

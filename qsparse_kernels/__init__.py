@@ -1,6 +1,6 @@
 """qsparse_kernels: fast kernels for Q-Sparse (top-K activation sparsity) and BitNet b1.58 layers.
 
-Public ops (SPEC.md): :func:`sparsity_to_k`, :func:`topk_sparsify`, :func:`block_topk_sparsify`,
+Public ops (the contract: docs/SPEC.md): :func:`sparsity_to_k`, :func:`topk_sparsify`, :func:`block_topk_sparsify`,
 :func:`sparse_linear`, :func:`quantize_act_int8`, :func:`quantize_weight_ternary`,
 :func:`pack_ternary`, :func:`unpack_ternary`, :func:`ternary_linear`. Backends:
 :func:`backend_info`, :func:`use_backend`, environment variable ``QSPARSE_BACKEND``.

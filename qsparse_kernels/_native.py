@@ -11,7 +11,11 @@ try:
     from .backends import _native_fakes  # noqa: F401
 except ImportError as exc:  # not built, or built against another torch
     _C = None
-    LOAD_ERROR = f"qsparse_kernels._C could not be imported ({exc}); build it with `make build`"
+    LOAD_ERROR = (
+        f"qsparse_kernels._C could not be imported ({exc}): the C++ kernels were not built, or were built "
+        "against another torch; every op runs on the reference backend. Build them with `make build` in a "
+        "checkout, or reinstall with `pip install --no-build-isolation .` against the installed torch"
+    )
 
 
 def loaded() -> bool:

@@ -1,4 +1,4 @@
-"""The reference backend: the readable oracle that defines every op (SPEC.md).
+"""The reference backend: the readable oracle that defines every op (docs/SPEC.md).
 
 Pure PyTorch, every device. Each function has the signature of the op it defines (without the
 ``backend`` argument) and assumes its arguments were already checked by ``_validate``.

@@ -22,7 +22,10 @@ fi
 # from anywhere (examples/, benchmarks/) import it.
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$PWD" > "$site/qsparse_kernels_inplace.pth"
-echo "[setup] building qsparse_kernels._C"
+# The CUDA kernels are compiled and linked wherever nvcc and the CUDA build of torch are (CI too,
+# without a GPU); `pip install .` alone builds them only where a CUDA device is visible (setup.py).
+export QSPARSE_BUILD_CUDA=${QSPARSE_BUILD_CUDA:-toolkit}
+echo "[setup] building qsparse_kernels._C (QSPARSE_BUILD_CUDA=$QSPARSE_BUILD_CUDA)"
 start=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_ext --inplace > "$VENV/build.log" 2>&1 || {
   tail -n 60 "$VENV/build.log"; echo "[setup] build failed (full log: $VENV/build.log)"; exit 1; }
