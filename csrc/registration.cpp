@@ -12,6 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qsparse_kernels native kernels (ops are registered in torch.ops.qsparse)";
   m.def("cpu_isa", [] { return std::string(qsk::cpu::isa_name(qsk::cpu::isa())); },
         "The CPU ISA level the kernels use: scalar, avx2 or avx512");
+  m.def("cpu_isa_env_error", [] { return qsk::cpu::isa_env_error(); },
+        "Why QSPARSE_CPU_ISA was ignored ('' when it was unset or valid)");
   m.def("cpu_has_avx512_vnni", &qsk::cpu::has_avx512_vnni);
   m.def("set_cpu_isa_cap", &qsk::cpu::set_isa_cap,
         "Caps the CPU ISA ('scalar', 'avx2', 'avx512'; '' restores the detected one). For tests.");

@@ -1,6 +1,13 @@
-"""Loads the compiled extension ``qsparse_kernels._C`` if it was built; never fails the import."""
+"""Loads the compiled extension ``qsparse_kernels._C`` if it was built; never fails the import.
+
+An invalid ``QSPARSE_CPU_ISA`` (not ``scalar``, ``avx2`` or ``avx512``) does not stop the import
+either: the C++ side ignores it and uses the detected ISA; here that becomes a ``RuntimeWarning``
+(once, at import) and :func:`isa_env_error` returns the message that ``backend_info()`` reports.
+"""
 
 from __future__ import annotations
+
+import warnings
 
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
@@ -24,3 +31,14 @@ def loaded() -> bool:
 
 def built_with_cuda() -> bool:
     return _C is not None and bool(_C.built_with_cuda())
+
+
+def isa_env_error() -> str:
+    """Why ``QSPARSE_CPU_ISA`` was ignored, or ``""`` (unset, empty or valid; or ``_C`` not built)."""
+    if _C is None or not hasattr(_C, "cpu_isa_env_error"):
+        return ""
+    return str(_C.cpu_isa_env_error())
+
+
+if isa_env_error():
+    warnings.warn(f"qsparse_kernels: {isa_env_error()}", RuntimeWarning, stacklevel=2)

@@ -2,7 +2,9 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <optional>
 #include <stdexcept>
+#include <string>
 
 namespace qsk::cpu {
 namespace {
@@ -17,18 +19,35 @@ Isa detect() {
   return Isa::Scalar;
 }
 
-Isa parse(const std::string& name) {
+constexpr const char* kExpected = "scalar, avx2 or avx512";
+
+std::optional<Isa> try_parse(const std::string& name) {
   if (name == "scalar") return Isa::Scalar;
   if (name == "avx2") return Isa::Avx2;
   if (name == "avx512") return Isa::Avx512;
-  throw std::invalid_argument("unknown CPU ISA '" + name + "' (expected scalar, avx2 or avx512)");
+  return std::nullopt;
+}
+
+Isa parse(const std::string& name) {
+  if (auto isa = try_parse(name)) return *isa;
+  throw std::invalid_argument("unknown CPU ISA '" + name + "' (expected " + kExpected + ")");
 }
 
 const Isa kDetected = detect();
 
+// QSPARSE_CPU_ISA is read while the shared object loads, where a C++ exception cannot be caught
+// (it would abort the process at `import qsparse_kernels`). So a value that is not an ISA name is
+// ignored (the detected ISA is used) and the reason is kept for isa_env_error(); the Python layer
+// turns it into a warning and reports it in backend_info().
+std::string g_env_error;
+
 Isa initial_cap() {
   const char* env = std::getenv("QSPARSE_CPU_ISA");
-  return (env && *env) ? parse(env) : Isa::Avx512;
+  if (!env || !*env) return Isa::Avx512;
+  if (auto isa = try_parse(env)) return *isa;
+  g_env_error = std::string("QSPARSE_CPU_ISA='") + env + "' is not a CPU ISA (expected " + kExpected +
+                ", lower case, no spaces); ignored, the kernels use the detected ISA";
+  return Isa::Avx512;
 }
 
 std::atomic<int> g_cap{static_cast<int>(initial_cap())};
@@ -52,6 +71,8 @@ const char* isa_name(Isa isa) {
     default: return "scalar";
   }
 }
+
+const std::string& isa_env_error() { return g_env_error; }
 
 void set_isa_cap(const std::string& name) {
   g_cap.store(static_cast<int>(name.empty() ? Isa::Avx512 : parse(name)), std::memory_order_relaxed);

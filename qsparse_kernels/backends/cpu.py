@@ -15,7 +15,9 @@ def devices() -> tuple[str, ...]:
 def status() -> tuple[bool, bool, str]:
     if not _native.loaded():
         return False, False, _native.LOAD_ERROR or "not built"
-    return True, True, f"C++ CPU kernels, ISA {_native._C.cpu_isa()}, {torch.get_num_threads()} threads"
+    reason = f"C++ CPU kernels, ISA {_native._C.cpu_isa()}, {torch.get_num_threads()} threads"
+    env_error = _native.isa_env_error()
+    return True, True, f"{reason} (warning: {env_error})" if env_error else reason
 
 
 def _linear_ops() -> dict:

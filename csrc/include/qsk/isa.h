@@ -9,13 +9,17 @@ namespace qsk::cpu {
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
 // Best ISA this CPU supports, capped by the environment variable QSPARSE_CPU_ISA
-// (scalar | avx2 | avx512) read once, or by set_isa_cap() (used by tests to reach every path).
+// (scalar | avx2 | avx512) read once (an invalid value is ignored, see isa_env_error()), or by
+// set_isa_cap() (used by tests to reach every path).
 Isa isa();
 // Whether AVX-512 VNNI (vpdpbusd) can be used; false whenever isa() is below Avx512.
 bool has_avx512_vnni();
 const char* isa_name(Isa isa);
 // Caps the ISA; "" restores the detected one. Throws on an unknown name.
 void set_isa_cap(const std::string& name);
+// Why QSPARSE_CPU_ISA was ignored ("" when it was unset, empty or valid). An invalid value never
+// throws at load time: the detected ISA is used and this message says so.
+const std::string& isa_env_error();
 
 }  // namespace qsk::cpu
 
