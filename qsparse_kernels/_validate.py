@@ -7,6 +7,7 @@ reports the same errors at trace time). Messages name the op and the argument.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -20,8 +21,37 @@ def _err(cls: type[Exception], op: str, msg: str) -> Exception:
     return cls(f"qsparse_kernels.{op}: {msg}")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+def _is_bool(v) -> bool:
+    """``bool`` and numpy's bool scalar (which has ``__float__``, so ``float()`` would take it)."""
+    return isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_"))
+
+
+def as_int(op: str, name: str, v):
+    """``v`` as a Python ``int``: anything ``operator.index`` accepts (``int``, numpy integers), a
+    ``SymInt`` as is; ``bool`` and tensors are refused (a tensor would cost a host read per call)."""
+    if type(v) is int or isinstance(v, torch.SymInt):
+        return v
+    if not _is_bool(v) and not isinstance(v, torch.Tensor):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise _err(TypeError, op, f"{name} must be an int, got {type(v).__name__}")
+
+
+def as_float(op: str, name: str, v) -> float:
+    """``v`` as a Python ``float``: a real number (``int``, ``float``, numpy floats and integers);
+    ``bool``, strings and tensors are refused."""
+    if type(v) is float:
+        return v
+    if not _is_bool(v) and not isinstance(v, (str, bytes, torch.Tensor)) and (
+        hasattr(v, "__float__") or hasattr(v, "__index__")
+    ):
+        try:
+            return float(v) if hasattr(v, "__float__") else float(operator.index(v))
+        except (TypeError, ValueError, OverflowError):
+            pass
+    raise _err(TypeError, op, f"{name} must be a float, got {type(v).__name__}")
 
 
 # Largest tensor any op accepts or produces: the GPU kernels index with 32-bit offsets. Checked on
@@ -55,12 +85,13 @@ def float_tensor(op: str, name: str, t, min_dim: int = 1) -> None:
         raise _err(ValueError, op, f"{name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
 
 
-def integer(op: str, name: str, v, lo: int, hi: int | None = None, hi_desc: str = "") -> None:
-    if not _is_int(v):
-        raise _err(TypeError, op, f"{name} must be an int, got {type(v).__name__}")
+def integer(op: str, name: str, v, lo: int, hi: int | None = None, hi_desc: str = ""):
+    """``v`` as an ``int`` (:func:`as_int`) in ``[lo, hi]``; returns it."""
+    v = as_int(op, name, v)
     if v < lo or (hi is not None and v > hi):
         rng = f"[{lo}, {hi}]" + (f" ({hi_desc})" if hi_desc else "") if hi is not None else f">= {lo}"
         raise _err(ValueError, op, f"{name} must be in {rng}, got {v}")
+    return v
 
 
 def same_device(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor) -> None:
@@ -68,29 +99,36 @@ def same_device(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.T
         raise _err(ValueError, op, f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-def sparsity(op: str, s) -> None:
-    if isinstance(s, bool) or not isinstance(s, (int, float)):
-        raise _err(TypeError, op, f"sparsity must be a float in [0, 1), got {type(s).__name__}")
+def sparsity(op: str, s) -> float:
+    """``s`` as a ``float`` (:func:`as_float`) in ``[0, 1)``; returns it."""
+    try:
+        s = as_float(op, "sparsity", s)
+    except TypeError:
+        raise _err(TypeError, op, f"sparsity must be a float in [0, 1), got {type(s).__name__}") from None
     if not (0.0 <= s < 1.0):
         raise _err(ValueError, op, f"sparsity must be in [0, 1), got {s}")
+    return s
 
 
 # ---- per-op checks (shape-only, so the fakes can run them too) ----
 
 
-def topk_sparsify(x, k) -> None:
+def topk_sparsify(x, k) -> int:
+    """Checks the arguments; returns ``k`` as an ``int``."""
     op = "topk_sparsify"
     float_tensor(op, "x", x)
-    integer(op, "k", k, 0, x.shape[-1], "d = x.shape[-1]")
+    return integer(op, "k", k, 0, x.shape[-1], "d = x.shape[-1]")
 
 
-def block_topk_sparsify(x, n, m) -> None:
+def block_topk_sparsify(x, n, m) -> tuple[int, int]:
+    """Checks the arguments; returns ``(n, m)`` as ``int``."""
     op = "block_topk_sparsify"
     float_tensor(op, "x", x)
-    integer(op, "m", m, 1)
-    integer(op, "n", n, 0, m, "m")
+    m = integer(op, "m", m, 1)
+    n = integer(op, "n", n, 0, m, "m")
     if x.shape[-1] % m != 0:
         raise _err(ValueError, op, f"x.shape[-1] = {x.shape[-1]} must be divisible by m = {m}")
+    return n, m
 
 
 def _bias(op: str, bias, x: torch.Tensor, out_features: int, dtype: torch.dtype) -> None:
@@ -104,7 +142,8 @@ def _bias(op: str, bias, x: torch.Tensor, out_features: int, dtype: torch.dtype)
     same_device(op, "x", x, "bias", bias)
 
 
-def sparse_linear(x, weight, k, bias) -> None:
+def sparse_linear(x, weight, k, bias) -> int:
+    """Checks the arguments; returns ``k`` as an ``int``."""
     op = "sparse_linear"
     float_tensor(op, "x", x)
     tensor(op, "weight", weight)
@@ -117,9 +156,10 @@ def sparse_linear(x, weight, k, bias) -> None:
             ValueError, op, f"weight.shape[1] = {weight.shape[1]} must equal x.shape[-1] = {x.shape[-1]}"
         )
     same_device(op, "x", x, "weight", weight)
-    integer(op, "k", k, 0, x.shape[-1], "d = x.shape[-1]")
+    k = integer(op, "k", k, 0, x.shape[-1], "d = x.shape[-1]")
     _bias(op, bias, x, weight.shape[0], x.dtype)
     numel_fits(op, "the output", _rows(x) * weight.shape[0])
+    return k
 
 
 def quantize_act_int8(x) -> None:
@@ -142,11 +182,12 @@ def pack_ternary(t) -> None:
         raise _err(ValueError, op, f"t must be 2-D [out_features, in_features], got shape {tuple(t.shape)}")
 
 
-def packed_weight(op: str, packed, in_features: int, out_features) -> None:
+def packed_weight(op: str, packed, in_features: int, out_features) -> int:
+    """Checks ``packed`` against ``[in_features, ceil(out_features / 4)]``; returns ``out_features``."""
     tensor(op, "packed", packed)
     if packed.dtype != torch.uint8:
         raise _err(TypeError, op, f"packed must be uint8, got {packed.dtype}")
-    integer(op, "out_features", out_features, 0)
+    out_features = integer(op, "out_features", out_features, 0)
     want = (in_features, packed_cols(out_features))
     if tuple(packed.shape) != want:
         raise _err(
@@ -155,16 +196,18 @@ def packed_weight(op: str, packed, in_features: int, out_features) -> None:
             f"packed must have shape [in_features, ceil(out_features / 4)] = {list(want)}, "
             f"got {list(packed.shape)}",
         )
+    return out_features
 
 
-def unpack_ternary(packed, out_features) -> None:
+def unpack_ternary(packed, out_features) -> int:
+    """Checks the arguments; returns ``out_features`` as an ``int``."""
     op = "unpack_ternary"
     tensor(op, "packed", packed)
     if packed.dim() != 2:
         raise _err(
             ValueError, op, f"packed must be 2-D [in_features, ceil(out_features / 4)], got shape {tuple(packed.shape)}"
         )
-    packed_weight(op, packed, packed.shape[0], out_features)
+    return packed_weight(op, packed, packed.shape[0], out_features)
 
 
 def weight_scale(op: str, scale, x: torch.Tensor) -> None:
@@ -186,13 +229,15 @@ def weight_scale(op: str, scale, x: torch.Tensor) -> None:
             raise _err(ValueError, op, f"scale must be finite and > 0, got {v}")
 
 
-def ternary_linear(x, packed, scale, out_features, k, bias) -> None:
+def ternary_linear(x, packed, scale, out_features, k, bias) -> tuple[int, int | None]:
+    """Checks the arguments; returns ``(out_features, k)`` as ``int`` (``k`` may be None)."""
     op = "ternary_linear"
     float_tensor(op, "x", x)
-    packed_weight(op, packed, x.shape[-1], out_features)
+    out_features = packed_weight(op, packed, x.shape[-1], out_features)
     same_device(op, "x", x, "packed", packed)
     weight_scale(op, scale, x)
     if k is not None:
-        integer(op, "k", k, 0, x.shape[-1], "d = x.shape[-1]")
+        k = integer(op, "k", k, 0, x.shape[-1], "d = x.shape[-1]")
     _bias(op, bias, x, out_features, x.dtype)
     numel_fits(op, "the output", _rows(x) * out_features)
+    return out_features, k

@@ -25,13 +25,13 @@ or shadowed by an earlier pattern).
 from __future__ import annotations
 
 import fnmatch
-import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from torch import nn
 
 from . import _validate as check
+from ._frozen import FrozenMapping
 from .backends import CHOICES
 from .nn import BitLinear, QSparseLinear
 
@@ -67,13 +67,14 @@ class QSparseConfig:
         if isinstance(self.sparsity, Mapping):
             if not self.sparsity:
                 raise ValueError("qsparse_kernels.QSparseConfig: the sparsity mapping is empty")
+            values = {}
             for pat, s in self.sparsity.items():
                 if not isinstance(pat, str):
                     raise TypeError(f"qsparse_kernels.QSparseConfig: sparsity patterns must be str, got {pat!r}")
-                check.sparsity(f"{where}.sparsity[{pat!r}]", s)
-            object.__setattr__(self, "sparsity", types.MappingProxyType(dict(self.sparsity)))
+                values[pat] = check.sparsity(f"{where}.sparsity[{pat!r}]", s)
+            object.__setattr__(self, "sparsity", FrozenMapping(values))  # read-only, hashable
         else:
-            check.sparsity(f"{where}.sparsity", self.sparsity)
+            object.__setattr__(self, "sparsity", check.sparsity(f"{where}.sparsity", self.sparsity))
         if self.weights not in WEIGHT_MODES:
             raise ValueError(
                 f"qsparse_kernels.QSparseConfig: weights must be one of {WEIGHT_MODES}, got {self.weights!r}"

@@ -22,8 +22,8 @@ def sparsity_to_k(d: int, sparsity: float) -> int:
 
     ``sparsity_to_k(10, 0.6) == 4``; ``sparsity_to_k(0, s) == 0``.
     """
-    check.integer("sparsity_to_k", "d", d, 0)
-    check.sparsity("sparsity_to_k", sparsity)
+    d = check.integer("sparsity_to_k", "d", d, 0)
+    sparsity = check.sparsity("sparsity_to_k", sparsity)
     if d == 0:
         return 0
     return max(1, min(d, math.floor((1.0 - sparsity) * d + 1e-6)))
@@ -36,7 +36,7 @@ def topk_sparsify(x: Tensor, k: int, *, backend: str = "auto") -> Tensor:
     NaN counts as the largest magnitude; with ties exactly ``k`` entries are kept.
     Backward is straight-through (the gradient reaches every entry).
     """
-    check.topk_sparsify(x, k)
+    k = check.topk_sparsify(x, k)
     if _ops.direct_ok(x):
         return _ops.run("topk_sparsify", backend, x.device, x, k)
     return _ops.topk_sparsify(x, k, backend)
@@ -47,7 +47,7 @@ def block_topk_sparsify(x: Tensor, n: int, m: int, *, backend: str = "auto") -> 
 
     x: ``[..., d]`` float with ``d % m == 0``; ``0 <= n <= m``. Same shape and dtype out.
     """
-    check.block_topk_sparsify(x, n, m)
+    n, m = check.block_topk_sparsify(x, n, m)
     if _ops.direct_ok(x):
         return _ops.run("block_topk_sparsify", backend, x.device, x, n, m)
     return _ops.block_topk_sparsify(x, n, m, backend)
@@ -60,7 +60,7 @@ def sparse_linear(x: Tensor, weight: Tensor, k: int, bias: Tensor | None = None,
     column-major, ``weight.stride(0) == 1``: see :func:`to_fast_layout`); bias: ``[out]`` or None.
     Returns ``[..., out]`` in ``x.dtype``. Backward: STE (SPEC "Autograd").
     """
-    check.sparse_linear(x, weight, k, bias)
+    k = check.sparse_linear(x, weight, k, bias)
     if _ops.direct_ok(x, weight, bias):
         return _ops.run("sparse_linear", backend, x.device, x, weight, k, bias)
     return _ops.sparse_linear(x, weight, k, bias, backend)
@@ -96,7 +96,7 @@ def pack_ternary(t: Tensor, *, backend: str = "auto") -> Tensor:
 
 def unpack_ternary(packed: Tensor, out_features: int, *, backend: str = "auto") -> Tensor:
     """Unpack uint8 ``[in, ceil(out/4)]`` into int8 ``[out_features, in]``; rejects the invalid code 3."""
-    check.unpack_ternary(packed, out_features)
+    out_features = check.unpack_ternary(packed, out_features)
     return _ops.unpack_ternary(packed, out_features, backend)
 
 
@@ -118,7 +118,7 @@ def ternary_linear(
     ``acc * x_scale * scale (+ bias)`` as ``[..., out]`` in ``x.dtype``; NaN in rows whose kept
     entries hold NaN or +-Inf.
     """
-    check.ternary_linear(x, packed, scale, out_features, k, bias)
+    out_features, k = check.ternary_linear(x, packed, scale, out_features, k, bias)
     if _ops.direct_ok(x, packed, scale, bias):
         return _ops.run("ternary_linear", backend, x.device, x, packed, scale, out_features, k, bias)
     return _ops.ternary_linear(x, packed, scale, out_features, k, bias, backend)
