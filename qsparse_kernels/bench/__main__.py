@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -23,7 +22,7 @@ from .. import __version__, ops
 from ..backends import backend_info
 from ..backends import ops as backend_ops
 from . import cases
-from .harness import read_bandwidth, time_calls
+from .harness import Evictor, dram_bytes, machine_summary, read_bandwidth, time_calls
 
 
 @dataclass
@@ -43,7 +42,14 @@ class Row:
     gbps: float
     bw_frac: float
     speedup: float
+    spread: float  # p80 / p20
+    attempts: int  # measurements taken (a wide spread is measured again)
+    wide: bool  # p80 / p20 > harness.WIDE_SPREAD even after the repeats
+    residency: str  # "dram" (rotation), "dram-evicted" (rotation + cache eviction per call), "cache-resident"
     device: str
+    isa: str
+    threads: int
+    llc_mib: float
     version: str
     git_sha: str
 
@@ -55,12 +61,6 @@ def _git_sha() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def _backends_for(op: str, device: torch.device, wanted: list[str] | None) -> list[str]:
@@ -91,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="bench_out", help="folder for kernels.csv and the PNG plots ('' for none)")
     p.add_argument("--csv", help="also append rows to this CSV (long format)")
     p.add_argument("--json", help="also write rows to this JSON file")
+    p.add_argument("--no-evict", action="store_true",
+                   help="never evict the cache between calls (points whose rotation is short are then cache-resident)")
     p.add_argument("--no-decode", action="store_true", help="skip the end-to-end decode benchmark")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -128,7 +130,11 @@ def run(args) -> tuple[list[Row], float]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     bw = read_bandwidth(device)
-    print(f"# device: {_device_name(device)}; measured read bandwidth {bw / 1e9:.1f} GB/s", file=sys.stderr)
+    mach = machine_summary(device)
+    print(f"# device: {mach['device']}, ISA {mach['isa']}, {mach['threads']} threads, last-level cache "
+          f"{mach['llc_mib']:.0f} MiB; DRAM rotation >= {dram_bytes(device) / 2**30:.2f} GiB; "
+          f"measured read bandwidth {bw / 1e9:.1f} GB/s", file=sys.stderr)
+    evictor = Evictor(device)
     points = plan(args)
     try:
         from tqdm import tqdm
@@ -141,13 +147,17 @@ def run(args) -> tuple[list[Row], float]:
         x = torch.randn(m, in_f, device=device, dtype=cases.DTYPES[dt])
         k = in_f if s is None else ops.sparsity_to_k(in_f, s)
         if kernel == "dense":
-            call, n, read = cases.dense(x, out_f)
+            case = cases.dense(x, out_f)
         elif kernel == "sparse_linear":
-            call, n, read = cases.sparse_linear(x, out_f, k, be)
+            case = cases.sparse_linear(x, out_f, k, be)
         else:
-            call, n, read = cases.ternary_linear(x, out_f, None if s is None else k, be)
-        t = time_calls(call, 1 << 30, device, reps=max(20, args.reps))  # call(i) rotates weights and x
-        del call
+            case = cases.ternary_linear(x, out_f, None if s is None else k, be)
+        evict = case.evict and not args.no_evict
+        residency = "dram-evicted" if evict else ("cache-resident" if case.evict else "dram")
+        # call(i) rotates weights and x; 1 << 30 variants: i is never wrapped by the harness
+        t = time_calls(case.call, 1 << 30, device, reps=max(20, args.reps), before=evictor.evict if evict else None)
+        read = case.read
+        del case
         key = (name, m, dt)
         if kernel == "dense":
             dense_p50[key] = t.p50
@@ -155,21 +165,33 @@ def run(args) -> tuple[list[Row], float]:
         rows.append(
             Row(kernel, be or "torch", name, in_f, out_f, m, 0.0 if s is None else s, k, dt,
                 t.p50 * 1e6, t.p20 * 1e6, t.p80 * 1e6, gbps, gbps * 1e9 / bw,
-                dense_p50[key] / t.p50, _device_name(device), __version__, sha)
+                dense_p50[key] / t.p50, t.spread, t.attempts, t.wide, residency, mach["device"], mach["isa"],
+                mach["threads"], mach["llc_mib"], __version__, sha)
         )
     return rows, bw
 
 
 def print_table(rows: list[Row]) -> None:
     hdr = f"{'kernel':<15}{'backend':<10}{'shape':<16}{'M':>4}{'dtype':>6}{'s':>8}{'p50 us':>10}" \
-          f"{'p20-p80 us':>17}{'GB/s':>8}{'%bw':>6}{'x dense':>9}"
+          f"{'p20-p80 us':>17}{'GB/s':>8}{'%bw':>6}{'x dense':>9}  flags"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         s = "dense" if r.kernel == "dense" else (f"{r.sparsity:.4g}" if r.sparsity or r.kernel != "ternary_linear"
                                                   else "none")
         print(f"{r.kernel:<15}{r.backend:<10}{r.shape:<16}{r.M:>4}{r.dtype:>6}{s:>8}{r.p50_us:>10.1f}"
-              f"{f'{r.p20_us:.0f}-{r.p80_us:.0f}':>17}{r.gbps:>8.1f}{100 * r.bw_frac:>5.0f}%{r.speedup:>8.2f}x")
+              f"{f'{r.p20_us:.0f}-{r.p80_us:.0f}':>17}{r.gbps:>8.1f}{100 * r.bw_frac:>5.0f}%{r.speedup:>8.2f}x"
+              f"  {_flags(r)}")
+
+
+def _flags(r: Row) -> str:
+    """Why a row deserves a second look: a wide spread, a cache-resident rotation."""
+    out = []
+    if r.wide:
+        out.append(f"WIDE p80/p20={r.spread:.2f} after {r.attempts} tries")
+    if r.residency == "cache-resident":
+        out.append("cache-resident")
+    return ", ".join(out)
 
 
 def write(rows: list[Row], csv_path: str | None, json_path: str | None) -> None:

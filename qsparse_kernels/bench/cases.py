@@ -1,19 +1,22 @@
 """What the bench measures: SPEC headline shapes and one builder per kernel.
 
-A builder returns ``(call, n_variants, weight_bytes_read)``: ``call(i)`` runs the kernel on the
-``i``-th weight copy (copies rotate, see :mod:`.harness`).
+A builder returns a :class:`Case`: ``call(i)`` runs the kernel on the ``i``-th weight copy and
+activation (both rotate, see :mod:`.harness`), ``read`` is the weight bytes one call must read,
+and ``evict`` says whether the rotation alone is too short to leave the last-level cache (then the
+harness evicts the cache before every timed call).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
 from ..layout import packed_cols
-from .harness import copies_needed
+from .harness import copies_needed, dram_bytes
 
 # (name, in_features, out_features): SPEC "How speed is measured".
 HEADLINE_SHAPES = [
@@ -29,19 +32,34 @@ BATCHES = [1, 2, 4, 8, 16, 64]
 SPARSITIES = [0.0, 0.25, 0.5, 0.6125, 0.75, 0.9]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
-Case = tuple[Callable[[int], object], int, int]
 
-# Weight memory one case may hold for its rotation; a very sparse case whose kept rows are small
-# rotates fewer copies than the cache rule asks (its rotating activations still vary the rows).
-MAX_ROTATION_BYTES = 2 << 30
+
+@dataclass
+class Case:
+    """One benchmark point: ``call(i)`` rotates over ``n`` weight copies (and the activations)."""
+
+    call: Callable[[int], object]
+    n: int
+    read: int  # weight bytes one call reads
+    evict: bool  # the rotation reads fewer than harness.dram_bytes(): evict the cache before each call
+
+    def __iter__(self):  # (call, n, read), as the older tuple form
+        return iter((self.call, self.n, self.read))
+
+
+# Weight memory one case may hold for its rotation. A sparse case whose kept rows are small would
+# need more copies than that: it rotates what fits, and the harness evicts the cache before each
+# call instead (Case.evict).
+MAX_ROTATION_BYTES = 3 << 30
 N_ACTIVATIONS = 16  # activations rotate too, so every call keeps a different set of features
 
 _pool: dict[tuple, list[torch.Tensor]] = {}
 
 
 def _copies(key: tuple, make: Callable[[], torch.Tensor], bytes_read: int, bytes_each: int, device) -> list:
-    """``n`` copies made by ``make``: enough that the bytes read over a rotation exceed the cache
-    (SPEC: >= 4x the last-level cache), within :data:`MAX_ROTATION_BYTES`. Kept per shape."""
+    """``n`` copies made by ``make``: enough that the bytes read over a rotation reach
+    :func:`.harness.dram_bytes` (SPEC: >= 4x the last-level cache), within
+    :data:`MAX_ROTATION_BYTES`. Kept per shape."""
     n = max(2, min(copies_needed(bytes_read, device), MAX_ROTATION_BYTES // max(1, bytes_each)))
     if _pool and key not in _pool and next(iter(_pool))[:3] != key[:3]:
         _pool.clear()  # a new shape: free the previous one's copies
@@ -68,22 +86,31 @@ def dense(x: torch.Tensor, out_f: int) -> Case:
     """The baseline: ``F.linear`` with the standard row-major ``nn.Linear`` weight."""
     read = out_f * x.shape[-1] * x.element_size()
     ws, xs = _float_weights(out_f, x.shape[-1], x.dtype, x.device, "rowmajor", read), _activations(x)
-    return (lambda i: F.linear(xs[i % len(xs)], ws[i % len(ws)])), len(ws), read
+    return _case(lambda i: F.linear(xs[i % len(xs)], ws[i % len(ws)]), len(ws), read, x.device)
+
+
+def _case(call, n: int, read: int, device) -> Case:
+    return Case(call, n, read, n * read < dram_bytes(device))
 
 
 def sparse_linear(x: torch.Tensor, out_f: int, k: int, backend: str) -> Case:
     """``sparse_linear`` (top-K included) over the column-major weight."""
     read = k * out_f * x.element_size()
     ws, xs = _float_weights(out_f, x.shape[-1], x.dtype, x.device, "colmajor", read), _activations(x)
-    return (lambda i: ops.sparse_linear(xs[i % len(xs)], ws[i % len(ws)], k, backend=backend)), len(ws), read
+    return _case(lambda i: ops.sparse_linear(xs[i % len(xs)], ws[i % len(ws)], k, backend=backend), len(ws), read,
+                 x.device)
 
 
-def _random_packed(in_f: int, out_f: int, device) -> torch.Tensor:
-    """Random canonical packed ternary bytes (codes 0..2 only)."""
-    codes = torch.randint(0, 256, (in_f, packed_cols(out_f)), dtype=torch.uint8, device=device)
+def random_packed(in_f: int, out_f: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random canonical packed ternary weight, uint8 ``[in_f, ceil(out_f / 4)]`` (SPEC 6): codes
+    0..2, padding codes past ``out_f`` 1 (zero), as a module's checkpoint loader accepts."""
+    codes = torch.randint(0, 256, (in_f, packed_cols(out_f)), dtype=torch.uint8, device=device, generator=generator)
     for shift in (0, 2, 4, 6):
         bad = ((codes >> shift) & 3) == 3
         codes = torch.where(bad, codes ^ (1 << shift), codes)  # the invalid code 3 -> 2
+        if out_f % 4 and shift // 2 >= out_f % 4:  # padding slot s of the last byte: code 1
+            last = codes[:, -1]
+            codes[:, -1] = (last & (0xFF ^ (3 << shift))) | (1 << shift)
     return codes
 
 
@@ -91,8 +118,8 @@ def ternary_linear(x: torch.Tensor, out_f: int, k: int | None, backend: str) -> 
     """``ternary_linear`` over packed 2-bit weights; ``k=None`` is dense activations."""
     in_f = x.shape[-1]
     read = (in_f if k is None else k) * packed_cols(out_f)
-    packs = _copies((out_f, in_f, str(x.device), "packed"), lambda: _random_packed(in_f, out_f, x.device), read,
+    packs = _copies((out_f, in_f, str(x.device), "packed"), lambda: random_packed(in_f, out_f, x.device), read,
                     in_f * packed_cols(out_f), x.device)
     xs, scale = _activations(x), torch.tensor(0.02, device=x.device)
-    return (lambda i: ops.ternary_linear(xs[i % len(xs)], packs[i % len(packs)], scale, out_f, k, backend=backend),
-            len(packs), read)
+    return _case(lambda i: ops.ternary_linear(xs[i % len(xs)], packs[i % len(packs)], scale, out_f, k, backend=backend),
+                 len(packs), read, x.device)
