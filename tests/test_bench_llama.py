@@ -34,8 +34,9 @@ def test_matches_hf_llama():
 
 
 def test_decode_cli_runs_every_variant_with_breakdown(tmp_path, capsys):
-    """`python -m qsparse_kernels.bench.decode` on a tiny HF config: a row per variant in
-    decode.csv, and the breakdown's shares add up to its total."""
+    """`python -m qsparse_kernels.bench.decode` on a tiny HF config: a row per variant and model in
+    decode.csv (the model as given and the LLC row), with the spread columns, and the breakdown's
+    shares add up to its total."""
     import csv
     import json
 
@@ -46,11 +47,38 @@ def test_decode_cli_runs_every_variant_with_breakdown(tmp_path, capsys):
                                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}))
     out = tmp_path / "out"
     assert decode.main(["--hf-config", str(cfg), "--prompt-len", "4", "--new-tokens", "3", "--breakdown",
+                        "--rounds", "2", "--llc-config", str(cfg), "--llc-layers", "3", "--llc-new-tokens", "3",
                         "--out", str(out), "--device", "cpu"]) == 0
     with open(out / "decode.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["variant"] for r in rows] == list(decode.VARIANTS)
-    assert all(float(r["decode_tok_s"]) > 0 for r in rows)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    assert len(models) == 2
+    assert [r["variant"] for r in rows if r["model"] == models[0]] == list(decode.VARIANTS)
+    assert [r["variant"] for r in rows if r["model"] == models[1]] == decode.LLC_VARIANTS
+    for r in rows:
+        assert float(r["decode_tok_s"]) > 0 and r["rounds"] == "2"
+        assert float(r["ms_per_token_min"]) <= float(r["ms_per_token"]) <= float(r["ms_per_token_max"])
+        assert float(r["decode_speedup_min"]) <= float(r["decode_speedup"]) <= float(r["decode_speedup_max"])
+    dense = [r for r in rows if r["variant"] == "dense"]
+    assert all(float(r["decode_speedup"]) == 1.0 for r in dense)
+    # the LLC row's ternary weights: 2 bits per weight, its float rows 16 (same layer count)
+    big = {r["variant"]: int(r["weight_bytes_per_token"]) for r in rows if r["model"] == models[1]}
+    head = 64 * 100 * 2
+    assert (big["dense"] - head) == 8 * (big["bitnet-b1.58"] - head)
+    assert (out / "decode.png").exists()
     split = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["dense"]][-1]
     total, head, proj, rest = map(float, split[1:])
     assert abs(head + proj + rest - total) < 0.15  # each printed to 0.1 ms
+
+
+def test_llc_model_leaves_the_cache():
+    """The LLC row's ternary weights are >= 4x the cache, and its float pool too."""
+    from qsparse_kernels.bench.decode import LLAMA2_7B, llc_model
+
+    for llc in (32 << 20, 105 << 20, 480 << 20):
+        shape, pool = llc_model(LLAMA2_7B, llc)
+        h, f = 4096, 11008
+        params = 4 * h * h + 3 * h * f
+        assert shape.num_hidden_layers * params // 4 >= 4 * llc
+        assert (shape.num_hidden_layers - 1) * params // 4 < 4 * llc or shape.num_hidden_layers == 2
+        assert pool * params * 2 >= 4 * llc and pool <= shape.num_hidden_layers

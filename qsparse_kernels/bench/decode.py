@@ -1,31 +1,45 @@
 """End-to-end greedy decoding: dense vs Q-Sparse vs BitNet b1.58 (+ Q-Sparse), tokens/s.
 
-``python -m qsparse_kernels.bench.decode`` builds a Llama-architecture model (default TinyLlama-1.1B
+``python -m qsparse_kernels.bench.decode`` builds Llama-architecture models (default TinyLlama-1.1B
 shapes: hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 KV heads, vocabulary 32000; or
-``--hf-config config.json``) with random bf16 weights, converts it with
-:func:`qsparse_kernels.convert`, and times a 16-token prompt (prefill, the batched path) and 64
-greedy tokens (decode, batch 1). Every variant is built from the same seed; ratios are against
-the dense model measured in the same run. The output head (``lm_head``) stays a dense
-``nn.Linear``, as the default conversion filter leaves it, in every variant but ``+fast-head``
-(see :data:`VARIANTS`).
+``--hf-config config.json``) with random bf16 weights, one per variant (:data:`VARIANTS`), and
+times a 16-token prompt (prefill, the batched path) and 64 greedy tokens (decode, batch 1).
+
+Method (SPEC "How speed is measured"): the variants run interleaved round-robin (dense, A, B, ...,
+dense, A, B, ...) over ``--rounds`` rounds (>= 5) after a warm-up; per variant the median
+ms/token with its range over the rounds, and the ratio to dense as the median of the per-round
+ratios (each against the dense run of the same round), with its range. A dense baseline whose
+range exceeds 10% of its median is flagged.
+
+A second model ("the LLC row") is sized to leave the last-level cache: Llama-2-7B layer shapes
+with as many layers as make the *ternary* weights read per token >= 4x this machine's LLC
+(so no variant decodes from cache). Its ternary variants are built packed directly (random codes,
+no float weights), and its float variants cycle a pool of distinct layers that together hold
+>= 4x the LLC (a layer's weights come back after the others have flushed them), so the run never
+holds two full dense copies. Both models print their weight bytes per token beside the LLC.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import math
 import os
+import statistics
 import sys
 import time
 
 import torch
+from torch import nn
 
+from .harness import LLC_FACTOR, llc_bytes, machine_summary
 from .llama import LlamaDecoder, LlamaShape
 
 # name -> QSparseConfig keyword arguments (None: the dense model as built), plus "fast_head": the
 # dense lm_head as a QSparseLinear at sparsity 0 (the same dense bf16 math through the library's
-# GEMV over the column-major weight, ~1.6x faster than F.linear here), to show what the dense head
-# costs; every other variant keeps lm_head an nn.Linear, as the default conversion filter does.
+# GEMV over the column-major weight), to show what the dense head costs; every other variant keeps
+# lm_head an nn.Linear, as the default conversion filter does.
 VARIANTS = {
     "dense": None,
     "qsparse-0.5": dict(sparsity=0.5, weights="dense"),
@@ -33,34 +47,96 @@ VARIANTS = {
     "bitnet-b1.58+qsparse-0.6125": dict(sparsity=0.6125, weights="ternary", pack=True),
     "bitnet-b1.58+qsparse-0.6125+fast-head": dict(sparsity=0.6125, weights="ternary", pack=True, fast_head=True),
 }
+# The LLC row runs these (the fast-head variant adds nothing there that the TinyLlama row lacks).
+LLC_VARIANTS = ["dense", "qsparse-0.5", "bitnet-b1.58", "bitnet-b1.58+qsparse-0.6125"]
+LLAMA2_7B = LlamaShape(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000)
+DENSE_SPREAD_WARN = 0.10  # (max - min) / median of the dense ms/token above this: flagged
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build(shape: LlamaShape, variant: str, device: str, dtype=torch.bfloat16, seed: int = 0) -> LlamaDecoder:
-    """The model for one variant: random N(0, 0.02) weights from ``seed``, converted in place."""
-    with torch.device("meta"):
-        model = LlamaDecoder(shape)
-    model = model.to_empty(device=device).to(dtype)
-    gen = torch.Generator(device=device).manual_seed(seed)
+def _projections(layer: nn.Module):
+    """(parent module, attribute name, module) of each projection of a decoder layer."""
+    for parent in (layer.self_attn, layer.mlp):
+        for name in PROJECTIONS:
+            if hasattr(parent, name):
+                yield parent, name, getattr(parent, name)
+
+
+def _random_init(model: nn.Module, gen: torch.Generator) -> None:
+    """N(0, 0.02) float weights, norms 1, random canonical ternary codes for packed layers."""
+    from .cases import random_packed
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-    cfg = VARIANTS[variant]
-    if cfg is not None:
-        import qsparse_kernels as qk
+        for mod in model.modules():
+            if "packed" in getattr(mod, "_buffers", {}):
+                mod.packed.copy_(random_packed(mod.in_features, mod.out_features, mod.packed.device, gen))
+                mod.scale.fill_(0.02)
 
+
+def build(shape: LlamaShape, variant: str, device: str, dtype=torch.bfloat16, seed: int = 0,
+          distinct_layers: int | None = None, direct_ternary: bool = False) -> LlamaDecoder:
+    """The model for one variant: random weights from ``seed``, converted in place.
+
+    ``distinct_layers``: only that many distinct decoder layers, cycled over the
+    ``num_hidden_layers`` positions (the same bytes per token, less memory; the LLC row's float
+    variants). ``direct_ternary``: ternary variants get packed ``BitLinear`` layers with random
+    codes directly, without float weights (the LLC row)."""
+    import qsparse_kernels as qk
+
+    cfg = VARIANTS[variant]
+    with torch.device("meta"):
+        model = LlamaDecoder(shape)
+    if distinct_layers:
+        model.layers = nn.ModuleList(model.layers[i % distinct_layers] for i in range(shape.num_hidden_layers))
+    ternary_direct = cfg is not None and cfg.get("weights") == "ternary" and direct_ternary
+    if ternary_direct:
+        sparsity = cfg["sparsity"] or None
+        for layer in {id(m): m for m in model.layers}.values():
+            for parent, name, lin in list(_projections(layer)):
+                bl = qk.nn.BitLinear(lin.in_features, lin.out_features, sparsity=sparsity, device="meta")
+                bl._to_packed_mode()  # empty packed buffers; _random_init fills them after to_empty
+                setattr(parent, name, bl)
+    model = model.to_empty(device=device).to(dtype)
+    _random_init(model, torch.Generator(device=device).manual_seed(seed))
+    if cfg is not None and not ternary_direct:
         cfg = dict(cfg)
         if cfg.pop("fast_head", False):
             qk.convert(model, qk.QSparseConfig(sparsity=0.0), filter_fn=lambda mod, name: name == "lm_head")
         qk.convert(model, qk.QSparseConfig(**cfg))
+    elif cfg is not None and cfg.get("fast_head"):
+        qk.convert(model, qk.QSparseConfig(sparsity=0.0), filter_fn=lambda mod, name: name == "lm_head")
     return model.eval()
 
 
+def weight_bytes_per_token(model: LlamaDecoder) -> int:
+    """Weight bytes one decoded token must read: every projection's kept rows (per layer position,
+    so a cycled layer counts each time) and the output head."""
+    from ..nn import BitLinear, QSparseLinear
+
+    def read(mod: nn.Module) -> int:
+        if isinstance(mod, BitLinear) and mod.is_packed:
+            kept = mod.kept()
+            return mod.packed.numel() * (mod.in_features if kept is None else kept) // mod.in_features
+        w = mod.weight
+        full = w.numel() * w.element_size()
+        if isinstance(mod, QSparseLinear):
+            return full * mod.kept() // mod.in_features
+        return full
+
+    total = read(model.lm_head)
+    for layer in model.layers:
+        total += sum(read(m) for _, _, m in _projections(layer))
+    return total
+
+
 def time_variant(model: LlamaDecoder, prompt: torch.Tensor, n_new: int) -> dict:
-    """Prefill seconds and decode tokens/s for one greedy generation (after a short warm-up)."""
-    model.generate(prompt[:, :4], 3)
+    """Prefill milliseconds and decode ms/token of one greedy generation."""
     marks = {}
 
     def timer(phase):
@@ -68,17 +144,12 @@ def time_variant(model: LlamaDecoder, prompt: torch.Tensor, n_new: int) -> dict:
             torch.cuda.synchronize()
         marks[phase] = time.perf_counter()
 
-    tokens = model.generate(prompt, n_new, timer=timer)
+    model.generate(prompt, n_new, timer=timer)
     decode_s = marks["decode"] - marks["prefill"]
-    return {
-        "prefill_ms": 1e3 * (marks["prefill"] - marks["start"]),
-        "decode_tok_s": (n_new - 1) / decode_s,
-        "ms_per_token": 1e3 * decode_s / (n_new - 1),
-        "tokens": tokens,
-    }
+    return {"prefill_ms": 1e3 * (marks["prefill"] - marks["start"]), "ms_per_token": 1e3 * decode_s / (n_new - 1)}
 
 
-class _Zeros(torch.nn.Module):
+class _Zeros(nn.Module):
     """Stands in for a projection in :func:`breakdown`: returns zeros of the right shape, no work."""
 
     def __init__(self, out_features: int):
@@ -89,21 +160,99 @@ class _Zeros(torch.nn.Module):
         return x.new_zeros((*x.shape[:-1], self.out_features))
 
 
+@contextlib.contextmanager
+def _swapped(model: LlamaDecoder, head: bool, projections: bool):
+    """Temporarily replaces the head and/or every projection by :class:`_Zeros`."""
+    saved = []
+    if head:
+        saved.append((model, "lm_head", model.lm_head))
+    if projections:
+        for layer in {id(m): m for m in model.layers}.values():
+            saved += list(_projections(layer))
+    try:
+        for parent, name, mod in saved:
+            setattr(parent, name, _Zeros(mod.out_features))
+        yield model
+    finally:
+        for parent, name, mod in saved:
+            setattr(parent, name, mod)
+
+
 def breakdown(model: LlamaDecoder, prompt: torch.Tensor, n_new: int) -> dict:
     """Milliseconds per decoded token spent in ``lm_head``, in the other projections and in the rest.
 
     Times the model as it is, then with ``lm_head`` replaced by a module that returns zeros, then
-    with every projection replaced as well; the differences are the shares. Modifies ``model``.
-    """
+    with every projection replaced as well; the differences are the shares. ``model`` is restored."""
     full = time_variant(model, prompt, n_new)["ms_per_token"]
-    model.lm_head = _Zeros(model.lm_head.out_features)
-    no_head = time_variant(model, prompt, n_new)["ms_per_token"]
-    for layer in model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                setattr(parent, name, _Zeros(child.out_features))
-    rest = time_variant(model, prompt, n_new)["ms_per_token"]
+    with _swapped(model, head=True, projections=False):
+        no_head = time_variant(model, prompt, n_new)["ms_per_token"]
+    with _swapped(model, head=True, projections=True):
+        rest = time_variant(model, prompt, n_new)["ms_per_token"]
     return {"total": full, "lm_head": full - no_head, "projections": no_head - rest, "rest": rest}
+
+
+def _summary(values: list[float]) -> dict:
+    return {"p50": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run_rounds(models: dict[str, LlamaDecoder], prompt: torch.Tensor, n_new: int, rounds: int,
+               label: str = "") -> dict[str, dict]:
+    """Every model once per round, round-robin, dense first; per variant the median and range of
+    ms/token and prefill, and of the per-round ratios to dense."""
+    for m in models.values():  # warm-up: first calls, allocator, autotune caches
+        m.generate(prompt[:, :4], 3)
+    runs = {v: [] for v in models}
+    for r in range(rounds):
+        for v, m in models.items():
+            runs[v].append(time_variant(m, prompt, n_new))
+        line = ", ".join(f"{v} {runs[v][-1]['ms_per_token']:.1f}" for v in models)
+        print(f"#   {label}round {r + 1}/{rounds} ms/token: {line}", file=sys.stderr, flush=True)
+    out = {}
+    dense = runs["dense"]
+    for v, rs in runs.items():
+        out[v] = {
+            "ms_per_token": _summary([x["ms_per_token"] for x in rs]),
+            "prefill_ms": _summary([x["prefill_ms"] for x in rs]),
+            "decode_speedup": _summary([d["ms_per_token"] / x["ms_per_token"] for d, x in zip(dense, rs, strict=True)]),
+            "prefill_speedup": _summary([d["prefill_ms"] / x["prefill_ms"] for d, x in zip(dense, rs, strict=True)]),
+            "rounds": len(rs),
+        }
+    return out
+
+
+def _dense_spread_warning(results: dict, label: str) -> str | None:
+    d = results["dense"]["ms_per_token"]
+    spread = (d["max"] - d["min"]) / d["p50"]
+    if spread > DENSE_SPREAD_WARN:
+        return (f"WARNING [{label}]: the dense baseline moved {100 * spread:.0f}% over the rounds "
+                f"({d['min']:.1f}-{d['max']:.1f} ms/token): the machine was disturbed; read the ratios' ranges")
+    return None
+
+
+def llc_model(base: LlamaShape, llc: int, layers: int | None = None) -> tuple[LlamaShape, int]:
+    """``base`` with enough layers that its ternary projections (2 bits per weight) hold
+    >= 4x ``llc`` bytes, and the number of distinct float layers whose weights hold >= 4x ``llc``."""
+    h, f = base.hidden_size, base.intermediate_size
+    kv = base.num_key_value_heads * base.head_dim
+    params = 2 * h * h + 2 * h * kv + 3 * h * f  # q, o, k, v, gate, up, down
+    need = LLC_FACTOR * llc
+    n = layers or max(2, math.ceil(need / (params / 4)))
+    pool = min(n, max(2, math.ceil(need / (2 * params))))  # bf16 layers
+    return LlamaShape(**{**base.__dict__, "num_hidden_layers": n}), pool
+
+
+def _print_table(title: str, results: dict, bytes_per_token: dict) -> None:
+    print(f"\n{title}")
+    print(f"{'variant':<40}{'ms/token':>10}{'min-max':>15}{'tok/s':>8}{'x dense':>9}{'min-max':>13}"
+          f"{'prefill ms':>12}{'x dense':>9}{'MB/token':>10}")
+    for v, r in results.items():
+        t, s, p, ps = r["ms_per_token"], r["decode_speedup"], r["prefill_ms"], r["prefill_speedup"]
+        print(f"{v:<40}{t['p50']:>10.1f}{_rng(t, 1):>15}{1e3 / t['p50']:>8.2f}{s['p50']:>8.2f}x{_rng(s, 2, 'x'):>13}"
+              f"{p['p50']:>12.1f}{ps['p50']:>8.2f}x{bytes_per_token[v] / 1e6:>10.1f}")
+
+
+def _rng(d: dict, digits: int, unit: str = "") -> str:
+    return f"{d['min']:.{digits}f}-{d['max']:.{digits}f}{unit}"
 
 
 def main(argv=None) -> int:
@@ -113,48 +262,114 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, help="override the layer count (quicker runs)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (>= 5 for quoted figures)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--out", default="bench_out", help="folder for decode.csv ('' for none)")
+    p.add_argument("--out", default="bench_out", help="folder for decode.csv and decode.png ('' for none)")
     p.add_argument("--breakdown", action="store_true",
-                   help="also split each variant's ms/token into lm_head, projections and the rest (3 more runs each)")
+                   help="also split each variant's ms/token into lm_head, projections and the rest (one more round)")
+    p.add_argument("--no-llc-row", action="store_true", help="skip the model sized to leave the last-level cache")
+    p.add_argument("--llc-config", help="HF config.json for the LLC row's layer shapes (default: Llama-2-7B)")
+    p.add_argument("--llc-layers", type=int, help="the LLC row's layer count (default: from this machine's LLC)")
+    p.add_argument("--llc-new-tokens", type=int, default=16)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
 
+    mach = machine_summary(torch.device(args.device))
+    llc = llc_bytes(args.device)
     shape = LlamaShape.from_hf_config(args.hf_config) if args.hf_config else LlamaShape()
     if args.layers:
         shape = LlamaShape(**{**shape.__dict__, "num_hidden_layers": args.layers})
-    prompt = torch.randint(0, shape.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(1))
-    prompt = prompt.to(args.device)
-    print(f"# decode: {shape}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.device}", file=sys.stderr)
-    results = {}
-    for v in ["dense"] + [v for v in args.variants if v != "dense"]:
-        t0 = time.perf_counter()
-        model = build(shape, v, args.device)
-        built = time.perf_counter() - t0
-        results[v] = time_variant(model, prompt, args.new_tokens)
-        print(f"#   {v}: built in {built:.1f}s, {results[v]['decode_tok_s']:.2f} tok/s", file=sys.stderr)
-        if args.breakdown:
-            results[v]["split"] = breakdown(model, prompt, args.new_tokens)
-        del model
-    base = results["dense"]
-    print(f"{'variant':<40}{'prefill ms':>12}{'x dense':>9}{'decode tok/s':>14}{'ms/token':>10}{'x dense':>9}")
-    for v, r in results.items():
-        print(f"{v:<40}{r['prefill_ms']:>12.1f}{base['prefill_ms'] / r['prefill_ms']:>8.2f}x"
-              f"{r['decode_tok_s']:>14.2f}{r['ms_per_token']:>10.1f}{r['decode_tok_s'] / base['decode_tok_s']:>8.2f}x")
+    gen = torch.Generator().manual_seed(1)
+    variants = ["dense"] + [v for v in args.variants if v != "dense"]
+    print(f"# decode on {mach['device']} ({mach['isa']}, {mach['threads']} threads, LLC {llc / 2**20:.0f} MiB): "
+          f"{args.rounds} interleaved rounds", file=sys.stderr)
+    tables = []  # (model label, results, bytes per token)
+
+    # Row 1: the model as given (TinyLlama-1.1B shapes by default).
+    prompt = torch.randint(0, shape.vocab_size, (1, args.prompt_len), generator=gen).to(args.device)
+    label = "tinyllama-1.1b" if not args.hf_config else os.path.basename(args.hf_config)
+    print(f"# {label}: {shape}, prompt {args.prompt_len}, {args.new_tokens} new tokens", file=sys.stderr)
+    models = _build_all(shape, variants, args.device, label)
+    bpt = {v: weight_bytes_per_token(m) for v, m in models.items()}
+    results = run_rounds(models, prompt, args.new_tokens, args.rounds, f"{label} ")
     if args.breakdown:
-        print(f"\n{'ms per decoded token':<40}{'total':>9}{'lm_head':>9}{'projections':>13}{'rest':>9}")
-        for v, r in results.items():
+        for v, m in models.items():
+            results[v]["split"] = breakdown(m, prompt, args.new_tokens)
+    tables.append((label, results, bpt))
+    del models
+
+    # Row 2: a model whose ternary weights leave the last-level cache.
+    if not args.no_llc_row:
+        base = LlamaShape.from_hf_config(args.llc_config) if args.llc_config else LLAMA2_7B
+        big, pool = llc_model(base, llc, args.llc_layers)
+        big_label = f"llc-row ({big.num_hidden_layers} layers of {'Llama-2-7B' if not args.llc_config else 'config'})"
+        print(f"# {big_label}: {big}, float layers cycle a pool of {pool}; prompt {args.prompt_len}, "
+              f"{args.llc_new_tokens} new tokens", file=sys.stderr)
+        prompt = torch.randint(0, big.vocab_size, (1, args.prompt_len), generator=gen).to(args.device)
+        big_variants = [v for v in LLC_VARIANTS if v in variants]
+        models = _build_all(big, big_variants, args.device, big_label, distinct_layers=pool, direct_ternary=True)
+        bpt_big = {v: weight_bytes_per_token(m) for v, m in models.items()}
+        res_big = run_rounds(models, prompt, args.llc_new_tokens, args.rounds, "llc-row ")
+        tables.append((big_label, res_big, bpt_big))
+        del models
+
+    warnings = []
+    for lab, res, bpt_ in tables:
+        _print_table(f"{lab}: median over {args.rounds} interleaved rounds (LLC {llc / 2**20:.0f} MiB)", res, bpt_)
+        w = _dense_spread_warning(res, lab)
+        if w:
+            warnings.append(w)
+    if args.breakdown:
+        print(f"\n{'ms per decoded token (one round)':<40}{'total':>9}{'lm_head':>9}{'projections':>13}{'rest':>9}")
+        for v, r in tables[0][1].items():
             sp = r["split"]
             print(f"{v:<40}{sp['total']:>9.1f}{sp['lm_head']:>9.1f}{sp['projections']:>13.1f}{sp['rest']:>9.1f}")
+    for w in warnings:
+        print(w, file=sys.stderr)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "decode.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["variant", "prefill_ms", "prefill_speedup", "decode_tok_s", "ms_per_token", "decode_speedup"])
-            for v, r in results.items():
-                w.writerow([v, f"{r['prefill_ms']:.3f}", f"{base['prefill_ms'] / r['prefill_ms']:.3f}",
-                            f"{r['decode_tok_s']:.3f}", f"{r['ms_per_token']:.3f}",
-                            f"{r['decode_tok_s'] / base['decode_tok_s']:.3f}"])
+        _write(args.out, tables, mach)
     return 0
+
+
+def _build_all(shape, variants, device, label, **kw) -> dict[str, LlamaDecoder]:
+    models = {}
+    for v in variants:
+        t0 = time.perf_counter()
+        models[v] = build(shape, v, device, **kw)
+        print(f"#   {label}: built {v} in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    return models
+
+
+CSV_FIELDS = ["model", "variant", "rounds", "ms_per_token", "ms_per_token_min", "ms_per_token_max", "decode_tok_s",
+              "decode_speedup", "decode_speedup_min", "decode_speedup_max", "prefill_ms", "prefill_ms_min",
+              "prefill_ms_max", "prefill_speedup", "prefill_speedup_min", "prefill_speedup_max",
+              "weight_bytes_per_token", "lm_head_ms", "projections_ms", "rest_ms", "device", "isa", "threads",
+              "llc_mib"]
+
+
+def _write(out: str, tables, mach: dict) -> None:
+    os.makedirs(out, exist_ok=True)
+    rows = []
+    for label, res, bpt in tables:
+        for v, r in res.items():
+            row = {"model": label, "variant": v, "rounds": r["rounds"], "decode_tok_s": 1e3 / r["ms_per_token"]["p50"],
+                   "weight_bytes_per_token": bpt[v], **{k: mach[k] for k in ("device", "isa", "threads", "llc_mib")}}
+            for key in ("ms_per_token", "decode_speedup", "prefill_ms", "prefill_speedup"):
+                row[key], row[key + "_min"], row[key + "_max"] = r[key]["p50"], r[key]["min"], r[key]["max"]
+            sp = r.get("split", {})
+            row.update({"lm_head_ms": sp.get("lm_head", ""), "projections_ms": sp.get("projections", ""),
+                        "rest_ms": sp.get("rest", "")})
+            rows.append(row)
+    with open(os.path.join(out, "decode.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()})
+    from .plots import decode_plot
+
+    path = decode_plot(rows, os.path.join(out, "decode.png"))
+    print(f"# wrote {out}/decode.csv and {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
