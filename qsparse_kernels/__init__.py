@@ -17,7 +17,8 @@ from . import (
 )
 from .backends import backend_info, use_backend
 from .checkpoint import load_checkpoint, save_checkpoint
-from .convert import QSparseConfig, convert
+from .convert import QSparseConfig, convert, unconvert
+from .convert_report import ConversionReport
 from .ops import *  # noqa: F403  (the public ops, ops.__all__)
 
 __version__ = "0.1.0"
@@ -29,7 +30,9 @@ __all__ = [
     "nn",
     "scaling",
     "convert",
+    "unconvert",
     "QSparseConfig",
+    "ConversionReport",
     "save_checkpoint",
     "load_checkpoint",
     "__version__",

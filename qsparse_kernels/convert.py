@@ -20,23 +20,43 @@ Per-layer sparsity: a mapping ``{pattern: sparsity}``; patterns are ``fnmatch`` 
 ``"*.down_proj"``. The first matching pattern wins (mapping order); a selected Linear that no
 pattern matches stays ``nn.Linear``; a pattern that wins for no layer raises ``ValueError`` (a typo,
 or shadowed by an earlier pattern).
+
+Per-layer settings of any field: ``layers={pattern: overrides}``, where ``overrides`` is a dict of
+any of ``sparsity``, ``k``, ``weights``, ``block``, ``backend``, ``pack`` (a float is short for
+``{"sparsity": float}``, ``None`` leaves the layer ``nn.Linear``). The first matching pattern wins;
+a selected layer that no pattern matches takes the top-level fields::
+
+    qk.convert(model, qk.QSparseConfig(sparsity=0.4, layers={
+        "*.down_proj": {"sparsity": 0.6, "weights": "ternary", "pack": True},
+        "*.gate_proj": {"block": (16, 32)},
+        "*.o_proj": None}))
+
+What it did: ``verbose=True`` prints a :class:`~qsparse_kernels.convert_report.ConversionReport`
+(layers per kind, kept fraction, weight bytes read per decoded token before and after);
+``return_report=True`` returns ``(model, report)``. A model that already holds Q-Sparse layers is
+converted once: a second ``convert`` without ``filter_fn`` raises (pass a ``filter_fn`` to convert
+more of its plain ``nn.Linear`` layers on purpose). :func:`unconvert` turns the float layers back
+into plain ``nn.Linear``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from . import _validate as check
 from ._frozen import FrozenMapping
 from .backends import CHOICES
+from .convert_report import ConversionReport, build_report, linear_layers, weight_bytes_per_token
 from .nn import BitLinear, QSparseLinear
 
 WEIGHT_MODES = ("dense", "ternary")
 HEAD_NAMES = ("lm_head", "classifier")
+LAYER_FIELDS = ("sparsity", "k", "weights", "block", "backend", "pack")
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -54,6 +74,11 @@ class QSparseConfig:
         block: ``(n, m)`` for Block Q-Sparse (N:M, e.g. ``(16, 32)``); dense weights only.
         backend: ``"auto"`` or a backend name, stored on every converted layer.
         pack: with ``weights="ternary"``, pack the ternary weights right away (inference only).
+        k: a fixed kept count for every layer (overrides ``sparsity``; ``0 <= k <= in_features``).
+        layers: ``{fnmatch pattern: overrides}``: per-layer values of any field above (a dict with
+            keys from :data:`LAYER_FIELDS`; a float is short for ``{"sparsity": float}``; ``None``
+            leaves the layer ``nn.Linear``). First match wins; unmatched layers take the top-level
+            fields. Not together with a sparsity mapping.
     """
 
     sparsity: float | Mapping[str, float] = 0.5
@@ -61,6 +86,8 @@ class QSparseConfig:
     block: tuple[int, int] | None = None
     backend: str = "auto"
     pack: bool = False
+    k: int | None = None
+    layers: Mapping[str, float | Mapping | None] | None = None
 
     def __post_init__(self) -> None:
         where = "QSparseConfig"
@@ -94,6 +121,66 @@ class QSparseConfig:
             raise ValueError(f"qsparse_kernels.QSparseConfig: backend must be one of {CHOICES}, got {self.backend!r}")
         if self.pack and self.weights != "ternary":
             raise ValueError("qsparse_kernels.QSparseConfig: pack=True needs weights='ternary'")
+        if self.k is not None:
+            check.integer(where, "k", self.k, 0)
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        """Normalise ``layers`` to ``{pattern: overrides or None}`` (read-only) and validate each
+        pattern's resulting config now (the error names the pattern)."""
+        if self.layers is None:
+            object.__setattr__(self, "_resolved", None)
+            return
+        if not isinstance(self.layers, Mapping) or not self.layers:
+            raise ValueError(f"qsparse_kernels.QSparseConfig: layers must be a non-empty mapping, got {self.layers!r}")
+        if isinstance(self.sparsity, Mapping):
+            raise ValueError("qsparse_kernels.QSparseConfig: give either a sparsity mapping or layers, not both")
+        normal, resolved = {}, []
+        for pat, value in self.layers.items():
+            if not isinstance(pat, str):
+                raise TypeError(f"qsparse_kernels.QSparseConfig: layers patterns must be str, got {pat!r}")
+            if value is None:
+                normal[pat] = None
+                resolved.append((pat, None))
+                continue
+            over = {"sparsity": value} if not isinstance(value, Mapping) else dict(value)
+            bad = sorted(set(over) - set(LAYER_FIELDS))
+            if bad:
+                raise ValueError(
+                    f"qsparse_kernels.QSparseConfig: layers[{pat!r}] has unknown field(s) {bad}; "
+                    f"fields are {LAYER_FIELDS}"
+                )
+            if "sparsity" in over and "k" not in over:
+                over.setdefault("k", None)  # a layer's own sparsity replaces a top-level k
+            try:
+                cfg = replace(self, layers=None, **over)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"qsparse_kernels.QSparseConfig: layers[{pat!r}]: {exc}") from exc
+            normal[pat] = FrozenMapping(over)
+            resolved.append((pat, cfg))
+        object.__setattr__(self, "layers", FrozenMapping(normal))  # read-only, hashable
+        object.__setattr__(self, "_resolved", tuple(resolved))
+
+    def resolve(self, name: str) -> tuple[str | None, QSparseConfig | None]:
+        """``(winning pattern, the config for layer name)``; the config is ``None`` when the layer
+        stays ``nn.Linear``, the pattern ``None`` when no pattern decided."""
+        if self._resolved is not None:
+            for pat, cfg in self._resolved:
+                if fnmatch.fnmatchcase(name, pat):
+                    return pat, cfg
+            return None, replace(self, layers=None)
+        pat, s = self.match(name)
+        if s is None:
+            return None, None
+        if isinstance(self.sparsity, Mapping):
+            return pat, replace(self, sparsity=s, k=None)
+        return None, self
+
+    def patterns(self) -> list[str]:
+        """Every pattern of the config (of ``layers`` or of a sparsity mapping), in order."""
+        if self.layers is not None:
+            return list(self.layers)
+        return list(self.sparsity) if isinstance(self.sparsity, Mapping) else []
 
     def match(self, name: str) -> tuple[str | None, float | None]:
         """``(winning pattern, sparsity)`` for the layer ``name``; ``(None, s)`` for a single float,
@@ -132,56 +219,125 @@ def default_filter(model: nn.Module) -> FilterFn:
     return keep
 
 
-def _swap(linear: nn.Linear, name: str, sparsity: float, config: QSparseConfig) -> nn.Module:
+def _swap(linear: nn.Linear, name: str, config: QSparseConfig) -> nn.Module:
+    """The Q-Sparse layer for ``linear`` under its resolved ``config`` (scalar sparsity, no ``layers``)."""
+    sparsity, k = config.sparsity, config.k
     try:
         if config.weights == "ternary":
-            mod = BitLinear.from_linear(linear, sparsity=sparsity, backend=config.backend)
+            mod = BitLinear.from_linear(linear, sparsity=sparsity, k=k, backend=config.backend)
             return mod.pack() if config.pack else mod
-        return QSparseLinear.from_linear(linear, sparsity=sparsity, block=config.block, backend=config.backend)
+        return QSparseLinear.from_linear(linear, sparsity=sparsity, k=k, block=config.block, backend=config.backend)
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"qsparse_kernels.convert: layer {name!r}: {exc}") from exc
 
 
-def convert(model: nn.Module, config: QSparseConfig, filter_fn: FilterFn | None = None) -> nn.Module:
-    """Replace the selected ``nn.Linear`` layers of ``model`` in place; returns ``model``.
+def convert(
+    model: nn.Module,
+    config: QSparseConfig,
+    filter_fn: FilterFn | None = None,
+    *,
+    verbose: bool = False,
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, ConversionReport]:
+    """Replace the selected ``nn.Linear`` layers of ``model`` in place; returns ``model`` (and the
+    :class:`~qsparse_kernels.convert_report.ConversionReport` with ``return_report=True``;
+    ``verbose=True`` prints it).
 
     Each converted layer shares the Linear's weight and bias Parameters (no copy; dense weights
     move to the fast layout in place), so optimizers built before the conversion keep working.
     A Linear reachable under several names is converted once and replaced everywhere. If
     ``model`` itself is a selected Linear, the new module is returned.
 
-    Raises ``ValueError`` for a sparsity pattern that wins for no layer or a layer the config
-    cannot apply to (the message names the layer).
+    Raises ``ValueError`` for a pattern that wins for no layer, a layer the config cannot apply
+    to (the message names the layer), or a model that is already converted (unless ``filter_fn``
+    is given: then only the plain ``nn.Linear`` layers it selects are converted).
     """
     if not isinstance(config, QSparseConfig):
         raise TypeError(f"qsparse_kernels.convert: config must be a QSparseConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"qsparse_kernels.convert: model must be an nn.Module, got {type(model).__name__}")
+    done = [n for n, m in model.named_modules() if isinstance(m, (QSparseLinear, BitLinear))]
+    if done and filter_fn is None:
+        raise ValueError(
+            f"qsparse_kernels.convert: the model is already converted ({len(done)} Q-Sparse layer(s), e.g. "
+            f"{done[0] or '<root>'!r}); convert once with one QSparseConfig (layers= sets any field per "
+            "pattern), or call qsparse_kernels.unconvert(model) first; to convert more of its plain "
+            "nn.Linear layers on purpose, pass filter_fn"
+        )
     keep = filter_fn if filter_fn is not None else default_filter(model)
-    plan: dict[int, tuple[str, nn.Linear, float]] = {}
+    before = sum(weight_bytes_per_token(m) for m in linear_layers(model).values())
+    plan: dict[int, tuple[str, nn.Linear, QSparseConfig]] = {}
     used: set[str] = set()
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or not keep(mod, name):
             continue
-        pat, s = config.match(name)
-        if s is None:
-            continue
+        pat, layer_config = config.resolve(name)
         used.add(pat)
-        plan[id(mod)] = (name, mod, s)
-    if isinstance(config.sparsity, Mapping):
-        unused = [p for p in config.sparsity if p not in used]
-        if unused:
-            raise ValueError(
-                f"qsparse_kernels.convert: sparsity pattern(s) {unused} matched no selected nn.Linear "
-                "(or only layers an earlier pattern already matched); patterns are fnmatch globs on "
-                "qualified names such as 'model.layers.0.mlp.down_proj'"
-            )
-    new = {key: _swap(lin, name, s, config) for key, (name, lin, s) in plan.items()}
+        if layer_config is not None:
+            plan[id(mod)] = (name, mod, layer_config)
+    unused = [p for p in config.patterns() if p not in used]
+    if unused:
+        raise ValueError(
+            f"qsparse_kernels.convert: pattern(s) {unused} matched no selected nn.Linear "
+            "(or only layers an earlier pattern already matched); patterns are fnmatch globs on "
+            "qualified names such as 'model.layers.0.mlp.down_proj'"
+        )
+    new = {key: _swap(lin, name, layer_config) for key, (name, lin, layer_config) in plan.items()}
+    _replace_modules(model, new)
+    root = new.get(id(model), model)
+    report = build_report(before, root, {plan[key][0]: mod for key, mod in new.items()})
+    if verbose:
+        print(report)
+    return (root, report) if return_report else root
+
+
+def _replace_modules(model: nn.Module, new: dict[int, nn.Module]) -> None:
+    """Swap every child ``c`` of every module of ``model`` with ``new[id(c)]`` where present."""
     for parent in list(model.modules()):
         for child_name, child in parent._modules.items():
             if child is not None and id(child) in new:
                 parent._modules[child_name] = new[id(child)]
+
+
+def _to_linear(mod: QSparseLinear | BitLinear) -> nn.Linear:
+    """A plain ``nn.Linear`` sharing ``mod``'s float ``weight`` and ``bias`` Parameters; the weight
+    goes back to the row-major layout in place (same Parameter object)."""
+    lin = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta", dtype=mod.weight.dtype)
+    weight = mod.weight
+    if not weight.is_contiguous():
+        with torch.no_grad():
+            weight.data = weight.data.contiguous()
+    lin.weight = weight
+    lin.bias = mod.bias
+    return lin
+
+
+def unconvert(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
+    """Turn the float Q-Sparse layers of ``model`` back into plain ``nn.Linear``, in place; returns
+    ``model`` (or the new Linear when ``model`` itself is such a layer).
+
+    ``QSparseLinear`` and training-mode ``BitLinear`` layers become ``nn.Linear`` sharing their
+    ``weight`` and ``bias`` Parameters (so optimizers keep them): the same function without top-K
+    (and, for ``BitLinear``, without fake quantization). A packed ``BitLinear`` holds no float
+    weight: it raises ``ValueError`` naming the layer (``filter_fn(module, name) -> bool`` can leave
+    it out). Shapes: unchanged, ``[..., in_features] -> [..., out_features]``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"qsparse_kernels.unconvert: model must be an nn.Module, got {type(model).__name__}")
+    chosen = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (QSparseLinear, BitLinear)) and (filter_fn is None or filter_fn(m, name))
+    }
+    packed = [name or "<root>" for name, m in chosen.items() if isinstance(m, BitLinear) and m.is_packed]
+    if packed:
+        raise ValueError(
+            f"qsparse_kernels.unconvert: packed BitLinear layer(s) {packed[:4]} hold no float weight "
+            "(inference only); leave them out with filter_fn"
+        )
+    new = {id(m): _to_linear(m) for m in chosen.values()}
+    _replace_modules(model, new)
     return new.get(id(model), model)
 
 
-__all__ = ["QSparseConfig", "convert", "default_filter", "WEIGHT_MODES"]
+__all__ = ["QSparseConfig", "convert", "unconvert", "default_filter", "WEIGHT_MODES", "LAYER_FIELDS"]
