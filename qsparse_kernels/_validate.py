@@ -59,6 +59,14 @@ def as_float(op: str, name: str, v) -> float:
 MAX_NUMEL = 2**31 - 1
 
 
+# ternary_linear accumulates x_q @ t^T in int32 (SPEC 7). |x_q| <= 127 (absmax quantization never
+# reaches -128: |x| * (127 / max|x|) <= 127 up to rounding) and |t| <= 1, so |acc| <= 127 d, which
+# fits int32 exactly for d <= floor((2**31 - 1) / 127) = 16,909,320 (127 d = 2,147,483,640). The
+# kernels that accumulate codes t + 1 wrap modulo 2**32 and subtract sum(x_q), exact whenever the
+# true accumulator fits. csrc/include/qsk/checks.h (kMaxTernaryD) holds the same bound.
+MAX_TERNARY_D = (2**31 - 1) // 127
+
+
 def numel_fits(op: str, name: str, numel) -> None:
     if numel > MAX_NUMEL:
         raise _err(ValueError, op, f"{name} has {numel} elements, more than the supported 2**31 - 1")
@@ -233,6 +241,13 @@ def ternary_linear(x, packed, scale, out_features, k, bias) -> tuple[int, int | 
     """Checks the arguments; returns ``(out_features, k)`` as ``int`` (``k`` may be None)."""
     op = "ternary_linear"
     float_tensor(op, "x", x)
+    if x.shape[-1] > MAX_TERNARY_D:
+        raise _err(
+            ValueError,
+            op,
+            f"x.shape[-1] = {x.shape[-1]} is above {MAX_TERNARY_D}, the largest in_features whose int32 "
+            "accumulator cannot overflow (127 * in_features must fit in int32)",
+        )
     out_features = packed_weight(op, packed, x.shape[-1], out_features)
     same_device(op, "x", x, "packed", packed)
     weight_scale(op, scale, x)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import qsparse_kernels as qk
+from qsparse_kernels import _validate as check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_BUILT = qk.backend_info()["cpu"]["built"]
@@ -109,3 +110,55 @@ def test_config_with_sparsity_mapping_is_hashable():
     with pytest.raises(TypeError):
         a.sparsity["*.q_proj"] = 0.1
     assert dict(a.sparsity) == {"*.q_proj": 0.5, "*.down_proj": float(np.float32(0.6))}
+
+
+# ---- 3. the int32 accumulator of ternary_linear ----
+
+MAX_D = check.MAX_TERNARY_D
+# Byte of a packed row with output 0 = +1 (code 2) and the padding codes 1 (zero) for outputs 1..3.
+PLUS_ONE_BYTE = 2 | (1 << 2) | (1 << 4) | (1 << 6)
+
+
+def _usable_backends():
+    return [name for name, info in qk.backend_info().items() if info["usable"]]
+
+
+def test_max_ternary_d_is_exact():
+    assert 127 * MAX_D <= 2**31 - 1 < 127 * (MAX_D + 1)
+    assert MAX_D == 16_909_320
+
+
+@pytest.mark.parametrize("backend", ["reference", *(["cpu"] if CPU_BUILT else [])])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_ternary_accumulator_exact_at_the_limit(backend, sign):
+    # Every |x_q| = 127 and every t = +1: acc = +-127 * MAX_D = +-2,147,483,640, the extreme value.
+    x = torch.full((1, MAX_D), sign)
+    packed = torch.full((MAX_D, 1), PLUS_ONE_BYTE, dtype=torch.uint8)
+    scale = torch.tensor(1.0)
+    y = qk.ternary_linear(x, packed, scale, 1, backend=backend)
+    x_scale = torch.tensor(1.0) / 127.0  # quantize_act_int8's x_scale for max|x| = 1
+    want = torch.tensor(sign * 127 * MAX_D, dtype=torch.float32) * x_scale * scale
+    assert torch.equal(y, want.reshape(1, 1)), (y, want)
+
+
+@pytest.mark.parametrize("backend", _usable_backends())
+def test_ternary_d_above_the_limit_is_refused(backend):
+    d = MAX_D + 1
+    x = torch.empty((0, d))  # validated on shapes alone: no row is computed
+    packed = torch.full((d, 1), PLUS_ONE_BYTE, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"ternary_linear: x.shape\[-1\] = 16909321 is above 16909320"):
+        qk.ternary_linear(x, packed, torch.tensor(1.0), 1, backend=backend)
+    with pytest.raises(ValueError, match="is above 16909320"):  # also through the registered op (compile, autograd)
+        qk.ternary_linear(x.requires_grad_(), packed, torch.tensor(1.0), 1, backend=backend)
+
+
+@pytest.mark.skipif(not CPU_BUILT, reason="the C++ extension is not built")
+def test_ternary_kernels_refuse_d_above_the_limit():
+    # The kernels' own last line of defence, for a direct torch.ops call.
+    from tests.cuda_emu import ops as emu_ops
+
+    d = MAX_D + 1
+    x, packed, scale = torch.empty((1, d)), torch.zeros((d, 1), dtype=torch.uint8), torch.tensor(1.0)
+    for lib in (torch.ops.qsparse, emu_ops.library()):
+        with pytest.raises(RuntimeError, match="the largest in_features whose int32 accumulator"):
+            lib.ternary_linear_kernel(x, packed, scale, 1, None, None)

@@ -237,7 +237,8 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
   QSK_CHECK_DEVICE(scale, at::kCPU);
   QSK_CHECK_DTYPE(scale, at::kFloat);
   const int64_t M = x.size(0), d = x.size(1);
-  TORCH_CHECK(d <= std::numeric_limits<int32_t>::max(), "ternary_linear_kernel: d = ", d, " exceeds INT32_MAX");
+  TORCH_CHECK(d <= kMaxTernaryD, "ternary_linear_kernel: d = ", d, " is above ", kMaxTernaryD,
+              ", the largest in_features whose int32 accumulator cannot overflow");
   TORCH_CHECK(out_features >= 0, "ternary_linear_kernel: out_features must be >= 0, got ", out_features);
   const int64_t cols = out_features / 4 + (out_features % 4 != 0);
   TORCH_CHECK(packed.size(0) == d && packed.size(1) == cols,

@@ -127,6 +127,8 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
   TORCH_CHECK(scale.numel() == 1, "scale must have one element");
   const int64_t M = x.size(0), d = x.size(1), out = out_features;
   TORCH_CHECK(out >= 0, "out_features must be >= 0");
+  TORCH_CHECK(d <= kMaxTernaryD, "ternary_linear_cuda: d = ", d, " is above ", kMaxTernaryD,
+              ", the largest in_features whose int32 accumulator cannot overflow");
   const int64_t row_bytes = (out + 3) / 4;
   TORCH_CHECK(packed.size(0) == d && packed.size(1) == row_bytes, "packed must be [", d, ", ", row_bytes, "], got ",
               packed.sizes());

@@ -24,6 +24,10 @@
 
 namespace qsk {
 
+// ternary_linear: the int32 accumulator x_q @ t^T is bounded by 127 * d (|x_q| <= 127, |t| <= 1), so
+// d <= (2^31 - 1) / 127 = 16,909,320 can never overflow (qsparse_kernels/_validate.py: MAX_TERNARY_D).
+constexpr int64_t kMaxTernaryD = 2147483647LL / 127;
+
 // The linear kernels take x as [..., d] (any leading dims, any strides) and return [..., out]:
 // the flattening happens here, in C++, instead of two Python view calls (~2.5 us) per layer call.
 // as_rows: x as a contiguous [M, d] matrix (x itself when it already is one; M = 0 works).
