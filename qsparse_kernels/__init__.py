@@ -9,6 +9,7 @@ Public ops (the contract: docs/SPEC.md): :func:`sparsity_to_k`, :func:`topk_spar
 from __future__ import annotations
 
 from . import (
+    _hf_hook,
     _native,  # noqa: F401  (loads the C++ extension when it was built)
     _ops,  # noqa: F401  (registers the custom ops)
     nn,
@@ -20,6 +21,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .convert import QSparseConfig, convert, unconvert
 from .convert_report import ConversionReport
 from .ops import *  # noqa: F403  (the public ops, ops.__all__)
+
+_hf_hook.install()  # registers the "qsparse_kernels" quantization method with transformers, lazily
 
 __version__ = "0.1.0"
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from . import _hf_hook
 from . import _validate as check
 from ._frozen import FrozenMapping
 from .backends import CHOICES
@@ -285,6 +286,7 @@ def convert(
     new = {key: _swap(lin, name, layer_config) for key, (name, lin, layer_config) in plan.items()}
     _replace_modules(model, new)
     root = new.get(id(model), model)
+    _sync_hf(root)
     report = build_report(before, root, {plan[key][0]: mod for key, mod in new.items()})
     if verbose:
         print(report)
@@ -337,7 +339,18 @@ def unconvert(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
         )
     new = {id(m): _to_linear(m) for m in chosen.values()}
     _replace_modules(model, new)
-    return new.get(id(model), model)
+    root = new.get(id(model), model)
+    _sync_hf(root)
+    return root
+
+
+def _sync_hf(model: nn.Module) -> None:
+    """A transformers model gets (or loses) its ``quantization_config``, so ``save_pretrained``
+    writes the converted layers' settings (:mod:`qsparse_kernels.hf_quantizer`)."""
+    if _hf_hook.is_hf_model(model):
+        from . import hf_quantizer
+
+        hf_quantizer.attach(model)
 
 
 __all__ = ["QSparseConfig", "convert", "unconvert", "default_filter", "WEIGHT_MODES", "LAYER_FIELDS"]

@@ -202,13 +202,19 @@ def test_example_runs(monkeypatch, capsys):
     assert "converted 14 linear layers; lm_head stays Linear" in out and "sparsity=0.6" in out
 
 
-def test_save_pretrained_then_convert_again(tmp_path):
-    """A converted model saves with transformers' own ``save_pretrained`` (plain Linear keys);
-    loading it and converting with the same config gives the same model."""
+def test_save_pretrained_round_trip_and_plain_checkpoint(tmp_path):
+    """``save_pretrained`` of a converted model writes its ``quantization_config``, so
+    ``from_pretrained`` gives the converted model back (tests/test_hf_roundtrip.py has the rest);
+    after ``unconvert`` it saves a plain checkpoint, which converts again to the same model."""
     config = qk.QSparseConfig(sparsity=MISTRAL_RECIPE)
     model = qk.convert(_decoder("llama"), config)
-    model.save_pretrained(tmp_path)
-    again = qk.convert(LlamaForCausalLM.from_pretrained(tmp_path).eval(), config)
+    model.save_pretrained(tmp_path / "converted")
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "converted").eval()
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, QSparseLinear)
     ids = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    qk.unconvert(loaded).save_pretrained(tmp_path / "plain")
+    again = qk.convert(LlamaForCausalLM.from_pretrained(tmp_path / "plain").eval(), config)
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)
