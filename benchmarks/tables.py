@@ -26,11 +26,23 @@ def _table(head: list[str], body: list[list[str]]) -> str:
 
 
 def _cell(cells: dict, shape: str, s: float, field: str) -> str:
+    """A speedup (with the point's p20-p80 range, the dense p50 held fixed) or a bandwidth fraction;
+    a point still wide after its repeats carries a dagger, a cache-resident one "(cache)"."""
     r = cells.get((shape, s))
     if r is None:
         return ""
     v = float(r[field])
-    return f"{100 * v:.0f}%" if field == "bw_frac" else f"{v:.2f}x"
+    if field == "bw_frac":
+        return f"{100 * v:.0f}%"
+    txt = f"{v:.2f}x"
+    if "p20_us" in r and "spread" in r:  # newer CSVs: the spread of the point itself
+        p50, p20, p80 = float(r["p50_us"]), float(r["p20_us"]), float(r["p80_us"])
+        txt += f" ({v * p50 / p80:.2f}-{v * p50 / p20:.2f})"
+    if r.get("wide") == "True":
+        txt += " †"
+    if r.get("residency") == "cache-resident":
+        txt += " (cache)"
+    return txt
 
 
 def kernel_tables(rows: list[dict]) -> str:
@@ -69,13 +81,32 @@ def kernel_tables(rows: list[dict]) -> str:
 
 
 def decode_table(rows: list[dict]) -> str:
-    body = [
-        [r["variant"], f"{float(r['prefill_ms']):.1f}", f"{float(r['prefill_speedup']):.2f}x",
-         f"{float(r['decode_tok_s']):.2f}", f"{float(r['ms_per_token']):.1f}", f"{float(r['decode_speedup']):.2f}x"]
-        for r in rows
-    ]
-    head = ["variant", "prefill ms", "x dense", "decode tok/s", "ms/token", "x dense"]
-    return "**End-to-end greedy decode**\n\n" + _table(head, body) + "\n"
+    """One table per model of a decode.csv: median over the interleaved rounds, with the range."""
+    if "ms_per_token_min" not in rows[0]:  # an older single-run CSV
+        body = [[r["variant"], f"{float(r['prefill_ms']):.1f}", f"{float(r['prefill_speedup']):.2f}x",
+                 f"{float(r['decode_tok_s']):.2f}", f"{float(r['ms_per_token']):.1f}",
+                 f"{float(r['decode_speedup']):.2f}x"] for r in rows]
+        head = ["variant", "prefill ms", "x dense", "decode tok/s", "ms/token", "x dense"]
+        return "**End-to-end greedy decode**\n\n" + _table(head, body) + "\n"
+    out = []
+    f = lambda r, k, d=1: f"{float(r[k]):.{d}f}"  # noqa: E731
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model]
+        body = [[r["variant"], f(r, "ms_per_token"), f"{f(r, 'ms_per_token_min')}-{f(r, 'ms_per_token_max')}",
+                 f(r, "decode_tok_s", 2), f"**{f(r, 'decode_speedup', 2)}x**",
+                 f"{f(r, 'decode_speedup_min', 2)}-{f(r, 'decode_speedup_max', 2)}x",
+                 f(r, "prefill_ms"), f"{f(r, 'prefill_speedup', 2)}x",
+                 f"{float(r['weight_bytes_per_token']) / 1e6:.0f}"]
+                for r in rs]
+        head = ["variant", "ms/token", "range", "tok/s", "x dense", "range", "prefill ms", "x dense", "MB/token"]
+        out.append(f"**Decode, {model}: median over {rs[0]['rounds']} interleaved rounds (ratio: median of per-round "
+                   f"ratios; LLC {float(rs[0]['llc_mib']):.0f} MiB)**\n\n" + _table(head, body) + "\n")
+        split = [r for r in rs if r.get("lm_head_ms")]
+        if split:
+            body = [[r["variant"], f(r, "lm_head_ms"), f(r, "projections_ms"), f(r, "rest_ms")] for r in split]
+            out.append(f"**ms per decoded token, {model} (one round)**\n\n"
+                       + _table(["variant", "lm_head", "projections", "rest"], body) + "\n")
+    return "\n".join(out)
 
 
 def main(argv: list[str]) -> int:
@@ -90,7 +121,10 @@ def main(argv: list[str]) -> int:
     if os.path.exists(kpath):
         rows = _load(kpath)
         meta = rows[0]
-        print(f"_{meta['device']}, qsparse_kernels {meta['version']} ({meta['git_sha']})_\n")
+        extra = ""
+        if "isa" in meta:
+            extra = f", ISA {meta['isa']}, {meta['threads']} threads, LLC {float(meta['llc_mib']):.0f} MiB"
+        print(f"_{meta['device']}{extra}, qsparse_kernels {meta['version']} ({meta['git_sha']})_\n")
         print(kernel_tables(rows))
     if os.path.exists(dpath):
         print(decode_table(_load(dpath)))

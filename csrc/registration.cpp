@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "qsk/cache_flush.h"
 #include "qsk/isa.h"
 #include "qsk/schemas.h"
 
@@ -17,6 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_has_avx512_vnni", &qsk::cpu::has_avx512_vnni);
   m.def("set_cpu_isa_cap", &qsk::cpu::set_isa_cap,
         "Caps the CPU ISA ('scalar', 'avx2', 'avx512'; '' restores the detected one). For tests.");
+  m.def("flush_cache", &qsk::cpu::flush_cache,
+        "Flushes a CPU tensor's storage from every cache level (benchmarks: DRAM-resident weights)");
   m.def("built_with_cuda", [] {
 #ifdef QSK_WITH_CUDA
     return true;

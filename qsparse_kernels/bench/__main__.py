@@ -22,7 +22,7 @@ from .. import __version__, ops
 from ..backends import backend_info
 from ..backends import ops as backend_ops
 from . import cases
-from .harness import Evictor, dram_bytes, machine_summary, read_bandwidth, time_calls
+from .harness import dram_bytes, machine_summary, read_bandwidth, time_calls
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Row:
     spread: float  # p80 / p20
     attempts: int  # measurements taken (a wide spread is measured again)
     wide: bool  # p80 / p20 > harness.WIDE_SPREAD even after the repeats
-    residency: str  # "dram" (rotation), "dram-evicted" (rotation + cache eviction per call), "cache-resident"
+    residency: str  # "dram" (rotation), "dram-flushed" (rotation + weights flushed per call), "cache-resident"
     device: str
     isa: str
     threads: int
@@ -91,8 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="bench_out", help="folder for kernels.csv and the PNG plots ('' for none)")
     p.add_argument("--csv", help="also append rows to this CSV (long format)")
     p.add_argument("--json", help="also write rows to this JSON file")
-    p.add_argument("--no-evict", action="store_true",
-                   help="never evict the cache between calls (points whose rotation is short are then cache-resident)")
+    p.add_argument("--no-flush", action="store_true",
+                   help="never flush weights from the caches between calls (short rotations are then cache-resident)")
     p.add_argument("--no-decode", action="store_true", help="skip the end-to-end decode benchmark")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -134,7 +134,6 @@ def run(args) -> tuple[list[Row], float]:
     print(f"# device: {mach['device']}, ISA {mach['isa']}, {mach['threads']} threads, last-level cache "
           f"{mach['llc_mib']:.0f} MiB; DRAM rotation >= {dram_bytes(device) / 2**30:.2f} GiB; "
           f"measured read bandwidth {bw / 1e9:.1f} GB/s", file=sys.stderr)
-    evictor = Evictor(device)
     points = plan(args)
     try:
         from tqdm import tqdm
@@ -152,10 +151,10 @@ def run(args) -> tuple[list[Row], float]:
             case = cases.sparse_linear(x, out_f, k, be)
         else:
             case = cases.ternary_linear(x, out_f, None if s is None else k, be)
-        evict = case.evict and not args.no_evict
-        residency = "dram-evicted" if evict else ("cache-resident" if case.evict else "dram")
+        evict = case.evict and not args.no_flush
+        residency = "dram-flushed" if evict else ("cache-resident" if case.evict else "dram")
         # call(i) rotates weights and x; 1 << 30 variants: i is never wrapped by the harness
-        t = time_calls(case.call, 1 << 30, device, reps=max(20, args.reps), before=evictor.evict if evict else None)
+        t = time_calls(case.call, 1 << 30, device, reps=max(20, args.reps), before=case.flush if evict else None)
         read = case.read
         del case
         key = (name, m, dt)
@@ -226,7 +225,7 @@ def main(argv=None) -> int:
     if not args.no_decode:
         from . import decode
 
-        decode.main(["--device", args.device] + (["--out", args.out] if args.out else []))
+        decode.main(["--device", args.device, "--breakdown"] + (["--out", args.out] if args.out else []))
     return 0
 
 

@@ -3,7 +3,7 @@
 A builder returns a :class:`Case`: ``call(i)`` runs the kernel on the ``i``-th weight copy and
 activation (both rotate, see :mod:`.harness`), ``read`` is the weight bytes one call must read,
 and ``evict`` says whether the rotation alone is too short to leave the last-level cache (then the
-harness evicts the cache before every timed call).
+harness flushes the next call's weights from the caches before every timed call).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..layout import packed_cols
-from .harness import copies_needed, dram_bytes
+from .harness import copies_needed, dram_bytes, flush
 
 # (name, in_features, out_features): SPEC "How speed is measured".
 HEADLINE_SHAPES = [
@@ -41,14 +41,19 @@ class Case:
     call: Callable[[int], object]
     n: int
     read: int  # weight bytes one call reads
-    evict: bool  # the rotation reads fewer than harness.dram_bytes(): evict the cache before each call
+    evict: bool  # the rotation reads fewer than harness.dram_bytes(): flush the weights before each call
+    weights: list  # the rotated weight copies; call(i) reads weights[i % len(weights)]
+
+    def flush(self, i: int) -> None:
+        """Evicts the weights that ``call(i)`` reads from the caches (harness.flush)."""
+        flush([self.weights[i % len(self.weights)]])
 
     def __iter__(self):  # (call, n, read), as the older tuple form
         return iter((self.call, self.n, self.read))
 
 
 # Weight memory one case may hold for its rotation. A sparse case whose kept rows are small would
-# need more copies than that: it rotates what fits, and the harness evicts the cache before each
+# need more copies than that: it rotates what fits, and the harness flushes its weights from the caches before each
 # call instead (Case.evict).
 MAX_ROTATION_BYTES = 3 << 30
 N_ACTIVATIONS = 16  # activations rotate too, so every call keeps a different set of features
@@ -86,19 +91,19 @@ def dense(x: torch.Tensor, out_f: int) -> Case:
     """The baseline: ``F.linear`` with the standard row-major ``nn.Linear`` weight."""
     read = out_f * x.shape[-1] * x.element_size()
     ws, xs = _float_weights(out_f, x.shape[-1], x.dtype, x.device, "rowmajor", read), _activations(x)
-    return _case(lambda i: F.linear(xs[i % len(xs)], ws[i % len(ws)]), len(ws), read, x.device)
+    return _case(lambda i: F.linear(xs[i % len(xs)], ws[i % len(ws)]), ws, read)
 
 
-def _case(call, n: int, read: int, device) -> Case:
-    return Case(call, n, read, n * read < dram_bytes(device))
+def _case(call, weights: list, read: int) -> Case:
+    n = len(weights)
+    return Case(call, n, read, n * read < dram_bytes(weights[0].device), weights)
 
 
 def sparse_linear(x: torch.Tensor, out_f: int, k: int, backend: str) -> Case:
     """``sparse_linear`` (top-K included) over the column-major weight."""
     read = k * out_f * x.element_size()
     ws, xs = _float_weights(out_f, x.shape[-1], x.dtype, x.device, "colmajor", read), _activations(x)
-    return _case(lambda i: ops.sparse_linear(xs[i % len(xs)], ws[i % len(ws)], k, backend=backend), len(ws), read,
-                 x.device)
+    return _case(lambda i: ops.sparse_linear(xs[i % len(xs)], ws[i % len(ws)], k, backend=backend), ws, read)
 
 
 def random_packed(in_f: int, out_f: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -122,4 +127,4 @@ def ternary_linear(x: torch.Tensor, out_f: int, k: int | None, backend: str) -> 
                     in_f * packed_cols(out_f), x.device)
     xs, scale = _activations(x), torch.tensor(0.02, device=x.device)
     return _case(lambda i: ops.ternary_linear(xs[i % len(xs)], packs[i % len(packs)], scale, out_f, k, backend=backend),
-                 len(packs), read, x.device)
+                 packs, read)

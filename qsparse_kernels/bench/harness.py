@@ -3,9 +3,9 @@
 - DRAM, not cache: weights rotate among enough copies that the bytes read over one rotation are
   >= 4x the last-level cache *of this machine* (read at run time, :func:`llc_bytes`), and never
   less than 1 GiB on a CPU (GPU: >= 4x L2 and >= 256 MB): :func:`dram_bytes`. Where the copies
-  that would take exceed what a benchmark may hold, the harness also streams an eviction buffer
-  of :func:`dram_bytes` through the cache before every timed call (untimed), so the call still
-  reads its weights from DRAM; only a run that does neither is labelled ``cache-resident``.
+  that would take exceed what a benchmark may hold, the harness also evicts the weights of the
+  next call from every cache level before it (:func:`flush`, untimed), so the call still reads
+  them from DRAM; only a run that does neither is labelled ``cache-resident``.
 - Warm-up, then the median of >= 20 repetitions, with p20/p80; a point whose spread is wide
   (p80 / p20 > :data:`WIDE_SPREAD`) is measured again, a bounded number of times, and flagged
   if it stays wide.
@@ -91,23 +91,31 @@ def copies_needed(bytes_per_copy: int, device: torch.device) -> int:
     return max(2, -(-dram_bytes(device) // max(1, bytes_per_copy)))
 
 
-class Evictor:
-    """Streams a :func:`dram_bytes` buffer through the caches: after it, any weight is in DRAM.
+def flush(tensors: Sequence[torch.Tensor]) -> None:
+    """Evicts ``tensors`` from the caches, so the next call reads them from DRAM / HBM.
 
-    One buffer per device, allocated on first use; ``evict()`` is not timed by the harness."""
+    CPU: ``clflush`` of every line of their storage (the native ``flush_cache``), which leaves the
+    code, the interpreter's state and the activations warm, as in a real decode step. GPU (or no
+    native module): streams a :func:`dram_bytes` buffer through the caches instead."""
+    if not tensors:
+        return
+    device = tensors[0].device
+    if device.type == "cpu":
+        from .. import _native
 
-    _buffers: dict[str, torch.Tensor] = {}
+        if _native.loaded() and hasattr(_native._C, "flush_cache"):
+            for t in tensors:
+                _native._C.flush_cache(t)
+            return
+    key = str(device)
+    buf = _EVICT_BUFFERS.get(key)
+    if buf is None:
+        buf = _EVICT_BUFFERS[key] = torch.ones(dram_bytes(device) // 4, device=device)
+    buf.amax()
+    _sync(device)
 
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
 
-    def evict(self) -> None:
-        key = str(self.device)
-        buf = Evictor._buffers.get(key)
-        if buf is None:
-            buf = Evictor._buffers[key] = torch.ones(dram_bytes(self.device) // 4, device=self.device)
-        buf.amax()
-        _sync(self.device)
+_EVICT_BUFFERS: dict[str, torch.Tensor] = {}
 
 
 def _sync(device: torch.device) -> None:
@@ -124,13 +132,13 @@ def quantile(xs: Sequence[float], q: float) -> float:
 def _samples(fn, n_variants, device, reps, warmup, before) -> list[float]:
     for i in range(warmup):
         if before:
-            before()
+            before(i % n_variants)
         fn(i % n_variants)
     _sync(device)
     samples = []
     for i in range(reps):
         if before:
-            before()
+            before(i % n_variants)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -151,12 +159,12 @@ def time_calls(
     device: torch.device,
     reps: int = 30,
     warmup: int = 5,
-    before: Callable[[], None] | None = None,
+    before: Callable[[int], None] | None = None,
     attempts: int = MAX_ATTEMPTS,
 ) -> Timing:
     """Time ``fn(i)`` where ``i`` cycles through ``n_variants`` weight copies; one call per sample.
 
-    ``before()`` runs untimed before every call (e.g. :meth:`Evictor.evict`). A measurement whose
+    ``before(i)`` runs untimed before every call ``fn(i)`` (e.g. :func:`flush` of its weights). A measurement whose
     p80 / p20 exceeds :data:`WIDE_SPREAD` is repeated, ``attempts`` measurements at most, and the
     one with the narrowest spread is returned (with ``wide`` set if even that one is wide)."""
     best = None
