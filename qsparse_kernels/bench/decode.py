@@ -104,13 +104,13 @@ def build(shape: LlamaShape, variant: str, device: str, dtype=torch.bfloat16, se
                 setattr(parent, name, bl)
     model = model.to_empty(device=device).to(dtype)
     _random_init(model, torch.Generator(device=device).manual_seed(seed))
-    if cfg is not None and not ternary_direct:
+    if cfg is not None:
         cfg = dict(cfg)
-        if cfg.pop("fast_head", False):
+        fast_head = cfg.pop("fast_head", False)
+        if not ternary_direct:
+            qk.convert(model, qk.QSparseConfig(**cfg))
+        if fast_head:  # the head explicitly (the default filter keeps it an nn.Linear)
             qk.convert(model, qk.QSparseConfig(sparsity=0.0), filter_fn=lambda mod, name: name == "lm_head")
-        qk.convert(model, qk.QSparseConfig(**cfg))
-    elif cfg is not None and cfg.get("fast_head"):
-        qk.convert(model, qk.QSparseConfig(sparsity=0.0), filter_fn=lambda mod, name: name == "lm_head")
     return model.eval()
 
 
