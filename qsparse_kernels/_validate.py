@@ -72,6 +72,17 @@ def numel_fits(op: str, name: str, numel) -> None:
         raise _err(ValueError, op, f"{name} has {numel} elements, more than the supported 2**31 - 1")
 
 
+# Largest feature count (d, the block size m, out_features): the kernels store feature indices as
+# int32 (csrc/cpu select_topk and the ternary row plan, the CUDA / Triton kept lists). A tensor
+# with no element passes numel_fits whatever its last dim, so the dims are checked on their own.
+MAX_DIM = 2**31 - 1
+
+
+def dim_fits(op: str, name: str, v) -> None:
+    if v > MAX_DIM:
+        raise _err(ValueError, op, f"{name} = {v} is above the supported 2**31 - 1 (int32 feature indices)")
+
+
 def tensor(op: str, name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise _err(TypeError, op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -91,6 +102,8 @@ def float_tensor(op: str, name: str, t, min_dim: int = 1) -> None:
         raise _err(TypeError, op, f"{name} must be {_FLOAT_NAMES}, got {t.dtype}")
     if t.dim() < min_dim:
         raise _err(ValueError, op, f"{name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+    if t.dim():
+        dim_fits(op, f"{name}.shape[-1]", t.shape[-1])
 
 
 def integer(op: str, name: str, v, lo: int, hi: int | None = None, hi_desc: str = ""):
@@ -132,7 +145,7 @@ def block_topk_sparsify(x, n, m) -> tuple[int, int]:
     """Checks the arguments; returns ``(n, m)`` as ``int``."""
     op = "block_topk_sparsify"
     float_tensor(op, "x", x)
-    m = integer(op, "m", m, 1)
+    m = integer(op, "m", m, 1, MAX_DIM, "int32 feature indices")
     n = integer(op, "n", n, 0, m, "m")
     if x.shape[-1] % m != 0:
         raise _err(ValueError, op, f"x.shape[-1] = {x.shape[-1]} must be divisible by m = {m}")
@@ -159,6 +172,7 @@ def sparse_linear(x, weight, k, bias) -> int:
         raise _err(TypeError, op, f"weight must have the dtype of x ({x.dtype}), got {weight.dtype}")
     if weight.dim() != 2:
         raise _err(ValueError, op, f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    dim_fits(op, "weight.shape[0]", weight.shape[0])
     if weight.shape[1] != x.shape[-1]:
         raise _err(
             ValueError, op, f"weight.shape[1] = {weight.shape[1]} must equal x.shape[-1] = {x.shape[-1]}"
@@ -195,7 +209,7 @@ def packed_weight(op: str, packed, in_features: int, out_features) -> int:
     tensor(op, "packed", packed)
     if packed.dtype != torch.uint8:
         raise _err(TypeError, op, f"packed must be uint8, got {packed.dtype}")
-    out_features = integer(op, "out_features", out_features, 0)
+    out_features = integer(op, "out_features", out_features, 0, MAX_DIM, "int32 feature indices")
     want = (in_features, packed_cols(out_features))
     if tuple(packed.shape) != want:
         raise _err(

@@ -28,7 +28,7 @@ def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
     choice, and every backend of this library makes this one, so they agree exactly.
     """
     d = x.shape[-1]
-    if k == 0:
+    if k == 0 or x.numel() == 0:  # nothing to select: no O(d) index for an input without rows
         return torch.zeros_like(x)
     if k >= d:
         return x.clone()
@@ -50,6 +50,8 @@ def sparse_linear(
     x: torch.Tensor, weight: torch.Tensor, k: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``F.linear(topk_sparsify(x, k), weight, bias)``, accumulated in float32, cast to ``x.dtype``."""
+    if math.prod(x.shape[:-1]) == 0:  # no rows: no float32 copy of the weight
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
     xs = topk_sparsify(x, k)
     b = None if bias is None else bias.float()
     return F.linear(xs.float(), weight.float(), b).to(x.dtype)
@@ -141,10 +143,12 @@ def ternary_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W1.58A8 linear: optional top-K, int8 absmax activations, exact int32 ternary matmul, rescale."""
-    xs = x if k is None else topk_sparsify(x, k)
-    x_q, x_scale = quantize_act_int8(xs)
     lead = x.shape[:-1]
     rows = math.prod(lead)
+    if rows == 0:  # no rows: the weight is not unpacked
+        return x.new_empty((*lead, out_features))
+    xs = x if k is None else topk_sparsify(x, k)
+    x_q, x_scale = quantize_act_int8(xs)
     acc = ternary_accumulate(x_q.reshape(rows, x.shape[-1]), packed, out_features)
     y = ternary_epilogue(acc, x_scale.reshape(rows, 1), scale, bias, x.dtype)
     return y.reshape(*lead, out_features)

@@ -162,3 +162,59 @@ def test_ternary_kernels_refuse_d_above_the_limit():
     for lib in (torch.ops.qsparse, emu_ops.library()):
         with pytest.raises(RuntimeError, match="the largest in_features whose int32 accumulator"):
             lib.ternary_linear_kernel(x, packed, scale, 1, None, None)
+
+
+# ---- 6. memory on inputs without rows; the int32 caps on d, m and out_features ----
+
+_EMPTY_INPUTS = """
+import resource, torch, qsparse_kernels as qk
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+w = torch.randn(64, 2**20, dtype=torch.bfloat16)  # 128 MiB, in the baseline
+packed = torch.full((2**20, 64), 0x55, dtype=torch.uint8)  # 64 MiB: d = 2**20, out = 256
+for b in {backends!r}:  # warm up every code path on small inputs first
+    qk.topk_sparsify(torch.randn(2, 8), 3, backend=b)
+    qk.block_topk_sparsify(torch.randn(2, 8), 1, 4, backend=b)
+    qk.sparse_linear(torch.randn(2, 8, dtype=torch.bfloat16), w[:, :8], 3, backend=b)
+    qk.ternary_linear(torch.randn(2, 8), packed[:8], torch.tensor(1.0), 256, 3, backend=b)
+before = peak_mib()
+for b in {backends!r}:
+    assert qk.topk_sparsify(torch.empty(0, 2**27), 5, backend=b).shape == (0, 2**27)
+    assert qk.topk_sparsify(torch.empty(3, 0, 2**27), 2**26, backend=b).shape == (3, 0, 2**27)
+    assert qk.block_topk_sparsify(torch.empty(4, 0), 1, 2**31 - 1, backend=b).shape == (4, 0)
+    assert qk.block_topk_sparsify(torch.empty(0, 2**27), 3, 2**26, backend=b).shape == (0, 2**27)
+    assert qk.sparse_linear(torch.empty(0, 2**20, dtype=torch.bfloat16), w, 7, backend=b).shape == (0, 64)
+    assert qk.ternary_linear(torch.empty(0, 2**20), packed, torch.tensor(1.0), 256, 9, backend=b).shape == (0, 256)
+    assert qk.ternary_linear(torch.empty(0, 2**20), packed, torch.tensor(1.0), 256, backend=b).shape == (0, 256)
+print(peak_mib() - before)
+"""
+
+
+def test_inputs_without_rows_allocate_nothing_proportional_to_d_or_m():
+    # Before the fix the reference built an O(d) / O(m) index (1 GiB at d = 2**27, 16 GiB at
+    # m = 2**31 - 1), a float32 copy of the weight (256 MiB) and the unpacked ternary weight (2 GiB).
+    backends = ["reference", *(["cpu"] if CPU_BUILT else [])]
+    got = _python(_EMPTY_INPUTS.format(backends=backends))
+    assert got.returncode == 0, got.stderr
+    assert float(got.stdout.strip()) < 32, f"peak memory grew by {got.stdout.strip()} MiB on inputs without rows"
+
+
+ONE = torch.tensor(1.0)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: qk.topk_sparsify(torch.empty(0, 2**31), 1),
+        lambda: qk.quantize_act_int8(torch.empty(0, 2**31)),
+        lambda: qk.block_topk_sparsify(torch.empty(0, 2**31), 1, 2**31),
+        lambda: qk.block_topk_sparsify(torch.empty(2, 0), 1, 2**31),
+        lambda: qk.sparse_linear(torch.empty(0, 2**31), torch.empty(0, 2**31), 1),
+        lambda: qk.sparse_linear(torch.empty(0, 0), torch.empty(2**31, 0), 0),
+        lambda: qk.ternary_linear(torch.empty(0, 0), torch.empty((0, 2**29), dtype=torch.uint8), ONE, 2**31),
+        lambda: qk.unpack_ternary(torch.empty(0, 2**29, dtype=torch.uint8), 2**31),
+    ],
+)
+def test_dims_above_int32_indices_are_refused(call):
+    with pytest.raises(ValueError, match=r"2\*\*31 - 1|2147483647"):
+        call()
