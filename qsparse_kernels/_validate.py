@@ -131,6 +131,34 @@ def sparsity(op: str, s) -> float:
     return s
 
 
+def _holds_data(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read here: not meta, not a fake tensor, not while compiling."""
+    return (
+        t.device.type != "meta"
+        and not isinstance(t, torch._subclasses.FakeTensor)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def finite_weight(op: str, name: str, weight) -> None:
+    """Weights must be finite: a NaN / Inf in the weight row of a feature that top-K drops
+    is skipped by the sparse path but reaches every output on the dense path, so the same token's
+    output would depend on the batch size. Checked once where a weight enters a layer (``convert``,
+    ``from_linear``, ``to_fast_layout``, ``BitLinear.pack``, checkpoint loading), never per call.
+    Reads the values (one pass, one host sync); skipped for meta and fake tensors."""
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or not _holds_data(weight):
+        return
+    bad = ~torch.isfinite(weight.detach())
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise _err(
+            ValueError,
+            op,
+            f"{name} holds {int(bad.sum())} non-finite value(s) (NaN or +-Inf), the first at index {first}; "
+            "weights must be finite (the sparse and dense paths would disagree on them)",
+        )
+
+
 # ---- per-op checks (shape-only, so the fakes can run them too) ----
 
 

@@ -126,7 +126,11 @@ def ternary_linear(
 
 def to_fast_layout(weight: Tensor) -> Tensor:
     """The same logical ``[out, in]`` weight stored column-major (``stride(0) == 1``), the fast layout
-    of :func:`sparse_linear`: each input feature's ``out`` weights are one contiguous row."""
+    of :func:`sparse_linear`: each input feature's ``out`` weights are one contiguous row.
+
+    weight: ``[out, in]``, finite (a NaN / Inf raises ``ValueError``). Returns ``[out, in]``.
+    """
+    check.finite_weight("to_fast_layout", "weight", weight)
     return weight.t().contiguous().t()
 
 

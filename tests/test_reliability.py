@@ -218,3 +218,47 @@ ONE = torch.tensor(1.0)
 def test_dims_above_int32_indices_are_refused(call):
     with pytest.raises(ValueError, match=r"2\*\*31 - 1|2147483647"):
         call()
+
+
+# ---- 2. weights must be finite: checked once where a weight enters a layer ----
+
+NON_FINITE = [float("nan"), float("inf"), -float("inf")]
+
+
+def _linear_with(value, dtype=torch.float32):
+    lin = torch.nn.Linear(16, 8, dtype=dtype)
+    with torch.no_grad():
+        lin.weight[3, 5] = value
+    return lin
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+def test_non_finite_weights_are_refused_once(value):
+    lin = _linear_with(value)
+    with pytest.raises(ValueError, match=r"QSparseLinear.from_linear: linear.weight holds 1 non-finite .* \(3, 5\)"):
+        qk.nn.QSparseLinear.from_linear(lin, sparsity=0.5)
+    with pytest.raises(ValueError, match="BitLinear.from_linear: linear.weight holds 1 non-finite"):
+        qk.nn.BitLinear.from_linear(lin, sparsity=0.5)
+    with pytest.raises(ValueError, match="to_fast_layout: weight holds 1 non-finite"):
+        qk.to_fast_layout(lin.weight)
+    bit = qk.nn.BitLinear(16, 8)
+    with torch.no_grad():
+        bit.weight[0, 0] = value
+    with pytest.raises(ValueError, match=r"BitLinear.pack: the weight of BitLinear\(in_features=16, out_features=8"):
+        bit.pack()
+    assert not bit.is_packed and torch.isfinite(bit.weight).sum() == bit.weight.numel() - 1
+
+
+@pytest.mark.parametrize("weights", ["dense", "ternary"])
+def test_convert_names_the_layer_with_a_non_finite_weight(weights):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), _linear_with(float("nan")))
+    cfg = qk.QSparseConfig(sparsity=0.5, weights=weights)
+    with pytest.raises(ValueError, match=r"convert: layer '2'.*non-finite"):
+        qk.convert(model, cfg)
+    assert all(type(m) is not qk.nn.QSparseLinear and type(m) is not qk.nn.BitLinear for m in model)
+
+
+def test_finite_check_skips_meta_weights():
+    lin = torch.nn.Linear(16, 8, device="meta")
+    assert qk.nn.QSparseLinear.from_linear(lin, sparsity=0.5).weight.device.type == "meta"
+    assert qk.to_fast_layout(lin.weight).stride(0) == 1

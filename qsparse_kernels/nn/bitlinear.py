@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validate as check
 from .. import ops
 from ..layout import BITS_PER_CODE, CODE_MASK, CODES_PER_BYTE, INVALID_CODE, PAD_CODE, packed_shape
 from . import _config as cfg
@@ -82,7 +83,9 @@ class BitLinear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, sparsity: float | None = None, k: int | None = None, backend: str = "auto"
     ) -> BitLinear:
-        """A ``BitLinear`` (training mode) sharing ``linear``'s ``weight`` and ``bias`` Parameters."""
+        """A ``BitLinear`` (training mode) sharing ``linear``'s ``weight`` and ``bias`` Parameters.
+        A non-finite weight raises ``ValueError``."""
+        check.finite_weight("BitLinear.from_linear", "linear.weight", linear.weight)
         mod = cls(
             linear.in_features,
             linear.out_features,
@@ -110,9 +113,11 @@ class BitLinear(nn.Module):
     @torch.no_grad()
     def pack(self) -> BitLinear:
         """Quantize the master weight (:func:`qsparse_kernels.quantize_weight_ternary`) and switch to
-        packed inference mode; the float weight is dropped. Idempotent; returns ``self``."""
+        packed inference mode; the float weight is dropped. Idempotent; returns ``self``.
+        A non-finite weight raises ``ValueError`` and leaves the module as it was."""
         if self.is_packed:
             return self
+        check.finite_weight("BitLinear.pack", f"the weight of {self}", self.weight)
         packed, scale = ops.quantize_weight_ternary(self.weight.detach(), backend=self.backend)
         del self.weight
         self.register_buffer("packed", packed)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .. import _validate as check
 from .. import ops
 from . import _config as cfg
 
@@ -88,7 +89,9 @@ class QSparseLinear(nn.Module):
 
         The shared weight is moved into the fast layout in place (same Parameter object, so an
         optimizer built on ``linear`` keeps working); ``linear`` still computes the same function.
+        A non-finite weight raises ``ValueError``.
         """
+        check.finite_weight("QSparseLinear.from_linear", "linear.weight", linear.weight)
         mod = cls(
             linear.in_features,
             linear.out_features,
