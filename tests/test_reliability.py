@@ -5,6 +5,7 @@ Each test here failed before the fix it names: the import-time ISA variable, num
 weights, atomic checkpoint loading, and top-K ties among NaNs.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -262,3 +263,160 @@ def test_finite_check_skips_meta_weights():
     lin = torch.nn.Linear(16, 8, device="meta")
     assert qk.nn.QSparseLinear.from_linear(lin, sparsity=0.5).weight.device.type == "meta"
     assert qk.to_fast_layout(lin.weight).stride(0) == 1
+
+
+# ---- 5. checkpoint loading is atomic; malformed files give errors naming the key ----
+
+LAYERS, ALIASES = "qsparse_kernels.layers", "qsparse_kernels.aliases"
+LAST = "layers.1.mlp.down_proj"  # the last Q-Sparse layer: a non-atomic loader has written the rest
+
+
+def _snapshot(model):
+    state = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
+    kinds = [(n, type(m).__name__, getattr(m, "is_packed", None)) for n, m in model.named_modules()]
+    return state, kinds
+
+
+def _same(model, snap) -> bool:
+    state, kinds = _snapshot(model)
+    if kinds != snap[1] or state.keys() != snap[0].keys():
+        return False
+    return all(torch.equal(v, snap[0][k][0]) and s == snap[0][k][1] for k, (v, s) in state.items())
+
+
+def _meta(layers=None, aliases=None):
+    def edit(meta, tensors):
+        if layers is not None:
+            meta[LAYERS] = layers(json.loads(meta[LAYERS])) if callable(layers) else layers
+            meta[LAYERS] = meta[LAYERS] if isinstance(meta[LAYERS], str) else json.dumps(meta[LAYERS])
+        if aliases is not None:
+            meta[ALIASES] = aliases if isinstance(aliases, str) else json.dumps(aliases)
+
+    return edit
+
+
+def _set(d, key, value):
+    d[key] = value
+    return d
+
+
+def _tensor(fn):
+    return lambda meta, tensors: fn(tensors)
+
+
+TAMPERED = {
+    # metadata
+    "layers not JSON": (_meta(layers="{"), ValueError, r"metadata key 'qsparse_kernels.layers' is not valid JSON"),
+    "layers a list": (_meta(layers="[]"), ValueError, r"'qsparse_kernels.layers' must hold a JSON object, got list"),
+    "layer not an object": (
+        _meta(layers=lambda d: _set(d, LAST, 5)), ValueError, rf"layer '{LAST}': must be a JSON object, got int"
+    ),
+    "layer without k": (
+        _meta(layers=lambda d: _set(d, LAST, {"type": "QSparseLinear", "sparsity": 0.6, "block": None})),
+        ValueError, rf"layer '{LAST}': has no 'k'"),
+    "unknown type": (
+        _meta(layers=lambda d: _set(d, LAST, {**d[LAST], "type": "Linear8bit"})), ValueError, r"'type' must be one of"
+    ),
+    "sparsity a string": (
+        _meta(layers=lambda d: _set(d, LAST, {**d[LAST], "sparsity": "0.6"})), ValueError, r"'sparsity' must be a"
+    ),
+    "block not a pair": (
+        _meta(layers=lambda d: _set(d, LAST, {**d[LAST], "block": [16]})), ValueError, r"'block' must be a pair"),
+    "block of strings": (
+        _meta(layers=lambda d: _set(d, LAST, {**d[LAST], "block": "ab"})), ValueError, r"'block' must be a pair"),
+    "config differs at the last layer": (
+        _meta(layers=lambda d: _set(d, LAST, {**d[LAST], "sparsity": 0.3})), ValueError,
+        rf"layer '{LAST}' was saved with sparsity=0.3"),
+    "no layer metadata": (lambda meta, tensors: meta.pop(LAYERS), ValueError, r"has no 'qsparse_kernels.layers' meta"),
+    "aliases not JSON": (_meta(aliases="nope"), ValueError, r"key 'qsparse_kernels.aliases' is not valid JSON"),
+    "alias to a missing tensor": (
+        _meta(aliases={"extra.weight": "nowhere.weight"}), ValueError, r"alias 'extra.weight': names 'nowhere.weight'"),
+    "alias to a number": (_meta(aliases={"extra.weight": 3}), ValueError, r"alias 'extra.weight': must name a stored"),
+    # tensors
+    "NaN weight in the last layer": (
+        _tensor(lambda t: t[LAST + ".weight"].view(-1).__setitem__(7, float("nan"))), ValueError,
+        rf"'{LAST}.weight' holds 1 non-finite"),
+    "Inf weight in the last layer": (
+        _tensor(lambda t: t[LAST + ".weight"].view(-1).__setitem__(0, -float("inf"))), ValueError,
+        rf"'{LAST}.weight' holds 1 non-finite"),
+    "shape of the last layer": (
+        _tensor(lambda t: t.__setitem__(LAST + ".weight", t[LAST + ".weight"][:, :-1].contiguous())), RuntimeError,
+        rf"size mismatch for {LAST}.weight"),
+    "missing key": (_tensor(lambda t: t.pop("norm.bias")), RuntimeError, r"Missing key\(s\) in state_dict: 'norm.b"),
+    "unexpected key": (
+        _tensor(lambda t: t.__setitem__("zz.weight", torch.ones(2))), RuntimeError, r"Unexpected key.*'zz.weight'"),
+}
+TAMPERED_PACKED = {
+    "code 3 in the last layer": (
+        _tensor(lambda t: t[LAST + ".packed"].view(-1).__setitem__(0, 0xFF)), RuntimeError,
+        rf"'{LAST}.packed' holds the invalid ternary code 3"),
+    "NaN scale in the last layer": (
+        _tensor(lambda t: t.__setitem__(LAST + ".scale", torch.tensor(float("nan")))), RuntimeError,
+        rf"'{LAST}.scale' must be finite and > 0"),
+    "scale missing": (_tensor(lambda t: t.pop(LAST + ".scale")), RuntimeError, rf"needs both '{LAST}.packed' and"),
+}
+
+
+def _tamper(tmp_path, config, edit):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tests.test_convert import TinyLM
+
+    path = tmp_path / "m.safetensors"
+    qk.save_checkpoint(qk.convert(TinyLM(), config), path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    edit(meta, tensors)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def _check_rejected_untouched(path, config, cls, match):
+    from tests.test_convert import TinyLM
+
+    model = qk.convert(TinyLM(), config)
+    snap = _snapshot(model)
+    with pytest.raises(cls, match=match) as info:
+        qk.load_checkpoint(model, path)
+    assert type(info.value) is cls  # never a bare TypeError / KeyError / JSONDecodeError
+    assert _same(model, snap), "a rejected checkpoint changed the model"
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_tampered_checkpoint_is_rejected_and_model_untouched(case, tmp_path):
+    config = qk.QSparseConfig(sparsity=0.6)
+    edit, cls, match = TAMPERED[case]
+    _check_rejected_untouched(_tamper(tmp_path, config, edit), config, cls, match)
+
+
+@pytest.mark.parametrize("case", list(TAMPERED_PACKED))
+def test_tampered_packed_checkpoint_is_rejected_and_model_untouched(case, tmp_path):
+    saved = qk.QSparseConfig(sparsity=0.6, weights="ternary", pack=True)
+    edit, cls, match = TAMPERED_PACKED[case]
+    # the model is in training mode (float weights): a non-atomic loader switches layers to packed
+    _check_rejected_untouched(
+        _tamper(tmp_path, saved, edit), qk.QSparseConfig(sparsity=0.6, weights="ternary"), cls, match
+    )
+
+
+def test_unreadable_file_names_the_path(tmp_path):
+    from tests.test_convert import TinyLM
+
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match=r"junk.safetensors': not a readable safetensors file"):
+        qk.load_checkpoint(qk.convert(TinyLM(), qk.QSparseConfig()), path)
+
+
+def test_file_without_layer_metadata_loads_when_asked(tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.test_convert import TinyLM
+
+    config = qk.QSparseConfig(sparsity=0.6)
+    path = _tamper(tmp_path, config, lambda meta, tensors: meta.pop(LAYERS))
+    model = qk.convert(TinyLM(), config)
+    assert qk.load_checkpoint(model, path, check_config=False) == ([], [])
+    for key, t in load_file(str(path)).items():
+        assert torch.equal(model.state_dict()[key], t), key
