@@ -37,6 +37,12 @@ What it did: ``verbose=True`` prints a :class:`~qsparse_kernels.convert_report.C
 converted once: a second ``convert`` without ``filter_fn`` raises (pass a ``filter_fn`` to convert
 more of its plain ``nn.Linear`` layers on purpose). :func:`unconvert` turns the float layers back
 into plain ``nn.Linear``.
+
+Hugging Face BitNet checkpoints (``quant_method == "bitnet"``, loaded with ``from_pretrained``):
+their ``BitLinear`` / ``AutoBitLinear`` layers are selected like ``nn.Linear`` and become this
+library's ``BitLinear`` (packed, without a float copy; :mod:`qsparse_kernels.bitnet_import`) with
+the config's ``sparsity`` / ``k`` / ``backend``; ``weights`` does not apply (they are ternary
+already) and ``block`` is refused.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from . import _hf_hook
 from . import _validate as check
 from ._frozen import FrozenMapping
 from .backends import CHOICES
+from .bitnet_import import from_hf_bitnet, is_hf_bitnet
 from .convert_report import ConversionReport, build_report, linear_layers, weight_bytes_per_token
 from .nn import BitLinear, QSparseLinear
 
@@ -198,6 +205,11 @@ def _plain_linear(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Linear) and not isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
+def _convertible(mod: nn.Module) -> bool:
+    """What ``convert`` may replace: an ``nn.Linear`` or a transformers BitNet layer."""
+    return isinstance(mod, nn.Linear) or is_hf_bitnet(mod)
+
+
 def default_filter(model: nn.Module) -> FilterFn:
     """The default layer selection for ``model``: every ``nn.Linear`` except the output head
     (see the module docstring)."""
@@ -215,7 +227,8 @@ def default_filter(model: nn.Module) -> FilterFn:
 
     def keep(mod: nn.Module, name: str) -> bool:
         leaf = name.rsplit(".", 1)[-1]
-        return _plain_linear(mod) and leaf not in HEAD_NAMES and mod is not head and not tied(mod.weight)
+        linear = _plain_linear(mod) or is_hf_bitnet(mod)
+        return linear and leaf not in HEAD_NAMES and mod is not head and not tied(mod.weight)
 
     return keep
 
@@ -223,6 +236,15 @@ def default_filter(model: nn.Module) -> FilterFn:
 def _swap(linear: nn.Linear, name: str, config: QSparseConfig) -> nn.Module:
     """The Q-Sparse layer for ``linear`` under its resolved ``config`` (scalar sparsity, no ``layers``)."""
     sparsity, k = config.sparsity, config.k
+    if is_hf_bitnet(linear):  # a ternary layer already: weights= does not apply, block= cannot
+        if config.block is not None:
+            raise ValueError(f"qsparse_kernels.convert: layer {name!r} is a BitNet (ternary) layer; block needs dense")
+        try:
+            return from_hf_bitnet(linear, name, sparsity, k, config.backend, config.pack)
+        except (ValueError, TypeError) as exc:
+            if repr(name) in str(exc):
+                raise
+            raise type(exc)(f"qsparse_kernels.convert: layer {name!r}: {exc}") from exc
     try:
         if config.weights == "ternary":
             mod = BitLinear.from_linear(linear, sparsity=sparsity, k=k, backend=config.backend)
@@ -270,7 +292,7 @@ def convert(
     plan: dict[int, tuple[str, nn.Linear, QSparseConfig]] = {}
     used: set[str] = set()
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or not keep(mod, name):
+        if not _convertible(mod) or not keep(mod, name):
             continue
         pat, layer_config = config.resolve(name)
         used.add(pat)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .bitnet_import import is_hf_bitnet
 from .layout import packed_cols
 from .nn import BitLinear, QSparseLinear
 
@@ -26,18 +27,10 @@ def layer_kind(mod: nn.Module) -> str | None:
         return "QSparseLinear (N:M)" if mod.block is not None else "QSparseLinear"
     if isinstance(mod, BitLinear):
         return "BitLinear (packed)" if mod.is_packed else "BitLinear (training)"
-    hf = _hf_bitnet_kind(mod)
-    if hf is not None:
-        return hf
+    if is_hf_bitnet(mod):
+        return f"transformers BitNet {type(mod).__name__}"
     if isinstance(mod, nn.Linear):
         return KEPT_DENSE
-    return None
-
-
-def _hf_bitnet_kind(mod: nn.Module) -> str | None:
-    cls = type(mod)
-    if cls.__module__ == "transformers.integrations.bitnet" and cls.__name__ in ("BitLinear", "AutoBitLinear"):
-        return f"transformers {cls.__name__}"
     return None
 
 
@@ -50,7 +43,7 @@ def weight_bytes_per_token(mod: nn.Module) -> int:
             rows = mod.kept() if mod.kept() is not None else mod.in_features
             return rows * packed_cols(mod.out_features)
         return mod.weight.numel() * mod.weight.element_size()
-    if _hf_bitnet_kind(mod) is not None or isinstance(mod, nn.Linear):
+    if is_hf_bitnet(mod) or isinstance(mod, nn.Linear):
         return mod.weight.numel() * mod.weight.element_size()
     return 0
 

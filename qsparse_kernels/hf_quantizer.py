@@ -286,6 +286,8 @@ def attach(model: nn.Module) -> None:
     config = QSparseQuantConfig(layers=layers)
     model.hf_quantizer = QSparseHfQuantizer(config, pre_quantized=True)
     model.config.quantization_config = config
+    if hasattr(model, "quantization_method"):  # loaded with another method (a BitNet checkpoint)
+        model.quantization_method = QUANT_METHOD
 
 
 __all__ = ["QSparseQuantConfig", "QSparseHfQuantizer", "register", "attach", "layer_entries", "check_checkpoint"]
