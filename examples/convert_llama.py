@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import qsparse_kernels as qk
 
@@ -45,9 +45,9 @@ def main() -> None:
     with torch.no_grad():
         dense_logits = model(ids).logits
 
-    # 2. convert in place
+    # 2. convert in place (report: layers per kind, kept fraction, weight bytes per decoded token)
     config = qk.QSparseConfig(sparsity=RECIPE, weights="ternary" if args.ternary else "dense", pack=args.ternary)
-    qk.convert(model, config)
+    _, report = qk.convert(model, config, return_report=True)
 
     # 3. run and generate
     with torch.no_grad():
@@ -55,21 +55,23 @@ def main() -> None:
     out = model.generate(ids, max_new_tokens=16, do_sample=False)
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (qk.nn.QSparseLinear, qk.nn.BitLinear))}
-    kept = sum(m.kept() * m.out_features for m in layers.values())  # weight columns read per token
-    total = sum(m.in_features * m.out_features for m in layers.values())
     print(f"backends: { {k: v['usable'] for k, v in qk.backend_info().items()} }")
-    print(f"converted {len(layers)} linear layers; lm_head stays {type(model.lm_head).__name__}")
+    print(f"converted {report.converted} linear layers; lm_head stays {type(model.lm_head).__name__}")
     for name in list(layers)[:7]:
         print(f"  {name}: {layers[name]}")
-    print(f"weights read per decoded token: {kept / total:.1%} of the converted layers' weights")
+    print(report)
     diff = float((logits - dense_logits).norm() / dense_logits.norm())
     print(f"logits vs. dense model: relative difference {diff:.3f}")
     print(f"prompt    {ids[0].tolist()}")
     print(f"generated {out[0, ids.shape[1]:].tolist()}")
+    # 4. save and load through Hugging Face: config.json gets the quantization_config of every layer
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "qsparse.safetensors"
-        qk.save_checkpoint(model, path)
-        print(f"checkpoint: {path.stat().st_size / 1e6:.2f} MB (safetensors, with the per-layer sparsity config)")
+        model.save_pretrained(tmp)
+        size = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
+        again = AutoModelForCausalLM.from_pretrained(tmp)  # Q-Sparse layers rebuilt, tensors loaded into them
+        with torch.no_grad():
+            same = torch.equal(again(ids).logits, logits)
+        print(f"save_pretrained: {size / 1e6:.2f} MB; from_pretrained gives bit-identical logits: {same}")
 
 
 if __name__ == "__main__":

@@ -200,6 +200,7 @@ def test_example_runs(monkeypatch, capsys):
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     assert "converted 14 linear layers; lm_head stays Linear" in out and "sparsity=0.6" in out
+    assert "weight bytes read per token" in out and "from_pretrained gives bit-identical logits: True" in out
 
 
 def test_save_pretrained_round_trip_and_plain_checkpoint(tmp_path):
