@@ -1,9 +1,18 @@
 """What the bench measures: SPEC headline shapes and one builder per kernel.
 
-A builder returns a :class:`Case`: ``call(i)`` runs the kernel on the ``i``-th weight copy and
-activation (both rotate, see :mod:`.harness`), ``read`` is the weight bytes one call must read,
-and ``evict`` says whether the rotation alone is too short to leave the last-level cache (then the
-harness flushes the next call's weights from the caches before every timed call).
+A builder returns a :class:`Case`: ``call(i)`` runs the kernel on weight copy ``i % n`` with
+activation ``(i // n) % len(acts)`` (both rotate), ``read`` is the weight bytes one call must read
+(the kept rows; for a batch, the union of its rows' kept sets), and ``evict`` says whether the
+rotation is too short to leave the last-level cache (the harness then flushes the next call's
+weights from the caches before it; it never happens at the default plan's points).
+
+DRAM, not cache (SPEC "How speed is measured"): a weight row read by one call is read again only
+after :func:`.harness.dram_bytes` of other weight bytes. At batch 1 with ``0 < k < d`` the
+activations make that cheap: the features are shuffled and cut into ``P = d // k`` parts of ``k``
+and activation ``j`` keeps exactly part ``j``, so on one copy consecutive activations read
+disjoint rows (each a random scatter of ``k`` rows, as a real kept set is) and a row comes back
+only after all ``n`` copies have each been read ``P`` times: the rotation reads ``n * P * read``,
+about ``n`` whole copies, and needs no more memory than the dense baseline's rotation.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..layout import packed_cols
-from .harness import copies_needed, dram_bytes, flush
+from .harness import dram_bytes, flush
 
 # (name, in_features, out_features): SPEC "How speed is measured".
 HEADLINE_SHAPES = [
@@ -32,40 +41,35 @@ BATCHES = [1, 2, 4, 8, 16, 64]
 SPARSITIES = [0.0, 0.25, 0.5, 0.6125, 0.75, 0.9]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
+# Weight memory one case may hold for its rotation (above it: flushes, Case.evict).
+MAX_ROTATION_BYTES = 3 << 30
+N_ACTIVATIONS = 16  # random activations of a batch (or dense) point; a batch-1 sparse point uses P parts
 
 
 @dataclass
 class Case:
-    """One benchmark point: ``call(i)`` rotates over ``n`` weight copies (and the activations)."""
+    """One benchmark point (see the module docstring)."""
 
     call: Callable[[int], object]
-    n: int
+    n: int  # weight copies
     read: int  # weight bytes one call reads
     evict: bool  # the rotation reads fewer than harness.dram_bytes(): flush the weights before each call
-    weights: list  # the rotated weight copies; call(i) reads weights[i % len(weights)]
+    weights: list  # the rotated weight copies; call(i) reads weights[i % n]
 
     def flush(self, i: int) -> None:
         """Evicts the weights that ``call(i)`` reads from the caches (harness.flush)."""
-        flush([self.weights[i % len(self.weights)]])
+        flush([self.weights[i % self.n]])
 
     def __iter__(self):  # (call, n, read), as the older tuple form
         return iter((self.call, self.n, self.read))
 
 
-# Weight memory one case may hold for its rotation. A sparse case whose kept rows are small would
-# need more copies than that: it rotates what fits, and the harness flushes its weights from the caches before each
-# call instead (Case.evict).
-MAX_ROTATION_BYTES = 3 << 30
-N_ACTIVATIONS = 16  # activations rotate too, so every call keeps a different set of features
-
 _pool: dict[tuple, list[torch.Tensor]] = {}
 
 
-def _copies(key: tuple, make: Callable[[], torch.Tensor], bytes_read: int, bytes_each: int, device) -> list:
-    """``n`` copies made by ``make``: enough that the bytes read over a rotation reach
-    :func:`.harness.dram_bytes` (SPEC: >= 4x the last-level cache), within
-    :data:`MAX_ROTATION_BYTES`. Kept per shape."""
-    n = max(2, min(copies_needed(bytes_read, device), MAX_ROTATION_BYTES // max(1, bytes_each)))
+def _copies(key: tuple, make: Callable[[], torch.Tensor], n: int, bytes_each: int) -> list:
+    """``n`` copies made by ``make`` (at least 2, within :data:`MAX_ROTATION_BYTES`), kept per shape."""
+    n = max(2, min(n, MAX_ROTATION_BYTES // max(1, bytes_each)))
     if _pool and key not in _pool and next(iter(_pool))[:3] != key[:3]:
         _pool.clear()  # a new shape: free the previous one's copies
     pool = _pool.setdefault(key, [])
@@ -74,36 +78,78 @@ def _copies(key: tuple, make: Callable[[], torch.Tensor], bytes_read: int, bytes
     return pool[:n]
 
 
-def _activations(x: torch.Tensor) -> list[torch.Tensor]:
-    return [x] + [torch.randn_like(x) for _ in range(N_ACTIVATIONS - 1)]
+def activations(x: torch.Tensor, k: int | None) -> tuple[list[torch.Tensor], bool]:
+    """The rotated activations of a point, shaped like ``x [M, d]``, and whether they are the
+    disjoint parts of the module docstring (batch 1, ``0 < k < d``); else :data:`N_ACTIVATIONS`
+    random ones (the first is ``x``)."""
+    M, d = x.shape
+    if M != 1 or k is None or not 0 < k < d:
+        return [x] + [torch.randn_like(x) for _ in range(N_ACTIVATIONS - 1)], False
+    perm = torch.randperm(d, device=x.device)
+    out = []
+    for j in range(d // k):
+        a = torch.randn_like(x) * 0.5
+        part = perm[j * k : (j + 1) * k]
+        # strictly larger magnitudes on the part: |.| in [1, 2) there, < 1 elsewhere
+        a.clamp_(-0.99, 0.99)
+        mag = 1 + torch.rand(k, device=x.device)
+        a[0, part] = (torch.sign(torch.randn(k, device=x.device)) * mag).to(x.dtype)
+        out.append(a)
+    return out, True
 
 
-def _float_weights(out_f, in_f, dtype, device, layout, bytes_read) -> list[torch.Tensor]:
+def _union_rows(xs: list[torch.Tensor], k: int | None) -> float:
+    """Mean number of weight rows a call reads: the union of its batch rows' kept sets."""
+    d = xs[0].shape[-1]
+    if k is None or k >= d:
+        return float(d)
+    if k == 0:
+        return 0.0
+    total = 0
+    for x in xs:
+        idx = x.float().abs().topk(k, dim=-1).indices
+        mask = torch.zeros(d, dtype=torch.bool, device=x.device)
+        mask[idx.flatten()] = True
+        total += int(mask.sum())
+    return total / len(xs)
+
+
+def _point(x: torch.Tensor, k: int | None, row_bytes: int, full_bytes: int, key: tuple,
+           make: Callable[[], torch.Tensor], kernel: Callable) -> Case:
+    """A rotated point: activations, enough weight copies, the call."""
+    xs, parts = activations(x, k)
+    read = round(_union_rows(xs, k) * row_bytes)
+    per_copy = read * len(xs) if parts else read  # bytes read from one copy before a row repeats
+    need = -(-dram_bytes(x.device) // per_copy) if per_copy else 2  # k = 0 reads no weight
+    ws = _copies(key, make, need, full_bytes)
+    n, nx = len(ws), len(xs)
+    evict = read > 0 and n * per_copy < dram_bytes(x.device)
+    return Case(lambda i: kernel(xs[(i // n) % nx], ws[i % n]), n, read, evict, ws)
+
+
+def _float_weight(out_f, in_f, dtype, device, layout) -> Callable[[], torch.Tensor]:
     def make():
         w = torch.randn(out_f, in_f, device=device, dtype=dtype) * in_f**-0.5
         return ops.to_fast_layout(w) if layout == "colmajor" else w
 
-    each = out_f * in_f * torch.finfo(dtype).bits // 8
-    return _copies((out_f, in_f, str(device), dtype, layout), make, bytes_read, each, device)
+    return make
 
 
 def dense(x: torch.Tensor, out_f: int) -> Case:
     """The baseline: ``F.linear`` with the standard row-major ``nn.Linear`` weight."""
-    read = out_f * x.shape[-1] * x.element_size()
-    ws, xs = _float_weights(out_f, x.shape[-1], x.dtype, x.device, "rowmajor", read), _activations(x)
-    return _case(lambda i: F.linear(xs[i % len(xs)], ws[i % len(ws)]), ws, read)
-
-
-def _case(call, weights: list, read: int) -> Case:
-    n = len(weights)
-    return Case(call, n, read, n * read < dram_bytes(weights[0].device), weights)
+    in_f, es = x.shape[-1], x.element_size()
+    key = (out_f, in_f, str(x.device), x.dtype, "rowmajor")
+    make = _float_weight(out_f, in_f, x.dtype, x.device, "rowmajor")
+    return _point(x, None, out_f * es, out_f * in_f * es, key, make, F.linear)
 
 
 def sparse_linear(x: torch.Tensor, out_f: int, k: int, backend: str) -> Case:
     """``sparse_linear`` (top-K included) over the column-major weight."""
-    read = k * out_f * x.element_size()
-    ws, xs = _float_weights(out_f, x.shape[-1], x.dtype, x.device, "colmajor", read), _activations(x)
-    return _case(lambda i: ops.sparse_linear(xs[i % len(xs)], ws[i % len(ws)], k, backend=backend), ws, read)
+    in_f, es = x.shape[-1], x.element_size()
+    key = (out_f, in_f, str(x.device), x.dtype, "colmajor")
+    make = _float_weight(out_f, in_f, x.dtype, x.device, "colmajor")
+    return _point(x, k, out_f * es, out_f * in_f * es, key, make,
+                  lambda a, w: ops.sparse_linear(a, w, k, backend=backend))
 
 
 def random_packed(in_f: int, out_f: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -121,10 +167,8 @@ def random_packed(in_f: int, out_f: int, device, generator: torch.Generator | No
 
 def ternary_linear(x: torch.Tensor, out_f: int, k: int | None, backend: str) -> Case:
     """``ternary_linear`` over packed 2-bit weights; ``k=None`` is dense activations."""
-    in_f = x.shape[-1]
-    read = (in_f if k is None else k) * packed_cols(out_f)
-    packs = _copies((out_f, in_f, str(x.device), "packed"), lambda: random_packed(in_f, out_f, x.device), read,
-                    in_f * packed_cols(out_f), x.device)
-    xs, scale = _activations(x), torch.tensor(0.02, device=x.device)
-    return _case(lambda i: ops.ternary_linear(xs[i % len(xs)], packs[i % len(packs)], scale, out_f, k, backend=backend),
-                 packs, read)
+    in_f, cols = x.shape[-1], packed_cols(out_f)
+    scale = torch.tensor(0.02, device=x.device)
+    return _point(x, k, cols, in_f * cols, (out_f, in_f, str(x.device), "packed"),
+                  lambda: random_packed(in_f, out_f, x.device),
+                  lambda a, p: ops.ternary_linear(a, p, scale, out_f, k, backend=backend))
