@@ -14,18 +14,25 @@ import torch.nn.functional as F
 
 from .layout import BITS_PER_CODE, CODE_MASK, CODE_OFFSET, CODES_PER_BYTE, INVALID_CODE, PAD_CODE, packed_cols
 
+# Every NaN, whatever its payload, gets this one key (the float32 quiet NaN's bits): all NaNs tie,
+# so the lowest index wins among them (SPEC 1). Its low 16 bits are 0, as for every bf16 / fp16 key.
+NAN_KEY = 0x7FC00000
+INF_KEY = 0x7F800000
+
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
     """``|x|`` as int64 keys whose order is the magnitude order with NaN above +Inf (SPEC 1):
-    the float32 bit pattern with the sign cleared (exact for bf16 and fp16 too)."""
-    return (x.float().view(torch.int32) & 0x7FFFFFFF).to(torch.int64)
+    the float32 bit pattern with the sign cleared (exact for bf16 and fp16 too), every NaN
+    mapped to :data:`NAN_KEY`."""
+    keys = (x.float().view(torch.int32) & 0x7FFFFFFF).to(torch.int64)
+    return torch.where(keys > INF_KEY, NAN_KEY, keys)
 
 
 def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` largest-magnitude entries of each row of ``x [..., d]``; zero (+0) the rest.
 
-    NaN ranks above +-Inf. Among equal magnitudes the lowest indices are kept: SPEC allows any
-    choice, and every backend of this library makes this one, so they agree exactly.
+    NaN ranks above +-Inf. Among equal magnitudes, and among NaNs of any payload, the lowest
+    indices are kept (SPEC 1), so every backend agrees exactly.
     """
     d = x.shape[-1]
     if k == 0 or x.numel() == 0:  # nothing to select: no O(d) index for an input without rows

@@ -61,8 +61,10 @@ def randn(*shape, dtype=torch.float32, device="cpu", generator=None) -> torch.Te
 
 
 def mag_keys(x: torch.Tensor) -> torch.Tensor:
-    """|x| as int64 keys ordered like the SPEC orders magnitudes (NaN above +Inf)."""
-    return (x.float().view(torch.int32).to(torch.int64) & 0x7FFFFFFF)
+    """|x| as int64 keys ordered like the SPEC orders magnitudes (NaN above +Inf; every NaN, whatever
+    its payload, the same key, so NaNs tie and the lowest index wins among them)."""
+    keys = x.float().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    return torch.where(keys > 0x7F800000, 0x7FC00000, keys)
 
 
 def check_topk_invariants(x: torch.Tensor, y: torch.Tensor, k: int) -> None:

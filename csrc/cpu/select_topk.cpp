@@ -25,14 +25,34 @@ constexpr int kMaxRounds = 8;
 
 // ---- magnitude keys (cpu_select.h: integer order == magnitude order, NaN above +Inf) ----
 // Half types use their own 15 magnitude bits (same order as the widened float, no conversion);
-// uint32_t is an already-computed key (the band buffers of later rounds).
+// uint32_t is an already-computed key (the band buffers of later rounds). Every NaN, whatever its
+// payload, gets its format's quiet-NaN key, so NaNs tie and the lowest index wins among them.
+template <typename T>
+struct KeyBits;  // the +Inf key and the one NaN key of a format
+template <>
+struct KeyBits<float> {
+  static constexpr uint32_t kInf = 0x7f800000u, kNan = 0x7fc00000u;
+};
+template <>
+struct KeyBits<c10::BFloat16> {
+  static constexpr uint32_t kInf = 0x7f80u, kNan = 0x7fc0u;
+};
+template <>
+struct KeyBits<c10::Half> {
+  static constexpr uint32_t kInf = 0x7c00u, kNan = 0x7e00u;
+};
+template <typename T>
+inline uint32_t canonical_nan(uint32_t k) {
+  return k > KeyBits<T>::kInf ? KeyBits<T>::kNan : k;
+}
+
 inline uint32_t key_of(const float* p, int64_t i) {
   uint32_t u;
   std::memcpy(&u, p + i, sizeof u);
-  return u & 0x7fffffffu;
+  return canonical_nan<float>(u & 0x7fffffffu);
 }
-inline uint32_t key_of(const c10::BFloat16* p, int64_t i) { return p[i].x & 0x7fffu; }
-inline uint32_t key_of(const c10::Half* p, int64_t i) { return p[i].x & 0x7fffu; }
+inline uint32_t key_of(const c10::BFloat16* p, int64_t i) { return canonical_nan<c10::BFloat16>(p[i].x & 0x7fffu); }
+inline uint32_t key_of(const c10::Half* p, int64_t i) { return canonical_nan<c10::Half>(p[i].x & 0x7fffu); }
 inline uint32_t key_of(const uint32_t* p, int64_t i) { return p[i]; }
 
 // ---- the two vectorisable passes, portable version (also compiled for AVX2 below) ----
@@ -78,15 +98,24 @@ QSK_TARGET_AVX2 void emit_avx2(const T* x, int64_t d, int64_t k, uint32_t thr, i
 
 // ---- AVX-512: 16 keys per step, compaction by vpcompressd ----
 
-// Loads 16 keys (lanes outside `m` are 0).
+// Loads 16 keys (lanes outside `m` are 0), NaNs mapped to the format's one NaN key (key_of).
+template <typename T>
+QSK_TARGET_AVX512 inline __m512i canonical_nan16(__m512i k) {
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(k, _mm512_set1_epi32(static_cast<int>(KeyBits<T>::kInf)));
+  return _mm512_mask_mov_epi32(k, nan, _mm512_set1_epi32(static_cast<int>(KeyBits<T>::kNan)));
+}
 QSK_TARGET_AVX512 inline __m512i keys16(const float* p, __mmask16 m) {
-  return _mm512_and_si512(_mm512_maskz_loadu_epi32(m, p), _mm512_set1_epi32(0x7fffffff));
+  return canonical_nan16<float>(_mm512_and_si512(_mm512_maskz_loadu_epi32(m, p), _mm512_set1_epi32(0x7fffffff)));
 }
 QSK_TARGET_AVX512 inline __m512i keys16_u16(const void* p, __mmask16 m) {
   return _mm512_and_si512(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), _mm512_set1_epi32(0x7fff));
 }
-QSK_TARGET_AVX512 inline __m512i keys16(const c10::BFloat16* p, __mmask16 m) { return keys16_u16(p, m); }
-QSK_TARGET_AVX512 inline __m512i keys16(const c10::Half* p, __mmask16 m) { return keys16_u16(p, m); }
+QSK_TARGET_AVX512 inline __m512i keys16(const c10::BFloat16* p, __mmask16 m) {
+  return canonical_nan16<c10::BFloat16>(keys16_u16(p, m));
+}
+QSK_TARGET_AVX512 inline __m512i keys16(const c10::Half* p, __mmask16 m) {
+  return canonical_nan16<c10::Half>(keys16_u16(p, m));
+}
 QSK_TARGET_AVX512 inline __m512i keys16(const uint32_t* p, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, p); }
 
 inline __mmask16 tail_mask(int64_t left) {

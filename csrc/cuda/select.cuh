@@ -1,7 +1,8 @@
 // Row-wise top-K selection on the GPU: one thread block per row, MSB-first radix select over
 // magnitude keys (|x| as float32 bits with the sign cleared: integer order == magnitude order and
-// NaN ranks above +Inf, as SPEC requires), then an ordered compaction that keeps every key above
-// the threshold and the lowest-index ties at it, so exactly k are kept, deterministically.
+// NaN ranks above +Inf, as SPEC requires; every NaN payload the same key), then an ordered
+// compaction that keeps every key above the threshold and the lowest-index ties at it, so exactly
+// k are kept, deterministically.
 #pragma once
 
 #include <cstdint>
@@ -10,7 +11,12 @@
 
 namespace qsk::cuda {
 
-__device__ __forceinline__ unsigned int mag_key(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+// Every NaN, whatever its payload, gets one key (the quiet NaN's bits), so NaNs tie and the
+// lowest index wins among them (SPEC 1); as a float it is still NaN (the quantization scale).
+__device__ __forceinline__ unsigned int mag_key(float v) {
+  const unsigned int k = __float_as_uint(v) & 0x7fffffffu;
+  return k > 0x7f800000u ? 0x7fc00000u : k;
+}
 
 // SPEC 4: clamp(round_half_even(v), -128, 127), a non-finite product giving 0.
 __device__ __forceinline__ int8_t quantize_i8(float v) {

@@ -1,9 +1,9 @@
 """Per-row top-k magnitude selection without a sort: radix select over magnitude keys.
 
 One program per row. The keys are the float32 bits of ``x`` with the sign cleared, as int32
-(:func:`.quantize.mag_key`): their integer order is the magnitude order with NaN above +Inf,
-which is the SPEC's order. The threshold ``thr`` (the k-th largest key) is built digit by digit,
-``RADIX_BITS`` bits per pass from the top: a pass counts, for all ``2**RADIX_BITS`` candidate
+(:func:`select_key`): their integer order is the magnitude order with NaN above +Inf, every NaN
+payload one key, which is the SPEC's order. The threshold ``thr`` (the k-th largest key) is built
+digit by digit, ``RADIX_BITS`` bits per pass from the top: a pass counts, for all ``2**RADIX_BITS`` candidate
 digits at once, how many keys are >= ``prefix + (digit << shift)``, and keeps the largest digit
 whose count is still >= k (counts fall as the digit grows, so that is the number of candidates
 that pass, minus one). 31 key bits take 8 passes of 4 bits; each pass re-reads the row, which
@@ -36,6 +36,17 @@ from . import _compat
 from ._compat import wrap
 from .autotune import select_block
 from .quantize import KEY_MIN_ABSMAX, act_scales, mag_key, round_half_even_i32, to_f32
+
+INF_KEY = tl.constexpr(0x7F800000)
+NAN_KEY = tl.constexpr(0x7FC00000)  # every NaN's key (reference.NAN_KEY); low 16 bits 0, as KEY_ZERO_BITS needs
+
+
+@triton.jit
+def select_key(x):
+    """:func:`.quantize.mag_key` with every NaN, whatever its payload, mapped to one key, so NaNs tie
+    and the lowest index wins among them (SPEC 1)."""
+    key = mag_key(x)
+    return tl.where(key > INF_KEY, NAN_KEY, key)
 
 RADIX_BITS = 4
 KEY_BITS = 31  # the sign bit of a magnitude key is always 0
@@ -79,7 +90,7 @@ def _select_kernel(
         for start in range(0, d, BLOCK):
             o = start + offs
             x = tl.load(x_row + o * stride_xd, mask=o < d, other=0.0)
-            key = mag_key(x)
+            key = select_key(x)
             key = tl.where(o < d, key, -1)  # padding is below every candidate
             if QUANT:
                 mx = tl.maximum(mx, key)
@@ -92,7 +103,7 @@ def _select_kernel(
     for start in range(0, d, BLOCK):
         o = start + offs
         x = tl.load(x_row + o * stride_xd, mask=o < d, other=0.0)
-        key = mag_key(x)
+        key = select_key(x)
         n_gt += ((key > thr) & (o < d)).to(tl.int32)
     n_ties = k - tl.sum(n_gt, axis=0)  # how many keys equal to thr are kept, lowest index first
 
@@ -108,7 +119,7 @@ def _select_kernel(
         o = start + offs
         inb = o < d
         x = tl.load(x_row + o * stride_xd, mask=inb, other=0.0)
-        key = mag_key(x)
+        key = select_key(x)
         tie = ((key == thr) & inb).to(tl.int32)
         tie_rank = ties_seen + tl.cumsum(tie, axis=0) - tie  # exclusive prefix count of ties
         kept = ((key > thr) & inb) | ((tie == 1) & (tie_rank < n_ties))

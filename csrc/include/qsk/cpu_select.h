@@ -4,9 +4,9 @@
 // Ordering (SPEC 1): entries are ranked by their magnitude key, the float32 bits of |x| with the
 // sign cleared (`mag_key` in cpu_common.h). Integer order of the key is magnitude order and puts
 // NaN above +Inf, as torch.topk does. bf16 / fp16 inputs are widened to float32 first, which is
-// exact and keeps the order (NaN stays NaN).
-// Ties: exactly k entries are kept; among the entries whose key equals the k-th largest key, the
-// lowest indices are kept. The result is a deterministic function of (x, k), identical for every
+// exact and keeps the order (NaN stays NaN). Every NaN, whatever its payload, has the same key.
+// Ties: exactly k entries are kept; among the entries whose key equals the k-th largest key (equal
+// magnitudes, or NaNs of any payload), the lowest indices are kept. The result is a deterministic function of (x, k), identical for every
 // ISA path and thread count.
 //
 // Algorithm (no full sort, O(d) expected): a bracketing quickselect over the keys. Each round
