@@ -26,7 +26,10 @@ def status() -> tuple[bool, bool, str]:
     if not _native.loaded():
         return False, False, _native.LOAD_ERROR or "not built"
     if not _native.built_with_cuda():
-        return False, False, "qsparse_kernels._C was built without CUDA (no nvcc or a CPU build of torch at build time)"
+        return False, False, (
+            "qsparse_kernels._C was built without CUDA kernels (no CUDA device visible at build time, or no nvcc "
+            "or a CPU build of torch; QSPARSE_BUILD_CUDA=1 forces them)"
+        )
     archs = _native._C.cuda_archs()
     if not torch.cuda.is_available():
         return True, False, f"built for {archs}, but no CUDA device is visible (torch.cuda.is_available() is False)"
