@@ -8,8 +8,9 @@
 //   2. the row plan (qsk/cpu_ternary.h): the packed rows with a nonzero x_q in some batch row
 //      (for M > 1 the union of the rows' kept sets; a row's x_q is 0 where it dropped a feature),
 //      in quads, and each quad's 4 activations per batch row packed in a dword;
-//   3. in parallel over strips of output columns (at::parallel_for): the strip kernel of the ISA
-//      gives sum_i x_q * code, minus sum(x_q) turns codes (t + 1) back into t, then
+//   3. in parallel over strips of output columns (at::parallel_for; for M == 1 on AVX-512 over
+//      parts of the rows instead, row_split_m1, each thread reading whole rows): the strip kernel
+//      of the ISA gives sum_i x_q * code, minus sum(x_q) turns codes (t + 1) back into t, then
 //      y = acc * x_scale * scale (+ bias) in float32, NaN in rows whose x_scale is not finite,
 //      cast to x.dtype: the same float operations in the same order as reference.ternary_epilogue.
 #include <ATen/Parallel.h>
@@ -18,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -38,6 +40,8 @@ namespace {
 
 // Minimum packed-weight bytes one parallel task should read (below this a thread is not worth it).
 constexpr int64_t kMinTaskBytes = 64 * 1024;
+// Fewest plan quads per part of the row-split M == 1 path (fewer rows: fewer parts).
+constexpr int64_t kMinPartQuads = 16;
 
 // ---- 1. top-K + quantization of one batch row (SPEC 4 applied to topk_sparsify(x, k)) ----
 
@@ -230,6 +234,51 @@ void build_plan(const int8_t* xq, int64_t M, int64_t d, const uint8_t* packed, i
 
 enum class Path { Avx512, Avx2, Scalar };
 
+// M == 1 on AVX-512, split by rows: the plan's quads are cut into one part per thread, each
+// thread reads its rows whole (runs of up to kMaxBlockAvx512 contiguous bytes per row, and for
+// dense activations one sequential stream) into its own int32 code_dot, then the parts are summed
+// per column block (exact integers: the result does not depend on the split) and handed to
+// epi(a, j0, nj) with a = code_dot of outputs [j0, j0 + nj).
+template <typename Epilogue>
+void row_split_m1(const RowPlan& plan, int64_t cols, bool vnni, const Epilogue& epi) {
+  const int64_t T = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t parts = std::clamp<int64_t>(plan.n_quads / kMinPartQuads, 1, T);
+  const int64_t width = 4 * cols;
+  // Uninitialised: block_avx512_m1 writes every output of its block (an empty part is zeroed).
+  std::unique_ptr<int32_t[]> partial(new int32_t[parts * width]);
+  const int64_t blk = std::min<int64_t>(cols, kMaxBlockAvx512);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t part = p0; part < p1; ++part) {
+      const int64_t q0 = plan.n_quads * part / parts, q1 = plan.n_quads * (part + 1) / parts;
+      RowPlan sub = plan;
+      sub.rows += 4 * q0;
+      sub.x4 += q0;
+      sub.n_quads = q1 - q0;
+      int32_t* out = partial.get() + part * width;
+      if (sub.n_quads == 0) {
+        std::fill(out, out + width, 0);
+        continue;
+      }
+      for (int64_t b0 = 0; b0 < cols; b0 += blk)
+        block_avx512_m1(sub, b0, std::min(blk, cols - b0), vnni, out + 4 * b0, kRowSplitChunkQuads);
+    }
+  });
+  const int64_t chunk = 1024;  // outputs per epilogue task
+  at::parallel_for(0, (width + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<int32_t> sum(chunk);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t j0 = c * chunk, nj = std::min(chunk, width - j0);
+      std::copy(partial.get() + j0, partial.get() + j0 + nj, sum.begin());
+      for (int64_t part = 1; part < parts; ++part) {
+        const int32_t* src = partial.get() + part * width + j0;
+        for (int64_t j = 0; j < nj; ++j)
+          sum[j] = static_cast<int32_t>(static_cast<uint32_t>(sum[j]) + static_cast<uint32_t>(src[j]));
+      }
+      epi(sum.data(), j0, nj);
+    }
+  });
+}
+
 // x [M, d] contiguous, packed contiguous (ternary_linear_cpu makes them so).
 at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                                int64_t out_features, std::optional<int64_t> k_opt,
@@ -303,6 +352,13 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
       plan_bytes += 4 * plans[i].view.n_quads * W;
     }
 
+    if (M == 1 && path == Path::Avx512) {
+      row_split_m1(plans[0].view, cols, vnni, [&](const int32_t* a, int64_t j0, int64_t nj) {
+        nj = std::min(nj, out_features - j0);  // the last packed byte may hold padding outputs
+        if (nj > 0) epilogue_avx512(a, 0, rq.data(), ws, bp, op, out_features, 1, j0, nj);
+      });
+      return;
+    }
     // 3. blocks of output columns in parallel; each output is written by exactly one task, with a
     // fixed summation order, so results do not depend on the thread count. AVX-512 blocks are
     // several strips wide (row runs for DRAM, see block_avx512_m1), at most `cap`, and as equal

@@ -70,25 +70,39 @@ QSK_TARGET_AVX512 inline __attribute__((always_inline)) __m512i plane(__m512i v)
   else return _mm512_and_si512(_mm512_srli_epi16(v, 2 * S), three);
 }
 
+// Step 3 without the shift (the VNNI kernels of M == 1): code s of every byte left in place,
+// byte & (3 << 2s) = code * 4^s, one AND instead of a shift and an AND. vpdpbusd then accumulates
+// 4^s times the true sum, and the store divides it back out (an exact arithmetic shift: every term
+// is a multiple of 4^s). Valid codes give at most 2 * 64 = 128 per byte (u8 operand), and the
+// accumulator of s = 3 stays below 2^31 while rows * 2 * 127 * 64 does: kScaledMaxRows.
+template <int S>
+QSK_TARGET_AVX512 inline __attribute__((always_inline)) __m512i plane_scaled(__m512i v) {
+  return _mm512_and_si512(v, _mm512_set1_epi8(static_cast<char>(3 << (2 * S))));
+}
+constexpr int64_t kScaledMaxRows = (int64_t{1} << 31) / (2 * 127 * 64) - 4;
+
 // Accumulator 4g + s, dword 4L + t -> output 4p + s, p = 16L + 4g + t (see the top); only the
-// first nbytes packed bytes of the strip are written. acc is the accumulators stored in order.
+// first nbytes packed bytes of the strip are written. acc is the accumulators stored in order;
+// kScaled: accumulator 4g + s holds 4^s times its sum (plane_scaled).
+template <bool kScaled = false>
 inline void store_natural(const int32_t (*acc)[16], int64_t nbytes, int32_t* out) {
   for (int L = 0; L < 4; ++L)
     for (int g = 0; g < 4; ++g)
       for (int t = 0; t < 4; ++t) {
         const int p = 16 * L + 4 * g + t;
         if (p >= nbytes) continue;
-        for (int s = 0; s < 4; ++s) out[4 * p + s] = acc[4 * g + s][4 * L + t];
+        for (int s = 0; s < 4; ++s) out[4 * p + s] = kScaled ? acc[4 * g + s][4 * L + t] >> (2 * s)
+                                                             : acc[4 * g + s][4 * L + t];
       }
 }
 
-// M == 1 over a block of up to kBlockAvx512 bytes per row (several strips): rows are visited in
-// chunks of kBlockRowQuads quads, and for each chunk every strip of the block runs over the
+// M == 1 over a block of up to kMaxBlockAvx512 bytes per row (several strips): rows are visited in
+// chunks of `chunk` quads, and for each chunk every strip of the block runs over the
 // chunk's rows with its 16 accumulators in registers (parked in L1 between chunks). So each row is
 // read as one run of up to kBlockAvx512 contiguous bytes within a short time, which DRAM serves far
 // better than isolated lines; while strip s runs, line s of the next chunk's rows is prefetched
 // into L2. (Measurements: qsk/cpu_ternary.h, kBlockAvx512.)
-template <bool kVnni, bool kTail>
+template <bool kVnni, bool kTail, bool kScaled>
 QSK_TARGET_AVX512 inline __attribute__((always_inline)) void block_strip(const RowPlan& p, int64_t q0, int64_t nq,
                                                                          int64_t bs, int64_t nbytes,
                                                                          int32_t (*acc_mem)[16]) {
@@ -96,7 +110,7 @@ QSK_TARGET_AVX512 inline __attribute__((always_inline)) void block_strip(const R
   __m512i acc[16];
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_load_si512(acc_mem[i]);
-  const int64_t next = q0 + kBlockRowQuads;
+  const int64_t next = q0 + nq;
   for (int64_t c = 0; c < nq; ++c) {
     if (next + c < p.n_quads)  // this strip's line of the next chunk's rows, into L2
       for (int r = 0; r < 4; ++r)
@@ -108,39 +122,48 @@ QSK_TARGET_AVX512 inline __attribute__((always_inline)) void block_strip(const R
     const __m512i x = _mm512_set1_epi32(p.x4[q0 + c]);
 #pragma GCC unroll 4
     for (int g = 0; g < 4; ++g) {
-      acc[4 * g + 0] = dot4<kVnni>(acc[4 * g + 0], plane<0>(v[g]), x);
-      acc[4 * g + 1] = dot4<kVnni>(acc[4 * g + 1], plane<1>(v[g]), x);
-      acc[4 * g + 2] = dot4<kVnni>(acc[4 * g + 2], plane<2>(v[g]), x);
-      acc[4 * g + 3] = dot4<kVnni>(acc[4 * g + 3], plane<3>(v[g]), x);
+      if constexpr (kScaled) {
+        acc[4 * g + 0] = dot4<kVnni>(acc[4 * g + 0], plane_scaled<0>(v[g]), x);
+        acc[4 * g + 1] = dot4<kVnni>(acc[4 * g + 1], plane_scaled<1>(v[g]), x);
+        acc[4 * g + 2] = dot4<kVnni>(acc[4 * g + 2], plane_scaled<2>(v[g]), x);
+        acc[4 * g + 3] = dot4<kVnni>(acc[4 * g + 3], plane_scaled<3>(v[g]), x);
+      } else {
+        acc[4 * g + 0] = dot4<kVnni>(acc[4 * g + 0], plane<0>(v[g]), x);
+        acc[4 * g + 1] = dot4<kVnni>(acc[4 * g + 1], plane<1>(v[g]), x);
+        acc[4 * g + 2] = dot4<kVnni>(acc[4 * g + 2], plane<2>(v[g]), x);
+        acc[4 * g + 3] = dot4<kVnni>(acc[4 * g + 3], plane<3>(v[g]), x);
+      }
     }
   }
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) _mm512_store_si512(acc_mem[i], acc[i]);
 }
 
-template <bool kVnni>
-QSK_TARGET_AVX512 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out) {
+// kScaled (VNNI only, see plane_scaled): needs 4 * n_quads <= kScaledMaxRows.
+template <bool kVnni, bool kScaled>
+QSK_TARGET_AVX512 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out, int64_t chunk) {
   const int64_t ns = (nbytes + kW - 1) / kW;
-  alignas(64) int32_t acc_mem[kBlockAvx512 / kW][16][16];
+  alignas(64) int32_t acc_mem[kMaxBlockAvx512 / kW][16][16];
   std::memset(acc_mem, 0, sizeof(int32_t) * 16 * 16 * ns);
   // The first chunk's runs (later chunks are prefetched by the chunk before them).
-  for (int64_t q = 0; q < std::min(kBlockRowQuads, p.n_quads); ++q)
+  for (int64_t q = 0; q < std::min(chunk, p.n_quads); ++q)
     for (int r = 0; r < 4; ++r)
       for (int64_t s = 0; s < ns; ++s)
         _mm_prefetch(reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0 +
                                                    kW * s),
                      _MM_HINT_T0);
-  for (int64_t q0 = 0; q0 < p.n_quads; q0 += kBlockRowQuads) {
-    const int64_t nq = std::min(kBlockRowQuads, p.n_quads - q0);
+  for (int64_t q0 = 0; q0 < p.n_quads; q0 += chunk) {
+    const int64_t nq = std::min(chunk, p.n_quads - q0);
     for (int64_t s = 0; s < ns; ++s) {
       const int64_t nb = std::min(kW, nbytes - kW * s);
       if (nb == kW)
-        block_strip<kVnni, false>(p, q0, nq, b0 + kW * s, nb, acc_mem[s]);
+        block_strip<kVnni, false, kScaled>(p, q0, nq, b0 + kW * s, nb, acc_mem[s]);
       else
-        block_strip<kVnni, true>(p, q0, nq, b0 + kW * s, nb, acc_mem[s]);
+        block_strip<kVnni, true, kScaled>(p, q0, nq, b0 + kW * s, nb, acc_mem[s]);
     }
   }
-  for (int64_t s = 0; s < ns; ++s) store_natural(acc_mem[s], std::min(kW, nbytes - kW * s), out + 4 * kW * s);
+  for (int64_t s = 0; s < ns; ++s)
+    store_natural<kScaled>(acc_mem[s], std::min(kW, nbytes - kW * s), out + 4 * kW * s);
 }
 
 // M > 1: decode kChunkQuads quads into scratch once, then every batch row runs its dot products
@@ -193,15 +216,17 @@ QSK_TARGET_AVX512 void strip_mn(const RowPlan& p, int64_t b0, int64_t nbytes, in
 
 template <bool kVnni>
 void strip_dispatch(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld, int32_t* scratch) {
-  if (p.M == 1) return block_m1<kVnni>(p, b0, nbytes, acc);  // a block of one strip
+  if (p.M == 1) return block_m1<kVnni, false>(p, b0, nbytes, acc, kBlockRowQuads);  // a block of one strip
   nbytes < kW ? strip_mn<kVnni, true>(p, b0, nbytes, acc, ld, scratch)
               : strip_mn<kVnni, false>(p, b0, nbytes, acc, ld, scratch);
 }
 
 }  // namespace
 
-void block_avx512_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc) {
-  vnni ? block_m1<true>(plan, b0, nbytes, acc) : block_m1<false>(plan, b0, nbytes, acc);
+void block_avx512_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc, int64_t chunk_quads) {
+  if (!vnni) return block_m1<false, false>(plan, b0, nbytes, acc, chunk_quads);
+  4 * plan.n_quads <= kScaledMaxRows ? block_m1<true, true>(plan, b0, nbytes, acc, chunk_quads)
+                                     : block_m1<true, false>(plan, b0, nbytes, acc, chunk_quads);
 }
 
 void strip_avx512(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc, int64_t ld,

@@ -46,7 +46,16 @@ constexpr int64_t kStripScalar = 64;
 // 1005 / 434; blocks of 512 B with 8-quad chunks 681 / 341, 1024 B 626 / 312; 1024 B with
 // 4-, 16-, 32-quad chunks 731 / 332, 521 / 265, 618 / 307.
 constexpr int64_t kBlockAvx512 = 1024;
+// The widest block block_avx512_m1 accepts (the row-split M == 1 path runs whole rows).
+constexpr int64_t kMaxBlockAvx512 = 4096;
 constexpr int64_t kBlockRowQuads = 16;
+// The row-split M == 1 path (csrc/cpu/ternary_linear.cpp, row_split_m1) reads whole rows (up to
+// kMaxBlockAvx512 bytes) in chunks of this many quads, prefetching the next chunk into L2.
+// Measured on 4096 x 11008, AVX-512 VNNI, 2 threads, DRAM-resident, interleaved A/B (median us,
+// dense / s = 0.5 / s = 0.6125): 16-quad chunks 690 / 429 / 428, 8 quads 665 / 392 / 319,
+// 4 quads 681 / 425 / 322, 32 quads 1424 / 806 / 603; and against the column-split blocks
+// (1024 B, 16 quads) 756 / 625 / 499 -> 603 / 534 / 443 with 16-quad whole-row chunks.
+constexpr int64_t kRowSplitChunkQuads = 8;
 
 // Quads decoded at once into scratch by the batch (M > 1) kernels before every batch row consumes them.
 constexpr int64_t kChunkQuads = 8;
@@ -106,9 +115,10 @@ inline int64_t strip_scratch_words(int64_t strip, int64_t M) {
 // scratch: strip_scratch_words(width, M) int32 words, private to the calling thread.
 void strip_avx512(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc, int64_t ld,
                   int32_t* scratch);
-// block_avx512_m1: plan.M == 1, 1 <= nbytes <= kBlockAvx512; the same code_dot as strip_avx512 for
+// block_avx512_m1: plan.M == 1, 1 <= nbytes <= kMaxBlockAvx512; the same code_dot as strip_avx512 for
 // packed bytes [b0, b0 + nbytes), rows read as runs of nbytes contiguous bytes (better for DRAM).
-void block_avx512_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc);
+void block_avx512_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc,
+                     int64_t chunk_quads = kBlockRowQuads);
 void strip_avx2(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld, int32_t* scratch);
 void strip_scalar(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld);
 
