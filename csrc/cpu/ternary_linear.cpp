@@ -247,6 +247,8 @@ void row_split_m1(const RowPlan& plan, int64_t cols, bool vnni, const Epilogue& 
   // Uninitialised: block_avx512_m1 writes every output of its block (an empty part is zeroed).
   std::unique_ptr<int32_t[]> partial(new int32_t[parts * width]);
   const int64_t blk = std::min<int64_t>(cols, kMaxBlockAvx512);
+  // Chunks of about kRowSplitChunkBytes, whatever the row length (short rows: more rows in flight).
+  const int64_t chunk = std::clamp<int64_t>(kRowSplitChunkBytes / (4 * blk), 4, 64);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t part = p0; part < p1; ++part) {
       const int64_t q0 = plan.n_quads * part / parts, q1 = plan.n_quads * (part + 1) / parts;
@@ -260,14 +262,14 @@ void row_split_m1(const RowPlan& plan, int64_t cols, bool vnni, const Epilogue& 
         continue;
       }
       for (int64_t b0 = 0; b0 < cols; b0 += blk)
-        block_avx512_m1(sub, b0, std::min(blk, cols - b0), vnni, out + 4 * b0, kRowSplitChunkQuads);
+        block_avx512_m1(sub, b0, std::min(blk, cols - b0), vnni, out + 4 * b0, chunk);
     }
   });
-  const int64_t chunk = 1024;  // outputs per epilogue task
-  at::parallel_for(0, (width + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<int32_t> sum(chunk);
+  const int64_t outs = 1024;  // outputs per epilogue task
+  at::parallel_for(0, (width + outs - 1) / outs, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<int32_t> sum(outs);
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t j0 = c * chunk, nj = std::min(chunk, width - j0);
+      const int64_t j0 = c * outs, nj = std::min(outs, width - j0);
       std::copy(partial.get() + j0, partial.get() + j0 + nj, sum.begin());
       for (int64_t part = 1; part < parts; ++part) {
         const int32_t* src = partial.get() + part * width + j0;

@@ -102,21 +102,47 @@ inline void store_natural(const int32_t (*acc)[16], int64_t nbytes, int32_t* out
 // read as one run of up to kBlockAvx512 contiguous bytes within a short time, which DRAM serves far
 // better than isolated lines; while strip s runs, line s of the next chunk's rows is prefetched
 // into L2. (Measurements: qsk/cpu_ternary.h, kBlockAvx512.)
+// Row-major prefetch of one chunk (the one after next) for short rows, spread over the strips
+// and quads of the current chunk: item t is line t % lines of plan row t / lines of the chunk.
+struct RowMajorPrefetch {
+  const RowPlan* p;
+  int64_t q0;     // first quad of the chunk to prefetch
+  int64_t rows;   // its plan rows (0: strip-major prefetch instead)
+  int64_t b0;     // block start in each row
+  int64_t nbytes;  // block width
+  int64_t lines;   // lines of one row's block span, at most (a span may start mid-line)
+  int64_t strip;   // the strip now running, of `strips`
+  int64_t strips;
+  inline __attribute__((always_inline)) void fetch(int64_t t) const {
+    const auto row = reinterpret_cast<uintptr_t>(p->packed + static_cast<int64_t>(p->rows[4 * q0 + t / lines]) * p->cols +
+                                                 b0);
+    const auto off = 64 * static_cast<uintptr_t>(t % lines);
+    if (off < (row & 63) + static_cast<uintptr_t>(nbytes))  // a line of this row's span
+      _mm_prefetch(reinterpret_cast<const char*>((row & ~uintptr_t{63}) + off), _MM_HINT_T1);
+  }
+};
+
 template <bool kVnni, bool kTail, bool kScaled>
 QSK_TARGET_AVX512 inline __attribute__((always_inline)) void block_strip(const RowPlan& p, int64_t q0, int64_t nq,
                                                                          int64_t bs, int64_t nbytes,
-                                                                         int32_t (*acc_mem)[16]) {
+                                                                         int32_t (*acc_mem)[16],
+                                                                         const RowMajorPrefetch& pf) {
   const __mmask64 mask = kTail ? _bzhi_u64(~0ull, static_cast<unsigned>(nbytes)) : ~0ull;
   __m512i acc[16];
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_load_si512(acc_mem[i]);
   const int64_t next = q0 + nq;
   for (int64_t c = 0; c < nq; ++c) {
-    if (next + c < p.n_quads)  // this strip's line of the next chunk's rows, into L2
+    if (pf.rows > 0) {
+      // Row-major: this (strip, quad)'s share of the chunk after next, whole spans in address order.
+      const int64_t total = pf.rows * pf.lines, steps = pf.strips * nq, step = pf.strip * nq + c;
+      for (int64_t t = total * step / steps, te = total * (step + 1) / steps; t < te; ++t) pf.fetch(t);
+    } else if (next + c < p.n_quads) {  // strip-major: this strip's line of the next chunk's rows, into L2
       for (int r = 0; r < 4; ++r)
         _mm_prefetch(reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * (next + c) + r]) * p.cols +
                                                    bs),
                      _MM_HINT_T1);
+    }
     __m512i v[4];
     load_quad<kTail>(p, q0 + c, bs, mask, v);
     const __m512i x = _mm512_set1_epi32(p.x4[q0 + c]);
@@ -145,8 +171,10 @@ QSK_TARGET_AVX512 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, in
   const int64_t ns = (nbytes + kW - 1) / kW;
   alignas(64) int32_t acc_mem[kMaxBlockAvx512 / kW][16][16];
   std::memset(acc_mem, 0, sizeof(int32_t) * 16 * 16 * ns);
-  // The first chunk's runs (later chunks are prefetched by the chunk before them).
-  for (int64_t q = 0; q < std::min(chunk, p.n_quads); ++q)
+  // Blocks narrower than kRowMajorBelow bytes prefetch row-major, two chunks ahead (see
+  // qsk/cpu_ternary.h); the first chunks' runs are fetched here, later ones by earlier chunks.
+  const bool row_major = nbytes < kRowMajorBelow;
+  for (int64_t q = 0; q < std::min((row_major ? 2 : 1) * chunk, p.n_quads); ++q)
     for (int r = 0; r < 4; ++r)
       for (int64_t s = 0; s < ns; ++s)
         _mm_prefetch(reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0 +
@@ -154,12 +182,15 @@ QSK_TARGET_AVX512 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, in
                      _MM_HINT_T0);
   for (int64_t q0 = 0; q0 < p.n_quads; q0 += chunk) {
     const int64_t nq = std::min(chunk, p.n_quads - q0);
+    const int64_t ahead = q0 + 2 * chunk;
+    const int64_t pf_rows = row_major && ahead < p.n_quads ? 4 * std::min(chunk, p.n_quads - ahead) : 0;
     for (int64_t s = 0; s < ns; ++s) {
       const int64_t nb = std::min(kW, nbytes - kW * s);
+      const RowMajorPrefetch pf{&p, ahead, pf_rows, b0, nbytes, (63 + nbytes + 63) / 64, s, ns};
       if (nb == kW)
-        block_strip<kVnni, false, kScaled>(p, q0, nq, b0 + kW * s, nb, acc_mem[s]);
+        block_strip<kVnni, false, kScaled>(p, q0, nq, b0 + kW * s, nb, acc_mem[s], pf);
       else
-        block_strip<kVnni, true, kScaled>(p, q0, nq, b0 + kW * s, nb, acc_mem[s]);
+        block_strip<kVnni, true, kScaled>(p, q0, nq, b0 + kW * s, nb, acc_mem[s], pf);
     }
   }
   for (int64_t s = 0; s < ns; ++s)

@@ -55,7 +55,14 @@ constexpr int64_t kBlockRowQuads = 16;
 // dense / s = 0.5 / s = 0.6125): 16-quad chunks 690 / 429 / 428, 8 quads 665 / 392 / 319,
 // 4 quads 681 / 425 / 322, 32 quads 1424 / 806 / 603; and against the column-split blocks
 // (1024 B, 16 quads) 756 / 625 / 499 -> 603 / 534 / 443 with 16-quad whole-row chunks.
-constexpr int64_t kRowSplitChunkQuads = 8;
+// Chunks of about this many bytes (8 quads of 2752-byte rows), whatever the row length.
+constexpr int64_t kRowSplitChunkBytes = 8 * 4 * 2752;
+// Blocks narrower than this prefetch the chunk after next row by row (whole spans in address
+// order) instead of one line of each row of the next chunk per strip: bitnet-2b.down (640-byte
+// rows), DRAM-resident, interleaved A/B, dense / s = 0.5 / s = 0.6125: 439-457 / 285-288 /
+// 228-248 us -> 321-371 / 249-277 / 187-223 us; at 1024-byte rows the two are even, at
+// 2752-byte rows row-major is 1.7x slower.
+constexpr int64_t kRowMajorBelow = 1024;
 
 // Quads decoded at once into scratch by the batch (M > 1) kernels before every batch row consumes them.
 constexpr int64_t kChunkQuads = 8;
