@@ -33,7 +33,7 @@ start=$(date +%s)
 # one step runs long (the CUDA files); the full log goes to $VENV/build.log.
 ( while sleep 20; do echo "[setup]   ... still building, $(( $(date +%s) - start ))s"; done ) &
 ticker=$!
-trap 'kill $ticker 2>/dev/null' EXIT
+trap 'kill $ticker 2>/dev/null || true' EXIT
 MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_ext --inplace 2>&1 | tee "$VENV/build.log" \
   | awk '/^\[[0-9]+\/[0-9]+\]/ { src = "linking"; for (i = 2; i <= NF; i++) if ($i ~ /\.(cpp|cu)$/) src = $i;
                                   sub(".*/csrc/", "csrc/", src); print "[setup]   " $1 " " src; fflush() }' || {
