@@ -105,3 +105,60 @@ def assert_elementwise_bound(y: torch.Tensor, xs: torch.Tensor, w: torch.Tensor,
 
 def F_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:  # noqa: N802
     return torch.nn.functional.linear(x, w, b)
+
+
+# ---- top-K ties among NaNs of any payload (issue 17): the lowest index is kept ----
+
+# (+Inf bits, payload mask) per dtype: a NaN is the Inf pattern plus a nonzero payload.
+_NAN_BITS = {torch.float32: (0x7F800000, 0x7FFFFF, torch.int32), torch.float16: (0x7C00, 0x3FF, torch.int16),
+             torch.bfloat16: (0x7F80, 0x7F, torch.int16)}
+
+
+def nan_payload_cases(dtype, seed=0, sizes=(8, 33, 300, 4097)):
+    """``[(x [rows, d], k)]``: rows holding NaNs of different payloads and signs (signalling ones
+    too) among finite values and +-Inf, with k falling inside the NaNs, at the NaN count, and
+    inside an Inf tie just below them; d small and above the CPU selection's sampling threshold."""
+    g = torch.Generator().manual_seed(seed)
+    inf, mask, itype = _NAN_BITS[dtype]
+    cases = []
+    for d in sizes:
+        rows = 6
+        x = (torch.rand(rows, d, generator=g) + 0.5).to(dtype)  # no zeros, no NaN
+        n_nan = min(d - 2, 5)
+        for r in range(rows):
+            pos = torch.randperm(d, generator=g)[: n_nan + 2]
+            payloads = torch.randint(1, mask + 1, (n_nan,), generator=g)
+            if r % 2:  # payloads falling with the index: the largest payload has the highest index
+                payloads = payloads.sort(descending=True).values
+            width = 32 if itype == torch.int32 else 16
+            for j in range(n_nan):
+                bits = inf | int(payloads[j]) | ((1 << (width - 1)) if j % 2 else 0)  # odd j: negative NaN
+                bits -= (1 << width) if bits >> (width - 1) else 0  # as a signed integer of that width
+                x[r].view(itype)[pos[j]] = bits
+            x[r, pos[n_nan]], x[r, pos[n_nan + 1]] = float("inf"), -float("inf")
+        for k in (1, 2, n_nan - 1, n_nan, n_nan + 1, d - 1):
+            cases.append((x, k))
+    return cases
+
+
+def _kept_mask(y: torch.Tensor) -> torch.Tensor:
+    return (y != 0) | torch.isnan(y)
+
+
+def _expected_kept(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The kept mask by the SPEC's rule, written out: NaN > +-Inf > finite by |x|, ties by lowest index."""
+    xf = x.float()
+    rank = torch.where(torch.isnan(xf), float("inf"), xf.abs().nan_to_num(posinf=3e38))
+    rank = torch.where(torch.isinf(xf), 3.1e38, rank)
+    order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.zeros_like(xf, dtype=torch.bool).scatter_(-1, order, True)
+
+
+def check_nan_ties(run, dtype, sizes=(8, 33, 300, 4097)) -> None:
+    """``run(x, k)`` (a topk_sparsify) keeps, on every case of :func:`nan_payload_cases`, exactly the
+    entries the SPEC's rule names: NaN of any payload > +-Inf > finite, ties by lowest index."""
+    for x, k in nan_payload_cases(dtype, sizes=sizes):
+        want = _expected_kept(x, k)
+        y = run(x, k)
+        assert torch.equal(_kept_mask(y.float()), want), (dtype, x.shape, k)
+        assert torch.equal(torch.isnan(y), torch.isnan(x) & want)

@@ -16,6 +16,7 @@ import torch
 
 import qsparse_kernels as qk
 from qsparse_kernels import _validate as check
+from tests.numerics import check_nan_ties, nan_payload_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_BUILT = qk.backend_info()["cpu"]["built"]
@@ -424,63 +425,9 @@ def test_file_without_layer_metadata_loads_when_asked(tmp_path):
 
 # ---- 4. top-K ties among NaNs of any payload: the lowest index wins on every backend ----
 
-# (+Inf bits, payload mask) per dtype: a NaN is the Inf pattern plus a nonzero payload.
-_NAN_BITS = {torch.float32: (0x7F800000, 0x7FFFFF, torch.int32), torch.float16: (0x7C00, 0x3FF, torch.int16),
-             torch.bfloat16: (0x7F80, 0x7F, torch.int16)}
-
-
-def nan_payload_cases(dtype, seed=0, sizes=(8, 33, 300, 4097)):
-    """``[(x [rows, d], k)]``: rows holding NaNs of different payloads and signs (signalling ones
-    too) among finite values and +-Inf, with k falling inside the NaNs, at the NaN count, and
-    inside an Inf tie just below them; d small and above the CPU selection's sampling threshold."""
-    g = torch.Generator().manual_seed(seed)
-    inf, mask, itype = _NAN_BITS[dtype]
-    cases = []
-    for d in sizes:
-        rows = 6
-        x = (torch.rand(rows, d, generator=g) + 0.5).to(dtype)  # no zeros, no NaN
-        n_nan = min(d - 2, 5)
-        for r in range(rows):
-            pos = torch.randperm(d, generator=g)[: n_nan + 2]
-            payloads = torch.randint(1, mask + 1, (n_nan,), generator=g)
-            if r % 2:  # payloads falling with the index: the largest payload has the highest index
-                payloads = payloads.sort(descending=True).values
-            width = 32 if itype == torch.int32 else 16
-            for j in range(n_nan):
-                bits = inf | int(payloads[j]) | ((1 << (width - 1)) if j % 2 else 0)  # odd j: negative NaN
-                bits -= (1 << width) if bits >> (width - 1) else 0  # as a signed integer of that width
-                x[r].view(itype)[pos[j]] = bits
-            x[r, pos[n_nan]], x[r, pos[n_nan + 1]] = float("inf"), -float("inf")
-        for k in (1, 2, n_nan - 1, n_nan, n_nan + 1, d - 1):
-            cases.append((x, k))
-    return cases
-
-
-def _kept(y: torch.Tensor) -> torch.Tensor:
-    return (y != 0) | torch.isnan(y)
-
-
-def _expected_kept(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The kept mask by the SPEC's rule, written out: NaN > +-Inf > finite by |x|, ties by lowest index."""
-    xf = x.float()
-    rank = torch.where(torch.isnan(xf), float("inf"), xf.abs().nan_to_num(posinf=3e38))
-    rank = torch.where(torch.isinf(xf), 3.1e38, rank)
-    order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[:, :k]
-    return torch.zeros_like(xf, dtype=torch.bool).scatter_(-1, order, True)
-
-
-def _check_nan_ties(run, dtype, sizes=(8, 33, 300, 4097)) -> None:
-    for x, k in nan_payload_cases(dtype, sizes=sizes):
-        # fp32's and bf16's NaNs sort as above; the reference must agree with the rule written out.
-        want = _expected_kept(x, k)
-        y = run(x, k)
-        assert torch.equal(_kept(y.float()), want), (dtype, x.shape, k)
-        assert torch.equal(torch.isnan(y), torch.isnan(x) & want)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_reference_keeps_lowest_index_among_nans(dtype):
-    _check_nan_ties(lambda x, k: qk.topk_sparsify(x, k, backend="reference"), dtype)
+    check_nan_ties(lambda x, k: qk.topk_sparsify(x, k, backend="reference"), dtype)
 
 
 @pytest.mark.skipif(not CPU_BUILT, reason="the C++ extension is not built")
@@ -491,7 +438,7 @@ def test_cpu_keeps_lowest_index_among_nans(isa, dtype):
 
     _native._C.set_cpu_isa_cap(isa)
     try:
-        _check_nan_ties(lambda x, k: qk.topk_sparsify(x, k, backend="cpu"), dtype)
+        check_nan_ties(lambda x, k: qk.topk_sparsify(x, k, backend="cpu"), dtype)
         # the fused kernels select with the same routine: a row with a kept NaN is NaN everywhere
         for x, k in nan_payload_cases(dtype)[:6]:
             w = torch.randn(5, x.shape[-1]).to(dtype)
@@ -505,17 +452,4 @@ def test_cpu_keeps_lowest_index_among_nans(isa, dtype):
 def test_emulated_cuda_keeps_lowest_index_among_nans(dtype):
     from tests.cuda_emu import ops as emu_ops
 
-    _check_nan_ties(emu_ops.topk_sparsify, dtype)
-
-
-def test_triton_keeps_lowest_index_among_nans():
-    pytest.importorskip("triton")
-    code = (
-        "import torch, qsparse_kernels as qk\n"
-        "from tests.test_reliability import _check_nan_ties\n"
-        "for dt in (torch.float32, torch.float16, torch.bfloat16):\n"  # small rows: the interpreter is slow
-        "    _check_nan_ties(lambda x, k: qk.topk_sparsify(x, k, backend='triton'), dt, sizes=(8, 33))\n"
-        "print('ok')\n"
-    )
-    got = _python(code, TRITON_INTERPRET="1")
-    assert got.returncode == 0 and got.stdout.strip() == "ok", got.stderr[-3000:]
+    check_nan_ties(emu_ops.topk_sparsify, dtype)

@@ -27,6 +27,7 @@ from tests.numerics import (
     EPILOGUE_REL,
     FLOAT_DTYPES,
     assert_parity,
+    check_nan_ties,
     check_topk_invariants,
     distinct_magnitudes,
     mag_keys,
@@ -129,6 +130,13 @@ def test_topk_ties_broken_by_lowest_index():
         want = torch.zeros(2, d)
         want[:, :k] = x[:, :k].cpu()
         assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_topk_nan_payload_ties_keep_lowest_index(dtype):
+    """NaNs of different payloads and signs tie: the lowest index is kept (issue 17; small rows, the
+    interpreter is slow)."""
+    check_nan_ties(lambda x, k: qk.topk_sparsify(x.to(DEVICE), k, backend="triton").cpu(), dtype, sizes=(8, 33))
 
 
 def test_topk_zeros_signs_and_strides(gen):
