@@ -262,7 +262,7 @@ void row_split_m1(const RowPlan& plan, int64_t cols, bool vnni, const Epilogue& 
         continue;
       }
       for (int64_t b0 = 0; b0 < cols; b0 += blk)
-        block_avx512_m1(sub, b0, std::min(blk, cols - b0), vnni, out + 4 * b0, chunk);
+        block_avx512_m1(sub, b0, std::min(blk, cols - b0), vnni, out + 4 * b0, chunk, blk < kRowMajorBelow);
     }
   });
   const int64_t outs = 1024;  // outputs per epilogue task

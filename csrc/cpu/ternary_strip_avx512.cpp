@@ -167,13 +167,13 @@ QSK_TARGET_AVX512 inline __attribute__((always_inline)) void block_strip(const R
 
 // kScaled (VNNI only, see plane_scaled): needs 4 * n_quads <= kScaledMaxRows.
 template <bool kVnni, bool kScaled>
-QSK_TARGET_AVX512 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out, int64_t chunk) {
+QSK_TARGET_AVX512 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out, int64_t chunk,
+                                bool row_major) {
   const int64_t ns = (nbytes + kW - 1) / kW;
   alignas(64) int32_t acc_mem[kMaxBlockAvx512 / kW][16][16];
   std::memset(acc_mem, 0, sizeof(int32_t) * 16 * 16 * ns);
-  // Blocks narrower than kRowMajorBelow bytes prefetch row-major, two chunks ahead (see
-  // qsk/cpu_ternary.h); the first chunks' runs are fetched here, later ones by earlier chunks.
-  const bool row_major = nbytes < kRowMajorBelow;
+  // row_major: prefetch whole spans row by row, two chunks ahead (see qsk/cpu_ternary.h); the
+  // first chunks' runs are fetched here, later ones by earlier chunks.
   for (int64_t q = 0; q < std::min((row_major ? 2 : 1) * chunk, p.n_quads); ++q)
     for (int r = 0; r < 4; ++r)
       for (int64_t s = 0; s < ns; ++s)
@@ -247,17 +247,18 @@ QSK_TARGET_AVX512 void strip_mn(const RowPlan& p, int64_t b0, int64_t nbytes, in
 
 template <bool kVnni>
 void strip_dispatch(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld, int32_t* scratch) {
-  if (p.M == 1) return block_m1<kVnni, false>(p, b0, nbytes, acc, kBlockRowQuads);  // a block of one strip
+  if (p.M == 1) return block_m1<kVnni, false>(p, b0, nbytes, acc, kBlockRowQuads, false);  // a block of one strip
   nbytes < kW ? strip_mn<kVnni, true>(p, b0, nbytes, acc, ld, scratch)
               : strip_mn<kVnni, false>(p, b0, nbytes, acc, ld, scratch);
 }
 
 }  // namespace
 
-void block_avx512_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc, int64_t chunk_quads) {
-  if (!vnni) return block_m1<false, false>(plan, b0, nbytes, acc, chunk_quads);
-  4 * plan.n_quads <= kScaledMaxRows ? block_m1<true, true>(plan, b0, nbytes, acc, chunk_quads)
-                                     : block_m1<true, false>(plan, b0, nbytes, acc, chunk_quads);
+void block_avx512_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc, int64_t chunk_quads,
+                     bool row_major_prefetch) {
+  if (!vnni) return block_m1<false, false>(plan, b0, nbytes, acc, chunk_quads, row_major_prefetch);
+  4 * plan.n_quads <= kScaledMaxRows ? block_m1<true, true>(plan, b0, nbytes, acc, chunk_quads, row_major_prefetch)
+                                     : block_m1<true, false>(plan, b0, nbytes, acc, chunk_quads, row_major_prefetch);
 }
 
 void strip_avx512(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc, int64_t ld,

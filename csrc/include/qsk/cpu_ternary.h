@@ -57,7 +57,7 @@ constexpr int64_t kBlockRowQuads = 16;
 // (1024 B, 16 quads) 756 / 625 / 499 -> 603 / 534 / 443 with 16-quad whole-row chunks.
 // Chunks of about this many bytes (8 quads of 2752-byte rows), whatever the row length.
 constexpr int64_t kRowSplitChunkBytes = 8 * 4 * 2752;
-// Blocks narrower than this prefetch the chunk after next row by row (whole spans in address
+// Whole rows narrower than this (row-split path) prefetch the chunk after next row by row (whole spans in address
 // order) instead of one line of each row of the next chunk per strip: bitnet-2b.down (640-byte
 // rows), DRAM-resident, interleaved A/B, dense / s = 0.5 / s = 0.6125: 439-457 / 285-288 /
 // 228-248 us -> 321-371 / 249-277 / 187-223 us; at 1024-byte rows the two are even, at
@@ -124,8 +124,10 @@ void strip_avx512(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, in
                   int32_t* scratch);
 // block_avx512_m1: plan.M == 1, 1 <= nbytes <= kMaxBlockAvx512; the same code_dot as strip_avx512 for
 // packed bytes [b0, b0 + nbytes), rows read as runs of nbytes contiguous bytes (better for DRAM).
+// row_major_prefetch: prefetch the chunk after next row by row (whole rows: the row-split path,
+// kRowMajorBelow) instead of one line of each next-chunk row per strip.
 void block_avx512_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc,
-                     int64_t chunk_quads = kBlockRowQuads);
+                     int64_t chunk_quads = kBlockRowQuads, bool row_major_prefetch = false);
 void strip_avx2(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld, int32_t* scratch);
 void strip_scalar(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld);
 
