@@ -236,3 +236,24 @@ def test_kernel_checks_arguments():
     for args, msg in bad:
         with pytest.raises(RuntimeError, match=msg):
             KERNEL(*args)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(301, 16403), (140001, 9)])
+def test_row_split_wide_rows_and_many_rows(isa, shape, threads):
+    """Batch 1 on AVX-512 splits the kept rows across threads: packed rows wider than one block
+    (4101 bytes > 4096, several blocks per row), and more rows than the in-place code scaling
+    allows (140001 > 132100: the shifted-code fallback), against the reference."""
+    d, out_f = shape
+    packed, _ = random_packed(out_f, d)
+    ref = Expected(packed, out_f)
+    x = distinct_x(2, d, torch.float32)
+    scale, bias = torch.tensor(0.02), torch.randn(out_f)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for M in (1, 2):
+            for k in (None, d // 2 + 1):
+                assert_same(KERNEL(x[:M], packed, scale, out_f, k, bias), ref(x[:M], scale, k, bias))
+    finally:
+        torch.set_num_threads(old)
