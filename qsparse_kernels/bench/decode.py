@@ -117,17 +117,7 @@ def build(shape: LlamaShape, variant: str, device: str, dtype=torch.bfloat16, se
 def weight_bytes_per_token(model: LlamaDecoder) -> int:
     """Weight bytes one decoded token must read: every projection's kept rows (per layer position,
     so a cycled layer counts each time) and the output head."""
-    from ..nn import BitLinear, QSparseLinear
-
-    def read(mod: nn.Module) -> int:
-        if isinstance(mod, BitLinear) and mod.is_packed:
-            kept = mod.kept()
-            return mod.packed.numel() * (mod.in_features if kept is None else kept) // mod.in_features
-        w = mod.weight
-        full = w.numel() * w.element_size()
-        if isinstance(mod, QSparseLinear):
-            return full * mod.kept() // mod.in_features
-        return full
+    from ..convert_report import weight_bytes_per_token as read
 
     total = read(model.lm_head)
     for layer in model.layers:
