@@ -20,6 +20,7 @@ from .backends import select
 from .layout import packed_shape
 
 NS = "qsparse"
+_Parameter = torch.nn.Parameter  # a module's weight: a plain tensor for dispatch
 _function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
 
 
@@ -36,7 +37,7 @@ def direct_ok(*tensors: Tensor | None) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not Tensor or (grad and t.requires_grad)):
+        if t is not None and ((type(t) is not Tensor and type(t) is not _Parameter) or (grad and t.requires_grad)):
             return False
     return True
 

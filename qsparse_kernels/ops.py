@@ -12,7 +12,7 @@ import math
 
 from torch import Tensor
 
-from . import _ops
+from . import _ops, _signature
 from . import _validate as check
 from ._op_names import OP_NAMES
 
@@ -60,7 +60,7 @@ def sparse_linear(x: Tensor, weight: Tensor, k: int, bias: Tensor | None = None,
     column-major, ``weight.stride(0) == 1``: see :func:`to_fast_layout`); bias: ``[out]`` or None.
     Returns ``[..., out]`` in ``x.dtype``. Backward: STE (SPEC "Autograd").
     """
-    k = check.sparse_linear(x, weight, k, bias)
+    k = _signature.sparse_linear(x, weight, k, bias)
     if _ops.direct_ok(x, weight, bias):
         return _ops.run("sparse_linear", backend, x.device, x, weight, k, bias)
     return _ops.sparse_linear(x, weight, k, bias, backend)
@@ -118,7 +118,7 @@ def ternary_linear(
     ``acc * x_scale * scale (+ bias)`` as ``[..., out]`` in ``x.dtype``; NaN in rows whose kept
     entries hold NaN or +-Inf.
     """
-    out_features, k = check.ternary_linear(x, packed, scale, out_features, k, bias)
+    out_features, k = _signature.ternary_linear(x, packed, scale, out_features, k, bias)
     if _ops.direct_ok(x, packed, scale, bias):
         return _ops.run("ternary_linear", backend, x.device, x, packed, scale, out_features, k, bias)
     return _ops.ternary_linear(x, packed, scale, out_features, k, bias, backend)
