@@ -459,3 +459,24 @@ def test_convert_keeps_each_layers_train_mode():
     base.v_proj.train()
     m = qk.convert(base, qk.QSparseConfig(sparsity=0.5))
     assert not m.q_proj.training and not m.k_proj.training and m.v_proj.training
+
+
+@pytest.mark.parametrize("mode", ["qsparse", "ternary-sparse"])
+def test_generate_and_compact_llama(one_thread, mode):
+    """HF generate() and the decode benchmark's compact Llama (inference_mode) fuse and match."""
+    from qsparse_kernels.bench.llama import LlamaDecoder, LlamaShape
+
+    fused, plain = _pair("mistral", mode, torch.float32)
+    ids = torch.randint(0, 96, (1, 5))
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(fused.generate(ids, **kw), plain.generate(ids, **kw))
+    shape = LlamaShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=96)
+    base = LlamaDecoder(shape).eval()
+    a, rep = qk.convert(copy.deepcopy(base), _config(mode), return_report=True)
+    b = qk.convert(copy.deepcopy(base), _config(mode), fuse_siblings=False)
+    assert "layers.0.self_attn.{q_proj,k_proj,v_proj}" in rep.sibling_groups
+    assert "layers.1.mlp.{gate_proj,up_proj}" in rep.sibling_groups
+    assert torch.equal(a.generate(ids, 5), b.generate(ids, 5))
+    calls = _linear_kernel_calls(lambda: a.generate(ids[:, :1], 1))
+    assert sum("multi" in n for n in calls) == 4 and len(calls) == 4 * 2, calls
