@@ -480,3 +480,34 @@ def test_generate_and_compact_llama(one_thread, mode):
     assert torch.equal(a.generate(ids, 5), b.generate(ids, 5))
     calls = _linear_kernel_calls(lambda: a.generate(ids[:, :1], 1))
     assert sum("multi" in n for n in calls) == 4 and len(calls) == 4 * 2, calls
+
+
+def test_threads_have_their_own_cache():
+    """Two threads run the same fused model at once: each takes the outputs of its own input."""
+    import threading
+
+    fused, plain = _attn_pair("same")
+    xs = [torch.randn(1, 32) for _ in range(2)]
+    want = [plain(x) for x in xs]
+    got, errors = [None, None], []
+    barrier = threading.Barrier(2)
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                barrier.wait()
+                for _ in range(200):
+                    y = fused(xs[i])
+                    if not torch.equal(y, want[i]):
+                        got[i] = y
+                        return
+        except Exception as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == [None, None]
+    assert not fused.q_proj._siblings.disabled
