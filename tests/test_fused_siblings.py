@@ -511,3 +511,19 @@ def test_threads_have_their_own_cache():
         t.join()
     assert not errors and got == [None, None]
     assert not fused.q_proj._siblings.disabled
+
+
+def test_from_pretrained_groups_siblings(tmp_path):
+    """A converted checkpoint loaded with from_pretrained fuses like the converted model."""
+    from transformers import AutoModelForCausalLM
+
+    fused, plain = _pair("llama", "ternary-sparse", torch.float32)
+    fused.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert len(_groups(loaded)) == 4
+    ids = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        for x, y in zip(_decode_logits(loaded, ids), _decode_logits(plain, ids), strict=True):
+            assert torch.equal(x, y)
+        calls = _linear_kernel_calls(lambda: loaded(ids[:, :1]))
+    assert sum("multi" in n for n in calls) == 4, calls
