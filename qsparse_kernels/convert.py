@@ -61,6 +61,7 @@ from .backends import CHOICES
 from .bitnet_import import from_hf_bitnet, is_hf_bitnet
 from .convert_report import ConversionReport, build_report, linear_layers, weight_bytes_per_token
 from .nn import BitLinear, QSparseLinear
+from .nn._siblings import group_siblings, ungroup
 
 WEIGHT_MODES = ("dense", "ternary")
 HEAD_NAMES = ("lm_head", "classifier")
@@ -261,6 +262,7 @@ def convert(
     *,
     verbose: bool = False,
     return_report: bool = False,
+    fuse_siblings: bool = True,
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Replace the selected ``nn.Linear`` layers of ``model`` in place; returns ``model`` (and the
     :class:`~qsparse_kernels.convert_report.ConversionReport` with ``return_report=True``;
@@ -270,6 +272,13 @@ def convert(
     move to the fast layout in place), so optimizers built before the conversion keep working.
     A Linear reachable under several names is converted once and replaced everywhere. If
     ``model`` itself is a selected Linear, the new module is returned.
+
+    ``fuse_siblings`` (default True): converted layers that the model calls with the same input
+    (``q_proj`` / ``k_proj`` / ``v_proj`` and ``gate_proj`` / ``up_proj`` children of one parent, with
+    the same settings) are linked in a :class:`~qsparse_kernels.nn.SiblingGroup`: in inference they
+    share one top-K (and int8 quantization) and one kernel call, with bit-identical outputs, and fall
+    back to separate calls whenever they do not in fact get the same input (see
+    :mod:`qsparse_kernels.nn._siblings`). The report lists the groups (``sibling_groups``).
 
     Raises ``ValueError`` for a pattern that wins for no layer, a layer the config cannot apply
     to (the message names the layer), or a model that is already converted (unless ``filter_fn``
@@ -305,11 +314,13 @@ def convert(
             "(or only layers an earlier pattern already matched); patterns are fnmatch globs on "
             "qualified names such as 'model.layers.0.mlp.down_proj'"
         )
-    new = {key: _swap(lin, name, layer_config) for key, (name, lin, layer_config) in plan.items()}
+    # Each new layer takes the train / eval mode of the Linear it replaces (a converted eval model stays in eval).
+    new = {key: _swap(lin, name, layer_config).train(lin.training) for key, (name, lin, layer_config) in plan.items()}
     _replace_modules(model, new)
     root = new.get(id(model), model)
     _sync_hf(root)
-    report = build_report(before, root, {plan[key][0]: mod for key, mod in new.items()})
+    groups = group_siblings(root) if fuse_siblings else []
+    report = build_report(before, root, {plan[key][0]: mod for key, mod in new.items()}, groups)
     if verbose:
         print(report)
     return (root, report) if return_report else root
@@ -359,6 +370,8 @@ def unconvert(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
             f"qsparse_kernels.unconvert: packed BitLinear layer(s) {packed[:4]} hold no float weight "
             "(inference only); leave them out with filter_fn"
         )
+    for m in chosen.values():
+        ungroup(m)  # its siblings (if they stay converted) compute alone from now on
     new = {id(m): _to_linear(m) for m in chosen.values()}
     _replace_modules(model, new)
     root = new.get(id(model), model)

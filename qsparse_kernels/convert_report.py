@@ -68,6 +68,8 @@ class ConversionReport:
         bytes_before, bytes_after: weight bytes one decoded token reads from all linear layers
             before and after (module docstring).
         names: ``{kind: [qualified names]}``, for a closer look.
+        sibling_groups: the sibling layers linked to share one kernel call (``convert(fuse_siblings=True)``),
+            e.g. ``"model.layers.0.self_attn.{q_proj,k_proj,v_proj}"``.
     """
 
     layers: dict[str, int]
@@ -76,6 +78,7 @@ class ConversionReport:
     bytes_before: int
     bytes_after: int
     names: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    sibling_groups: tuple[str, ...] = field(default=(), repr=False)
 
     def __str__(self) -> str:
         lines = [f"qsparse_kernels.convert: {self.converted} layer(s) converted"]
@@ -88,6 +91,12 @@ class ConversionReport:
         lines.append(
             f"  weight bytes read per token: {_mb(self.bytes_before)} -> {_mb(self.bytes_after)} ({ratio:.3f}x)"
         )
+        if self.sibling_groups:
+            more = ", ..." if len(self.sibling_groups) > 2 else ""
+            lines.append(
+                f"  sibling groups sharing one kernel call: {len(self.sibling_groups)}   "
+                f"{', '.join(self.sibling_groups[:2])}{more}"
+            )
         return "\n".join(lines)
 
 
@@ -100,9 +109,11 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if layer_kind(m) is not None}
 
 
-def build_report(before: int, model: nn.Module, converted: dict[str, nn.Module]) -> ConversionReport:
-    """The report for ``model`` after a conversion that replaced ``converted`` (``{name: new module}``);
-    ``before`` is the weight bytes per token measured on the model before it."""
+def build_report(
+    before: int, model: nn.Module, converted: dict[str, nn.Module], sibling_groups=()
+) -> ConversionReport:
+    """The report for ``model`` after a conversion that replaced ``converted`` (``{name: new module}``)
+    and linked ``sibling_groups``; ``before`` is the weight bytes per token measured on the model before it."""
     layers = linear_layers(model)
     kinds: Counter = Counter()
     names: dict[str, list[str]] = {}
@@ -119,6 +130,7 @@ def build_report(before: int, model: nn.Module, converted: dict[str, nn.Module])
         bytes_before=before,
         bytes_after=sum(weight_bytes_per_token(m) for m in layers.values()),
         names=names,
+        sibling_groups=tuple(sibling_groups),
     )
 
 

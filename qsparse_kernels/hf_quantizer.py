@@ -41,6 +41,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .layout import packed_shape
 from .nn import BitLinear, QSparseLinear
 from .nn import _config as cfg
+from .nn._siblings import group_siblings
 
 QUANT_METHOD = "qsparse_kernels"
 FORMAT_VERSION = 1
@@ -243,6 +244,7 @@ class QSparseHfQuantizer(HfQuantizer):
                 problem = mod._packed_problem({pk: mod.packed, sk: mod.scale}, pk, sk)
                 if problem is not None:
                     raise _err(problem)
+        group_siblings(model)  # q/k/v and gate/up share one kernel call, as after convert()
         return model
 
     def get_state_dict_and_metadata(self, model):

@@ -16,6 +16,7 @@
 #include "qsk/checks.h"
 #include "qsk/cpu_select.h"
 #include "qsk/isa.h"
+#include "fused_linear.h"
 #include "sparse_gemv.h"
 
 #define QSK_DISPATCH_HALF_FLOAT(type, name, ...)                                   \
@@ -224,6 +225,17 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int6
 }
 
 }  // namespace
+
+template <typename T>
+void sparse_gemv_panel(Isa level, const T* wt, int64_t ld, const SparseRows& rows, int64_t j0, int64_t ncols,
+                       float* out, int64_t out_stride) {
+  gemv_panel(level, wt, ld, rows, j0, ncols, out, out_stride);
+}
+template void sparse_gemv_panel<float>(Isa, const float*, int64_t, const SparseRows&, int64_t, int64_t, float*, int64_t);
+template void sparse_gemv_panel<c10::BFloat16>(Isa, const c10::BFloat16*, int64_t, const SparseRows&, int64_t, int64_t,
+                                               float*, int64_t);
+template void sparse_gemv_panel<c10::Half>(Isa, const c10::Half*, int64_t, const SparseRows&, int64_t, int64_t, float*,
+                                           int64_t);
 }  // namespace qsk::cpu
 
 TORCH_LIBRARY_IMPL(qsparse, CPU, m) { m.impl("sparse_linear_kernel", &qsk::cpu::sparse_linear_cpu); }

@@ -28,6 +28,7 @@
 #include "qsk/cpu_select.h"
 #include "qsk/cpu_ternary.h"
 #include "qsk/isa.h"
+#include "fused_linear.h"
 
 // Dispatches over the three float dtypes the op accepts (the checks already rejected the rest).
 #define QSK_TERNARY_DISPATCH(type, name, ...)                                      \
@@ -238,45 +239,58 @@ enum class Path { Avx512, Avx2, Scalar };
 // thread reads its rows whole (runs of up to kMaxBlockAvx512 contiguous bytes per row, and for
 // dense activations one sequential stream) into its own int32 code_dot, then the parts are summed
 // per column block (exact integers: the result does not depend on the split) and handed to
-// epi(a, j0, nj) with a = code_dot of outputs [j0, j0 + nj).
+// epi(s, a, j0, nj) with a = code_dot of outputs [j0, j0 + nj) of segment s. The segments are
+// packed weights that share the plan's rows and activations (sibling projections of one input,
+// ternary_linear_multi_m1); each is read whole by every part, in one parallel region.
 template <typename Epilogue>
-void row_split_m1(const RowPlan& plan, int64_t cols, bool vnni, const Epilogue& epi) {
+void row_split_m1(const RowPlan& plan, const Segment* segs, int64_t nseg, bool vnni, const Epilogue& epi) {
   const int64_t T = std::max<int64_t>(1, at::get_num_threads());
   const int64_t parts = std::clamp<int64_t>(plan.n_quads / kMinPartQuads, 1, T);
-  const int64_t width = 4 * cols;
+  std::vector<int64_t> off(nseg + 1, 0);  // segment s's outputs are [off[s], off[s + 1]) of a part
+  for (int64_t s = 0; s < nseg; ++s) off[s + 1] = off[s] + 4 * segs[s].cols;
+  const int64_t width = off[nseg];
   // Uninitialised: block_avx512_m1 writes every output of its block (an empty part is zeroed).
-  std::unique_ptr<int32_t[]> partial(new int32_t[parts * width]);
-  const int64_t blk = std::min<int64_t>(cols, kMaxBlockAvx512);
-  // Chunks of about kRowSplitChunkBytes, whatever the row length (short rows: more rows in flight).
-  const int64_t chunk = std::clamp<int64_t>(kRowSplitChunkBytes / (4 * blk), 4, 64);
+  std::unique_ptr<int32_t[]> partial(new int32_t[std::max<int64_t>(1, parts * width)]);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t part = p0; part < p1; ++part) {
       const int64_t q0 = plan.n_quads * part / parts, q1 = plan.n_quads * (part + 1) / parts;
-      RowPlan sub = plan;
-      sub.rows += 4 * q0;
-      sub.x4 += q0;
-      sub.n_quads = q1 - q0;
-      int32_t* out = partial.get() + part * width;
-      if (sub.n_quads == 0) {
-        std::fill(out, out + width, 0);
+      if (q1 == q0) {
+        std::fill(partial.get() + part * width, partial.get() + (part + 1) * width, 0);
         continue;
       }
-      for (int64_t b0 = 0; b0 < cols; b0 += blk)
-        block_avx512_m1(sub, b0, std::min(blk, cols - b0), vnni, out + 4 * b0, chunk, blk < kRowMajorBelow);
+      for (int64_t s = 0; s < nseg; ++s) {
+        const int64_t cols = segs[s].cols;
+        RowPlan sub = plan;
+        sub.packed = segs[s].packed;
+        sub.cols = cols;
+        sub.rows += 4 * q0;
+        sub.x4 += q0;
+        sub.n_quads = q1 - q0;
+        int32_t* out = partial.get() + part * width + off[s];
+        const int64_t blk = std::min<int64_t>(cols, kMaxBlockAvx512);
+        // Chunks of about kRowSplitChunkBytes, whatever the row length (short rows: more rows in flight).
+        const int64_t chunk = std::clamp<int64_t>(kRowSplitChunkBytes / (4 * std::max<int64_t>(1, blk)), 4, 64);
+        for (int64_t b0 = 0; b0 < cols; b0 += blk)
+          block_avx512_m1(sub, b0, std::min(blk, cols - b0), vnni, out + 4 * b0, chunk, blk < kRowMajorBelow);
+      }
     }
   });
   const int64_t outs = 1024;  // outputs per epilogue task
-  at::parallel_for(0, (width + outs - 1) / outs, 1, [&](int64_t c0, int64_t c1) {
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (segment, first output)
+  for (int64_t s = 0; s < nseg; ++s)
+    for (int64_t j0 = 0; j0 < 4 * segs[s].cols; j0 += outs) tasks.emplace_back(s, j0);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t c0, int64_t c1) {
     std::vector<int32_t> sum(outs);
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t j0 = c * outs, nj = std::min(outs, width - j0);
-      std::copy(partial.get() + j0, partial.get() + j0 + nj, sum.begin());
+      const auto [s, j0] = tasks[c];
+      const int64_t nj = std::min(outs, 4 * segs[s].cols - j0), at = off[s] + j0;
+      std::copy(partial.get() + at, partial.get() + at + nj, sum.begin());
       for (int64_t part = 1; part < parts; ++part) {
-        const int32_t* src = partial.get() + part * width + j0;
+        const int32_t* src = partial.get() + part * width + at;
         for (int64_t j = 0; j < nj; ++j)
           sum[j] = static_cast<int32_t>(static_cast<uint32_t>(sum[j]) + static_cast<uint32_t>(src[j]));
       }
-      epi(sum.data(), j0, nj);
+      epi(s, sum.data(), j0, nj);
     }
   });
 }
@@ -355,7 +369,8 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
     }
 
     if (M == 1 && path == Path::Avx512) {
-      row_split_m1(plans[0].view, cols, vnni, [&](const int32_t* a, int64_t j0, int64_t nj) {
+      const Segment seg{pk, cols};
+      row_split_m1(plans[0].view, &seg, 1, vnni, [&](int64_t, const int32_t* a, int64_t j0, int64_t nj) {
         nj = std::min(nj, out_features - j0);  // the last packed byte may hold padding outputs
         if (nj > 0) epilogue_avx512(a, 0, rq.data(), ws, bp, op, out_features, 1, j0, nj);
       });
@@ -432,6 +447,43 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
 }
 
 }  // namespace
+
+std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::vector<at::Tensor>& packed,
+                                                const std::vector<float>& scale, const std::vector<int64_t>& out_features,
+                                                int64_t k, const std::vector<const at::Tensor*>& bias) {
+  const int64_t d = x.size(1), nseg = static_cast<int64_t>(packed.size());
+  std::vector<at::Tensor> out(nseg);
+  std::vector<Segment> segs(nseg);
+  for (int64_t s = 0; s < nseg; ++s) {
+    out[s] = at::empty({1, out_features[s]}, x.options());
+    segs[s] = {packed[s].data_ptr<uint8_t>(), out_features[s] / 4 + (out_features[s] % 4 != 0)};
+  }
+  const bool vnni = has_avx512_vnni();
+  QSK_TERNARY_DISPATCH(x.scalar_type(), "ternary_linear_multi_cpu", [&] {
+    // 1. one top-K + quantization (prepare_row, as ternary_linear_rows does for M == 1).
+    std::vector<int8_t> xq(d, 0);
+    const bool select = k >= 0 && k < d;
+    std::vector<uint32_t> sel(select ? select_scratch_words(d) : 0);
+    std::vector<int32_t> idx(select ? std::max<int64_t>(k, 1) : 0);
+    const RowQuant rq = prepare_row_avx512(x.data_ptr<scalar_t>(), d, k, xq.data(), idx.data(), sel.data());
+    // 2. one plan; its packed / cols are each segment's (row_split_m1 sets them).
+    Plan plan;
+    build_plan(xq.data(), 1, d, segs.empty() ? nullptr : segs[0].packed, segs.empty() ? 0 : segs[0].cols, plan);
+    // 3. one row-split pass over every segment; each segment's own epilogue (scale, bias).
+    std::vector<const scalar_t*> bp(nseg);
+    std::vector<scalar_t*> op(nseg);
+    for (int64_t s = 0; s < nseg; ++s) {
+      bp[s] = bias[s] ? bias[s]->data_ptr<scalar_t>() : nullptr;
+      op[s] = out[s].data_ptr<scalar_t>();
+    }
+    row_split_m1(plan.view, segs.data(), nseg, vnni, [&](int64_t s, const int32_t* a, int64_t j0, int64_t nj) {
+      nj = std::min(nj, out_features[s] - j0);  // the last packed byte may hold padding outputs
+      if (nj > 0) epilogue_avx512(a, 0, &rq, scale[s], bp[s], op[s], out_features[s], 1, j0, nj);
+    });
+  });
+  return out;
+}
+
 }  // namespace qsk::cpu::ternary
 
 TORCH_LIBRARY_IMPL(qsparse, CPU, m) { m.impl("ternary_linear_kernel", &qsk::cpu::ternary::ternary_linear_cpu); }

@@ -30,12 +30,22 @@ def _ternary_linear_kernel(x, packed, scale, out_features, k, bias):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+def _sparse_linear_multi_kernel(x, weights, k, biases):
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+
+
+def _ternary_linear_multi_kernel(x, packed, scales, out_features, k, biases):
+    return [x.new_empty((*x.shape[:-1], n)) for n in out_features]
+
+
 FAKES = {
     "quantize_act_int8_kernel": _quantize_act_int8_kernel,
     "topk_sparsify_kernel": _topk_sparsify_kernel,
     "block_topk_sparsify_kernel": _block_topk_sparsify_kernel,
     "sparse_linear_kernel": _sparse_linear_kernel,
     "ternary_linear_kernel": _ternary_linear_kernel,
+    "sparse_linear_multi_kernel": _sparse_linear_multi_kernel,
+    "ternary_linear_multi_kernel": _ternary_linear_multi_kernel,
 }
 
 

@@ -38,3 +38,16 @@ OPS = {
     "block_topk_sparsify": native.block_topk_sparsify,
     **_linear_ops(),
 }
+
+
+def _multi_ops() -> dict:
+    # Sibling projections (qsparse_kernels.sibling_ops): one top-K for several weights.
+    if not _native.loaded():
+        return {}
+    return {
+        "sparse_linear_multi": torch.ops.qsparse.sparse_linear_multi_kernel.default,
+        "ternary_linear_multi": torch.ops.qsparse.ternary_linear_multi_kernel.default,
+    }
+
+
+MULTI_OPS = _multi_ops()

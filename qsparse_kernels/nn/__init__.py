@@ -3,12 +3,23 @@
 * :class:`QSparseLinear`: ``nn.Linear`` with top-K (or N:M) input sparsity, STE backward.
 * :class:`BitLinear`: BitNet b1.58 (fake-quantized training, packed ternary inference), optional top-K.
 * :class:`ReLU2` / :func:`relu2`: squared ReLU; :class:`ReLU2GLU`: the Q-Sparse FFN block.
+* :class:`SiblingGroup`: sibling layers (q/k/v, gate/up) computed with one kernel call (``convert`` makes them).
 """
 
+from ._siblings import SiblingGroup
 from .activations import ReLU2, relu2
 from .bitlinear import BitLinear
 from .fake_quant import fake_quant_act, fake_quant_weight
 from .ffn import ReLU2GLU
 from .linear import QSparseLinear
 
-__all__ = ["QSparseLinear", "BitLinear", "ReLU2", "relu2", "ReLU2GLU", "fake_quant_act", "fake_quant_weight"]
+__all__ = [
+    "QSparseLinear",
+    "BitLinear",
+    "ReLU2",
+    "relu2",
+    "ReLU2GLU",
+    "fake_quant_act",
+    "fake_quant_weight",
+    "SiblingGroup",
+]

@@ -124,7 +124,14 @@ class BitLinear(nn.Module):
         self.register_buffer("scale", scale)
         return self
 
+    # A SiblingGroup (nn/_siblings.py) when convert() linked this layer with siblings reading the same input.
+    _siblings = None
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._siblings is not None:
+            y = self._siblings.output(self, x)
+            if y is not None:
+                return y
         k = cfg.kept(self.sparsity, self.k, x.shape[-1])
         if self.is_packed:
             x, bias = cfg.autocast_args(x, self.bias)

@@ -118,7 +118,14 @@ class QSparseLinear(nn.Module):
             return d // self.block[1] * self.block[0]
         return cfg.kept(self.sparsity, self.k, d)
 
+    # A SiblingGroup (nn/_siblings.py) when convert() linked this layer with siblings reading the same input.
+    _siblings = None
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._siblings is not None:
+            y = self._siblings.output(self, x)
+            if y is not None:
+                return y
         x, weight, bias = cfg.autocast_args(x, self.weight, self.bias)
         if self.block is not None:
             # The N:M-sparsified x has at most kept() nonzeros per token, so sparse_linear's top-K

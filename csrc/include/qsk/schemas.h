@@ -25,6 +25,12 @@ inline void define_kernel_schemas(torch::Library& m) {
   // [out_features] of x's dtype or None -> [M, out_features] (CPU: [..., out_features])
   // = ternary_linear(x, packed, scale, out_features, k, bias); SPEC 7. Called like sparse_linear_kernel.
   m.def("ternary_linear_kernel(Tensor x, Tensor packed, Tensor scale, int out_features, int? k, Tensor? bias) -> Tensor");
+  // Sibling projections (csrc/cpu/fused_linear.cpp): one x, several weights; out[s] equals the
+  // single op on segment s bit for bit (one top-K / quantization for all of them when M == 1).
+  m.def("sparse_linear_multi_kernel(Tensor x, Tensor[] weights, int k, Tensor?[] biases) -> Tensor[]");
+  m.def(
+      "ternary_linear_multi_kernel(Tensor x, Tensor[] packed, Tensor[] scales, int[] out_features, int? k, "
+      "Tensor?[] biases) -> Tensor[]");
 }
 
 }  // namespace qsk

@@ -1,0 +1,43 @@
+// The multi-segment ("sibling projections") CPU kernels: the interface between their ops
+// (csrc/cpu/fused_linear.cpp) and the single-op files whose M == 1 cores they share
+// (sparse_linear.cpp, ternary_linear.cpp). A segment is one projection's weight; every segment
+// reads the same activation row, so the top-K (and, for ternary, the int8 quantization) runs once.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "qsk/isa.h"
+#include "sparse_gemv.h"
+
+namespace qsk::cpu {
+
+// sparse_linear's panel for the run-time ISA `level` (the AVX-512 kernel, or the portable one
+// compiled for AVX2 / baseline): the contract of sparse_gemv_panel_avx512 (sparse_gemv.h). A
+// column's result depends only on its own weights and `rows`, never on j0, ncols or the panel.
+template <typename T>
+void sparse_gemv_panel(Isa level, const T* wt, int64_t ld, const SparseRows& rows, int64_t j0, int64_t ncols,
+                       float* out, int64_t out_stride);
+
+namespace ternary {
+
+// One packed weight [d, cols] (canonical layout, contiguous) over a shared row plan.
+struct Segment {
+  const uint8_t* packed;
+  int64_t cols;
+};
+
+// out[s] = ternary_linear(x, packed[s], scale[s], out_features[s], k, bias[s]) bit for bit, for
+// one row x [1, d] (contiguous float), with one top-K + quantization and one row-split pass
+// over every segment (the M == 1 AVX-512 path of ternary_linear.cpp). Needs isa() == Avx512 and
+// arguments the single op accepts (the caller, fused_linear.cpp, checks them): packed[s] uint8
+// [d, ceil(out_features[s] / 4)] contiguous, bias[s] nullptr or [out_features[s]] contiguous of
+// x's dtype, k < 0 for dense. Returns [1, out_features[s]] tensors.
+std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::vector<at::Tensor>& packed,
+                                                const std::vector<float>& scale, const std::vector<int64_t>& out_features,
+                                                int64_t k, const std::vector<const at::Tensor*>& bias);
+
+}  // namespace ternary
+}  // namespace qsk::cpu

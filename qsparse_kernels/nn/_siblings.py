@@ -1,0 +1,226 @@
+"""Sibling projections share one kernel call: q/k/v, gate/up (:func:`qsparse_kernels.convert` groups them).
+
+A :class:`SiblingGroup` links converted layers under one parent that a model calls with the same
+input (``{q_proj, k_proj, v_proj}``, ``{gate_proj, up_proj}``). Each member's ``forward`` first asks
+its group (``module._siblings``): the first member called with ``x`` computes every member's output
+with one :mod:`qsparse_kernels.sibling_ops` call (one top-K, one int8 quantization, one native call)
+and keeps the others' outputs; a sibling called with that same ``x`` takes its output, once. The
+model's code is not touched: Hugging Face's attention and MLP call ``q_proj(h)``, ``k_proj(h)``,
+``v_proj(h)`` one after the other, and each call is answered.
+
+"The same x" is the same tensor object, unmodified since (``x._version``), with the same data
+pointer, shape and strides. Inference tensors (``torch.inference_mode``) have no version counter:
+for them an in-place write into ``x`` between two sibling calls cannot be seen, and a sibling would
+get the output for ``x`` as it was at the first call.
+
+The group answers ``None`` (the member computes its own output, unfused, exactly as without a
+group) for a different input (a forward pre-hook that replaces it, a model that feeds siblings
+different tensors), in training mode, when autograd needs a graph (grad enabled and ``x`` or a
+parameter requires grad), under ``torch.compile``, dispatch or function modes and autocast, for
+tensor subclasses, and when the members' settings differ (kept count, backend, dtype, device,
+packed or not). If a fused result is still not fully taken when the next one would be computed
+(the siblings do not in fact share their input in this model), the group stops fusing for good
+(``disabled``) so no work is wasted; it holds its cached outputs only until each member took its own,
+per thread. Outputs are bit-identical (``torch.equal``) to the unfused layers'.
+
+The group holds no parameters or buffers: ``state_dict``, ``parameters()``, ``.to()``, checkpoints,
+``save_pretrained`` and :func:`qsparse_kernels.unconvert` see the layers as without it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .. import sibling_ops
+from . import _config as cfg
+from .bitlinear import BitLinear
+from .linear import QSparseLinear
+
+# Children of one parent that a model calls with the same input (HF Llama / Mistral / Qwen2 and
+# the compact Llama of qsparse_kernels.bench use these names).
+SIBLING_NAMES: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+_function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
+_any_autocast = cfg._any_autocast
+
+
+def _version(x: Tensor) -> int | None:
+    return None if x.is_inference() else x._version
+
+
+class SiblingGroup:
+    """Layers that read the same input, computed with one multi-segment call (module docstring).
+
+    Args:
+        members: two or more ``QSparseLinear`` (float, not N:M) or two or more ``BitLinear``, with
+            the same class, ``in_features``, sparsity / ``k`` and backend (:func:`compatible`).
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        if len(members) < 2 or not compatible(members):
+            raise ValueError("qsparse_kernels.SiblingGroup: needs two or more compatible layers")
+        self.members = tuple(members)
+        self.disabled = False
+        self._local = threading.local()
+        for m in self.members:
+            m._siblings = self
+
+    # threading.local does not pickle or deepcopy: a copy starts with an empty cache.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def dissolve(self) -> None:
+        """Unlink the members (each computes alone again) and drop any cached outputs."""
+        for m in self.members:
+            if m.__dict__.get("_siblings") is self:
+                del m._siblings
+        self._local = threading.local()
+        self.disabled = True
+
+    def output(self, mod: nn.Module, x: Tensor) -> Tensor | None:
+        """``mod``'s output for ``x`` from a fused call, or ``None``: ``mod`` computes it itself."""
+        if self.disabled:
+            return None
+        local = self._local
+        pending = getattr(local, "pending", None)
+        i = self._index(mod)
+        if pending is not None:
+            key, outs = pending
+            if key[0] is x and key[1] == _version(x) and key[2] == (x.data_ptr(), x.shape, x.stride()):
+                y = outs[i]
+                if y is None:  # this member already took its output: called again, compute alone
+                    return None
+                outs[i] = None
+                if not any(o is not None for o in outs):
+                    local.pending = None
+                return y
+        if i < 0:
+            return None
+        call = self._fused_call(x)
+        if call is None:
+            return None
+        if pending is not None:  # the last fused result was not taken by every member: stop fusing
+            local.pending = None
+            self.disabled = True
+            return None
+        outs = list(call())
+        y = outs[i]
+        outs[i] = None
+        local.pending = ((x, _version(x), (x.data_ptr(), x.shape, x.stride())), outs)
+        return y
+
+    def _index(self, mod: nn.Module) -> int:
+        for i, m in enumerate(self.members):
+            if m is mod:
+                return i
+        return -1
+
+    def _fused_call(self, x: Tensor):
+        """A function computing every member's output for ``x`` with one multi-segment call, or
+        ``None`` when the members must compute alone (module docstring). Reads the parameters and
+        buffers from the modules' dicts (``nn.Module.__getattr__`` costs ~0.5 us a lookup)."""
+        if type(x) is not Tensor or x.dim() < 1:
+            return None
+        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _function_mode_on():
+            return None
+        if _any_autocast():
+            return None
+        grad = torch.is_grad_enabled()
+        if grad and x.requires_grad:
+            return None
+        ms = self.members
+        first = ms[0]
+        if x.shape[-1] != first.in_features or not compatible(ms):
+            return None
+        dev, dt = x.device, x.dtype
+        sparse = type(first) is QSparseLinear
+        if not sparse and dt not in (torch.float32, torch.bfloat16, torch.float16):
+            return None
+        weights, biases = [], []
+        for m in ms:
+            if m.training:
+                return None
+            params = m._parameters
+            b = params.get("bias")
+            if b is not None and (
+                (type(b) is not nn.Parameter and type(b) is not Tensor)
+                or b.dtype != dt
+                or b.device != dev
+                or (grad and b.requires_grad)
+            ):
+                return None
+            biases.append(b)
+            if sparse:
+                w = params.get("weight")
+                if w is None or (type(w) is not nn.Parameter and type(w) is not Tensor):
+                    return None
+                if w.dtype != dt or w.device != dev or (grad and w.requires_grad):
+                    return None
+                weights.append(w)
+            else:
+                packed, scale = m._buffers.get("packed"), m._buffers.get("scale")
+                if packed is None or scale is None or packed.device != dev or scale.device != dev:
+                    return None
+                weights.append((packed, scale))
+        k = first.kept(x.shape[-1])
+        if sparse:
+            fn = sibling_ops.implementation("sparse_linear_multi", first.backend, dev)
+            return lambda: fn(x, weights, k, biases)
+        fn = sibling_ops.implementation("ternary_linear_multi", first.backend, dev)
+        packed = [p for p, _ in weights]
+        scales = [s for _, s in weights]
+        return lambda: fn(x, packed, scales, [m.out_features for m in ms], k, biases)
+
+    def __repr__(self) -> str:
+        return f"SiblingGroup({len(self.members)} layers, disabled={self.disabled})"
+
+
+def compatible(members) -> bool:
+    """Whether ``members`` may share one call: one class (``QSparseLinear`` without N:M blocks, or
+    ``BitLinear``), the same ``in_features``, sparsity, ``k`` and backend."""
+    first = members[0]
+    if type(first) not in (QSparseLinear, BitLinear):
+        return False
+    if isinstance(first, QSparseLinear) and first.block is not None:
+        return False
+    sig = (type(first), first.in_features, first.sparsity, first.k, first.backend, getattr(first, "block", None))
+    for m in members[1:]:
+        if (type(m), m.in_features, m.sparsity, m.k, m.backend, getattr(m, "block", None)) != sig:
+            return False
+    return True
+
+
+def group_siblings(model: nn.Module, names=SIBLING_NAMES) -> list[str]:
+    """Link every set of sibling layers of ``model`` (children of one parent named as in ``names``,
+    two or more of them converted and :func:`compatible`) into a :class:`SiblingGroup`; a layer's
+    earlier group is dissolved first. Returns the groups' qualified names, such as
+    ``"model.layers.0.self_attn.{q_proj,k_proj,v_proj}"``."""
+    made = []
+    for pname, parent in model.named_modules():
+        for group in names:
+            members = [(n, parent._modules.get(n)) for n in group]
+            members = [(n, m) for n, m in members if isinstance(m, (QSparseLinear, BitLinear))]
+            if len(members) < 2 or not compatible([m for _, m in members]):
+                continue
+            if len({id(m) for _, m in members}) != len(members):  # one module under two names
+                continue
+            for _, m in members:
+                ungroup(m)
+            SiblingGroup([m for _, m in members])
+            made.append(f"{pname + '.' if pname else ''}{{{','.join(n for n, _ in members)}}}")
+    return made
+
+
+def ungroup(mod: nn.Module) -> None:
+    """Dissolve ``mod``'s sibling group, if it has one."""
+    group = mod.__dict__.get("_siblings")
+    if group is not None:
+        group.dissolve()
