@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -43,6 +44,12 @@ namespace qsk::cpu {
 inline int64_t sparse_max_rows(at::ScalarType dtype) {
   if (dtype == at::kHalf) return std::numeric_limits<int64_t>::max();
   return dtype == at::kFloat ? 16 : 4;
+}
+
+// TEMP (measurement knob, removed before commit)
+inline int64_t bf16_batch_min_rows() {
+  static const int64_t v = std::getenv("QSK_BF16_MIN_ROWS") ? std::atoll(std::getenv("QSK_BF16_MIN_ROWS")) : 5;
+  return v;
 }
 
 namespace {
@@ -202,6 +209,15 @@ at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int
   // Column-major (or a single output): input feature i's outputs are the contiguous row
   // storage[i * stride(1) .. + N).
   const bool colmajor = weight.stride(0) == 1 || N == 1;
+  const bool bf16_batch = colmajor && x.scalar_type() == at::kBFloat16 && M >= bf16_batch_min_rows() &&
+                          has_avx512_bf16() && M > 0 && N > 0;
+  if (bf16_batch) {
+    auto y = at::empty({M, N}, x.options());
+    sparse_linear_bf16_batch(x.data_ptr<c10::BFloat16>(), M, d, k, weight.data_ptr<c10::BFloat16>(),
+                             weight.stride(1), b.defined() ? b.data_ptr<c10::BFloat16>() : nullptr,
+                             y.data_ptr<c10::BFloat16>(), N, has_amx_bf16());
+    return y;
+  }
   if (!colmajor || M > sparse_max_rows(x.scalar_type())) {
     const at::Tensor xs = k == d ? x : topk_sparsify_cpu(x, k);
     return at::linear(xs, weight, bias.has_value() ? std::optional<at::Tensor>(b) : std::nullopt);
