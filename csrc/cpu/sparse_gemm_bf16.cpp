@@ -32,9 +32,10 @@ namespace qsk::cpu {
 namespace {
 
 constexpr int64_t kPanel = 256;     // output columns per panel: 16 groups of 16
-constexpr int64_t kDepth = 256;     // listed features per packed block (a multiple of kStep)
+constexpr int64_t kDepth = 1024;    // listed features per packed block (a multiple of kStep)
 constexpr int64_t kGroupCols = 16;  // columns of one packed group (one B tile / one zmm)
 constexpr int64_t kStep = 32;       // features per tile step (one A tile row: 64 bytes)
+constexpr int64_t kPrefetchPairs = 4;         // how far ahead pack_block prefetches weight rows
 constexpr int64_t kPairStride = 2 * kPanel;  // elements per feature pair of a packed block (1 KB)
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
@@ -59,6 +60,15 @@ QSK_TARGET_AVX512 void pack_block(const uint16_t* wt, int64_t ld, const int32_t*
     const uint16_t* r0 = u < n ? wt + static_cast<int64_t>(idx[u]) * ld + j0 : nullptr;
     const uint16_t* r1 = u + 1 < n ? wt + static_cast<int64_t>(idx[u + 1]) * ld + j0 : nullptr;
     uint16_t* dst = packed + p * kPairStride;
+    // The rows kPrefetchPairs pairs ahead: their addresses are data dependent and each is a
+    // separate 512-byte run, too short for the hardware prefetchers to get going.
+    for (int h = 0; h < 2; ++h) {
+      const int64_t v = u + 2 * kPrefetchPairs + h;
+      if (v < n) {
+        const char* r = reinterpret_cast<const char*>(wt + static_cast<int64_t>(idx[v]) * ld + j0);
+        for (int64_t q = 0; q < nchunks; ++q) _mm_prefetch(r + 64 * q, _MM_HINT_T0);
+      }
+    }
     for (int64_t q = 0; q < nchunks; ++q) {
       const __mmask32 m = mask32(N - j0 - 32 * q);
       const __m512i a = r0 ? _mm512_maskz_loadu_epi16(m, r0 + 32 * q) : _mm512_setzero_si512();
@@ -130,18 +140,18 @@ QSK_TARGET_AMX void amx_block(const uint16_t* a, int64_t lda, int64_t kc, const 
 }
 
 // acc[Mp][kPanel] += A[:, u0 .. u0 + kc) times the packed block (columns j0 .. N only).
-QSK_TARGET_AMX void amx_depth(const uint16_t* A, int64_t Mp, int64_t Kp, int64_t u0, int64_t kc,
+QSK_TARGET_AMX void amx_depth(const uint16_t* A, int64_t Mp, int64_t lda, int64_t u0, int64_t kc,
                               const uint16_t* packed, int64_t N, int64_t j0, float* acc) {
   const int64_t nsub = std::min<int64_t>(kPanel / 32, (N - j0 + 31) / 32);
   for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
-    const uint16_t* a = A + m0 * Kp + u0;
+    const uint16_t* a = A + m0 * lda + u0;
     for (int64_t sub = 0; sub < nsub; ++sub) {
       const uint16_t* b0 = packed + 64 * sub;
       float* c = acc + m0 * kPanel + 32 * sub;
       if (Mp - m0 >= 32)
-        amx_block<2>(a, Kp, kc, b0, b0 + 32, c);
+        amx_block<2>(a, lda, kc, b0, b0 + 32, c);
       else
-        amx_block<1>(a, Kp, kc, b0, b0 + 32, c);
+        amx_block<1>(a, lda, kc, b0, b0 + 32, c);
     }
   }
 }
@@ -170,22 +180,22 @@ QSK_TARGET_AVX512 void dp_block(const uint16_t* a, int64_t lda, int64_t kc, cons
 
 constexpr int kDpRows = 6;
 
-QSK_TARGET_AVX512 void dp_depth(const uint16_t* A, int64_t M, int64_t Kp, int64_t u0, int64_t kc,
+QSK_TARGET_AVX512 void dp_depth(const uint16_t* A, int64_t M, int64_t lda, int64_t u0, int64_t kc,
                                 const uint16_t* packed, int64_t N, int64_t j0, float* acc) {
   const int64_t nsub = std::min<int64_t>(kPanel / 64, (N - j0 + 63) / 64);
   for (int64_t m0 = 0; m0 < M; m0 += kDpRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kDpRows, M - m0));
-    const uint16_t* a = A + m0 * Kp + u0;
+    const uint16_t* a = A + m0 * lda + u0;
     for (int64_t sub = 0; sub < nsub; ++sub) {
       const uint16_t* b = packed + 128 * sub;
       float* c = acc + m0 * kPanel + 64 * sub;
       switch (rows) {
-        case 1: dp_block<1>(a, Kp, kc, b, c); break;
-        case 2: dp_block<2>(a, Kp, kc, b, c); break;
-        case 3: dp_block<3>(a, Kp, kc, b, c); break;
-        case 4: dp_block<4>(a, Kp, kc, b, c); break;
-        case 5: dp_block<5>(a, Kp, kc, b, c); break;
-        default: dp_block<6>(a, Kp, kc, b, c); break;
+        case 1: dp_block<1>(a, lda, kc, b, c); break;
+        case 2: dp_block<2>(a, lda, kc, b, c); break;
+        case 3: dp_block<3>(a, lda, kc, b, c); break;
+        case 4: dp_block<4>(a, lda, kc, b, c); break;
+        case 5: dp_block<5>(a, lda, kc, b, c); break;
+        default: dp_block<6>(a, lda, kc, b, c); break;
       }
     }
   }
@@ -213,17 +223,18 @@ void sparse_linear_bf16_batch(const c10::BFloat16* x, int64_t M, int64_t d, int6
   }
   const int64_t n = static_cast<int64_t>(idx.size());
   const int64_t Kp = round_up(n, kStep), Mp = round_up(M, 16);
-  std::vector<uint16_t> A(static_cast<size_t>(Mp * Kp), 0);
+  const int64_t lda = Kp + 32;  // A's row stride: not a power of two, so a tile's 16 rows spread over the L1 sets
+  std::vector<uint16_t> A(static_cast<size_t>(Mp * lda), 0);
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x);
   if (k == d) {
-    for (int64_t m = 0; m < M; ++m) std::memcpy(A.data() + m * Kp, xb + m * d, d * sizeof(uint16_t));
+    for (int64_t m = 0; m < M; ++m) std::memcpy(A.data() + m * lda, xb + m * d, d * sizeof(uint16_t));
   } else {
     std::vector<int32_t> pos(d, -1);
     for (int64_t u = 0; u < n; ++u) pos[idx[u]] = static_cast<int32_t>(u);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = 0; j < k; ++j) {
         const int32_t i = kept[m * k + j];
-        A[m * Kp + pos[i]] = xb[m * d + i];
+        A[m * lda + pos[i]] = xb[m * d + i];
       }
   }
   // 2. Panels of output columns over the threads; the listed features in blocks of kDepth.
@@ -240,9 +251,9 @@ void sparse_linear_bf16_batch(const c10::BFloat16* x, int64_t M, int64_t d, int6
         const int64_t kc = std::min(kDepth, Kp - u0);
         pack_block(w, ld, idx.data(), n, u0, kc, j0, N, packed.data());
         if (amx)
-          amx_depth(A.data(), Mp, Kp, u0, kc, packed.data(), N, j0, acc.data());
+          amx_depth(A.data(), Mp, lda, u0, kc, packed.data(), N, j0, acc.data());
         else
-          dp_depth(A.data(), M, Kp, u0, kc, packed.data(), N, j0, acc.data());
+          dp_depth(A.data(), M, lda, u0, kc, packed.data(), N, j0, acc.data());
       }
       store_rows(acc.data(), M, bias, y, N, j0);
     }
