@@ -66,9 +66,9 @@ def main() -> None:
             for m in args.batches:
                 x = torch.randn(m, d, generator=gen).to(dtype)
                 fns = {
-                    "dense": lambda x=x: F.linear(x, w),
-                    "s0": lambda x=x: qk.sparse_linear(x, wc, d, backend="cpu"),
-                    "s05": lambda x=x: qk.sparse_linear(x, wc, d // 2, backend="cpu"),
+                    "dense": lambda x=x, w=w: F.linear(x, w),
+                    "s0": lambda x=x, wc=wc, d=d: qk.sparse_linear(x, wc, d, backend="cpu"),
+                    "s05": lambda x=x, wc=wc, d=d: qk.sparse_linear(x, wc, d // 2, backend="cpu"),
                 }
                 t = time_interleaved(fns, args.reps)
                 print(
