@@ -1,5 +1,8 @@
 #include "qsk/isa.h"
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <optional>
@@ -19,21 +22,42 @@ Isa detect() {
   return Isa::Scalar;
 }
 
-constexpr const char* kExpected = "scalar, avx2 or avx512";
+constexpr const char* kExpected = "scalar, avx2, avx512, avx512bf16 or amx";
 
-std::optional<Isa> try_parse(const std::string& name) {
-  if (name == "scalar") return Isa::Scalar;
-  if (name == "avx2") return Isa::Avx2;
-  if (name == "avx512") return Isa::Avx512;
+// The cap is a level on one scale: the three Isa values, then the bf16 extensions above Avx512
+// (kCapBf16: AVX512-BF16 dot products, kCapAmx: AMX-BF16 tiles too). "avx512" caps below both.
+constexpr int kCapBf16 = 3, kCapAmx = 4;
+
+std::optional<int> try_parse(const std::string& name) {
+  if (name == "scalar") return static_cast<int>(Isa::Scalar);
+  if (name == "avx2") return static_cast<int>(Isa::Avx2);
+  if (name == "avx512") return static_cast<int>(Isa::Avx512);
+  if (name == "avx512bf16") return kCapBf16;
+  if (name == "amx") return kCapAmx;
   return std::nullopt;
 }
 
-Isa parse(const std::string& name) {
-  if (auto isa = try_parse(name)) return *isa;
+int parse(const std::string& name) {
+  if (auto cap = try_parse(name)) return *cap;
   throw std::invalid_argument("unknown CPU ISA '" + name + "' (expected " + kExpected + ")");
 }
 
 const Isa kDetected = detect();
+
+bool detect_bf16() { return kDetected == Isa::Avx512 && __builtin_cpu_supports("avx512bf16"); }
+
+// AMX-BF16 needs the CPU flags and, on Linux, the kernel's permission for the tile data state
+// (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), once per process, before the first tile
+// instruction). Asked for on first use; no permission, no AMX.
+bool detect_amx() {
+  if (!detect_bf16() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 // QSPARSE_CPU_ISA is read while the shared object loads, where a C++ exception cannot be caught
 // (it would abort the process at `import qsparse_kernels`). So a value that is not an ISA name is
@@ -41,16 +65,16 @@ const Isa kDetected = detect();
 // turns it into a warning and reports it in backend_info().
 std::string g_env_error;
 
-Isa initial_cap() {
+int initial_cap() {
   const char* env = std::getenv("QSPARSE_CPU_ISA");
-  if (!env || !*env) return Isa::Avx512;
-  if (auto isa = try_parse(env)) return *isa;
+  if (!env || !*env) return kCapAmx;
+  if (auto cap = try_parse(env)) return *cap;
   g_env_error = std::string("QSPARSE_CPU_ISA='") + env + "' is not a CPU ISA (expected " + kExpected +
                 ", lower case, no spaces); ignored, the kernels use the detected ISA";
-  return Isa::Avx512;
+  return kCapAmx;
 }
 
-std::atomic<int> g_cap{static_cast<int>(initial_cap())};
+std::atomic<int> g_cap{initial_cap()};
 
 }  // namespace
 
@@ -58,6 +82,19 @@ Isa isa() {
   int cap = g_cap.load(std::memory_order_relaxed);
   return static_cast<Isa>(cap < static_cast<int>(kDetected) ? cap : static_cast<int>(kDetected));
 }
+
+bool has_avx512_bf16() {
+  static const bool bf16 = detect_bf16();
+  return bf16 && g_cap.load(std::memory_order_relaxed) >= kCapBf16;
+}
+
+bool has_amx_bf16() {
+  if (g_cap.load(std::memory_order_relaxed) < kCapAmx) return false;
+  static const bool amx = detect_amx();  // thread-safe one-time request for the tile state
+  return amx;
+}
+
+const char* bf16_gemm_name() { return has_amx_bf16() ? "amx" : has_avx512_bf16() ? "avx512bf16" : "none"; }
 
 bool has_avx512_vnni() {
   static const bool vnni = __builtin_cpu_supports("avx512vnni");
@@ -75,7 +112,7 @@ const char* isa_name(Isa isa) {
 const std::string& isa_env_error() { return g_env_error; }
 
 void set_isa_cap(const std::string& name) {
-  g_cap.store(static_cast<int>(name.empty() ? Isa::Avx512 : parse(name)), std::memory_order_relaxed);
+  g_cap.store(name.empty() ? kCapAmx : parse(name), std::memory_order_relaxed);
 }
 
 }  // namespace qsk::cpu

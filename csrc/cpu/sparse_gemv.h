@@ -41,4 +41,11 @@ template <typename T>
 void sparse_gemv_panel_avx512(const T* wt, int64_t ld, const SparseRows& rows, int64_t j0, int64_t ncols,
                               float* out, int64_t out_stride);
 
+// The batched bf16 path of sparse_linear (sparse_gemm_bf16.cpp): y[M, N] = linear(topk(x, k), W)
+// + bias for bf16 x [M, d] contiguous and the column-major weight wt = W^T as [d][ld] rows, over
+// the union of the M rows' kept features, float32 accumulation. amx: AMX-BF16 tiles (needs
+// has_amx_bf16()), else AVX512-BF16 (needs has_avx512_bf16()). 0 <= k <= d, M >= 1, N >= 1.
+void sparse_linear_bf16_batch(const c10::BFloat16* x, int64_t M, int64_t d, int64_t k, const c10::BFloat16* wt,
+                              int64_t ld, const c10::BFloat16* bias, c10::BFloat16* y, int64_t N, bool amx);
+
 }  // namespace qsk::cpu

@@ -46,6 +46,19 @@ inline int64_t sparse_max_rows(at::ScalarType dtype) {
   return dtype == at::kFloat ? 16 : 4;
 }
 
+// bf16 rows above sparse_max_rows take the batched kernel (sparse_gemm_bf16.cpp) up to this many
+// rows, where the CPU has AMX-BF16 or AVX512-BF16; above it at::linear on the masked activations.
+// Measured on the 2-core Sapphire Rapids (1 thread, median of 5 interleaved, ms; noisy: torch's
+// own F.linear time varied 2-3x between runs):
+//   2048 -> 2048   M = 8: AMX 1.97, F.linear row-major 1.27;  M = 64: 4.25 vs 3.09;  M = 512: 24.7 vs 15.1
+//   2048 -> 32000  M = 16: AMX 64.9, at::linear col-major 60.1, F.linear row-major 30.6
+//                  M = 128: 153.7 vs 105.4 vs 102.4;  M = 512: 417.9 vs 314.9 vs 414.8
+// so AMX up to 64 rows (at::linear on the column-major weight matches or beats F.linear from
+// 128 rows). The AVX512-BF16 kernel (Zen 4) is 3-4x slower than AMX at M >= 64 here and is kept
+// to the same range untested against Zen 4's torch: re-measure there with
+// `benchmarks/bench_cpu_sparse_batch.py`.
+constexpr int64_t kBf16BatchMaxRows = 64;
+
 namespace {
 
 // bf16 -> float by shifting (vectorises in the portable kernel); the others as c10 converts them.
@@ -202,7 +215,20 @@ at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int
   }
   // Column-major (or a single output): input feature i's outputs are the contiguous row
   // storage[i * stride(1) .. + N).
+  if (k == 0) {  // nothing kept: bias or +0 (a GEMM on all-zero activations can give -0)
+    return b.defined() ? b.unsqueeze(0).expand({M, N}).contiguous() : at::zeros({M, N}, x.options());
+  }
   const bool colmajor = weight.stride(0) == 1 || N == 1;
+  const bool bf16_batch = colmajor && x.scalar_type() == at::kBFloat16 && M > sparse_max_rows(at::kBFloat16) &&
+                          M <= kBf16BatchMaxRows &&
+                          has_avx512_bf16() && M > 0 && N > 0;
+  if (bf16_batch) {
+    auto y = at::empty({M, N}, x.options());
+    sparse_linear_bf16_batch(x.data_ptr<c10::BFloat16>(), M, d, k, weight.data_ptr<c10::BFloat16>(),
+                             weight.stride(1), b.defined() ? b.data_ptr<c10::BFloat16>() : nullptr,
+                             y.data_ptr<c10::BFloat16>(), N, has_amx_bf16());
+    return y;
+  }
   if (!colmajor || M > sparse_max_rows(x.scalar_type())) {
     const at::Tensor xs = k == d ? x : topk_sparsify_cpu(x, k);
     return at::linear(xs, weight, bias.has_value() ? std::optional<at::Tensor>(b) : std::nullopt);

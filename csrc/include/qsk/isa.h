@@ -9,11 +9,19 @@ namespace qsk::cpu {
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
 // Best ISA this CPU supports, capped by the environment variable QSPARSE_CPU_ISA
-// (scalar | avx2 | avx512) read once (an invalid value is ignored, see isa_env_error()), or by
+// (scalar | avx2 | avx512 | avx512bf16 | amx; the last two are Avx512 plus bf16 extensions, see
+// has_avx512_bf16 / has_amx_bf16, and "avx512" turns both off) read once (an invalid value is ignored, see isa_env_error()), or by
 // set_isa_cap() (used by tests to reach every path).
 Isa isa();
 // Whether AVX-512 VNNI (vpdpbusd) can be used; false whenever isa() is below Avx512.
 bool has_avx512_vnni();
+// Whether AVX512-BF16 (vdpbf16ps) can be used: the CPU has it and the cap is avx512bf16 or amx.
+bool has_avx512_bf16();
+// Whether AMX-BF16 tiles can be used: the CPU has them, the OS granted the tile state, and the
+// cap is amx (the default). Implies has_avx512_bf16().
+bool has_amx_bf16();
+// "amx", "avx512bf16" or "none": the bf16 batched kernel sparse_linear uses (for tests, reports).
+const char* bf16_gemm_name();
 const char* isa_name(Isa isa);
 // Caps the ISA; "" restores the detected one. Throws on an unknown name.
 void set_isa_cap(const std::string& name);
@@ -25,5 +33,7 @@ const std::string& isa_env_error();
 
 // Target attribute strings, one place for each ISA level.
 #define QSK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
+#define QSK_TARGET_AMX                                                                                        \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi2")))
 #define QSK_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c,bmi2")))

@@ -1,0 +1,161 @@
+"""The cpu backend's batched sparse_linear (csrc/cpu/sparse_gemm_bf16.cpp: AMX-BF16 and AVX512-BF16,
+and the paths below them) vs float64, and the per-column invariants that fused sibling
+projections rely on.
+
+Every bf16 kernel this CPU has runs here (the ISA cap reaches each one: "amx", "avx512bf16", then
+"avx512" / "avx2" / "scalar", which take the FMA kernels or torch's GEMM); fp32 and fp16 run
+through the same caps. Parity per SPEC "Numerics" on inputs without ties, odd sizes, every batch
+size class, sliced (odd-stride) weights, k = 0 and k = d.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qsparse_kernels as qk
+from qsparse_kernels import _native
+from qsparse_kernels import reference as R
+from tests.numerics import FLOAT_DTYPES, assert_parity, distinct_magnitudes
+
+pytestmark = pytest.mark.skipif(not qk.backend_info()["cpu"]["usable"], reason="cpu backend not built")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+FLAGS = _cpu_flags()
+HAS = {
+    "amx": {"amx_tile", "amx_bf16", "avx512_bf16"} <= FLAGS,
+    "avx512bf16": {"avx512_bf16", "avx512bw"} <= FLAGS,
+    "avx512": {"avx512f", "avx512bw"} <= FLAGS,
+    "avx2": "avx2" in FLAGS,
+    "scalar": True,
+}
+CAPS = ["amx", "avx512bf16", "avx512", "avx2", "scalar"]
+WANT_GEMM = {"amx": "amx", "avx512bf16": "avx512bf16", "avx512": "none", "avx2": "none", "scalar": "none"}
+
+
+@pytest.fixture(params=CAPS)
+def cap(request):
+    if not HAS[request.param]:
+        pytest.skip(f"this CPU has no {request.param}")
+    _native._C.set_cpu_isa_cap(request.param)
+    request.addfinalizer(lambda: _native._C.set_cpu_isa_cap(""))
+    # The cap really selects that kernel (the OS granting AMX included): else the test is void.
+    assert _native._C.cpu_bf16_gemm() == WANT_GEMM[request.param]
+    return request.param
+
+
+def _col(w: torch.Tensor) -> torch.Tensor:
+    return w.t().contiguous().t()
+
+
+def _check(x, w, k, b):
+    y = qk.sparse_linear(x, w, k, b, backend="cpu")
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
+    xs = R.topk_sparsify(x, k)
+    ref64 = F.linear(xs.double(), w.double(), None if b is None else b.double())
+    if k == 0:
+        want = torch.zeros_like(y) if b is None else b.expand_as(y)
+        assert torch.equal(y, want) and not torch.signbit(y[y == 0]).any()
+        return
+    assert_parity(y, ref64, F.linear(xs, w, b))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("in_f,out_f", [(1, 7), (7, 63), (63, 1), (64, 65), (4097, 63), (63, 4097)])
+@pytest.mark.parametrize("m", [1, 2, 5, 17, 64, 130])
+def test_parity_batch_sizes(cap, dtype, in_f, out_f, m, gen):
+    w = _col(torch.randn(out_f, in_f, generator=gen).to(dtype))
+    b = torch.randn(out_f, generator=gen).to(dtype)
+    x = distinct_magnitudes(m, in_f, dtype, gen)
+    for k in sorted({0, 1, in_f // 2, in_f}):
+        _check(x, w, k, b if k % 2 else None)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_sliced_weight_and_3d_input(cap, dtype, gen):
+    """Column-major weight with a leading dimension > out_features and every other input feature
+    (stride(1) = 2 ld): the kernels read only the logical elements (an out-of-bounds read past
+    the view would pick up the NaNs around it)."""
+    in_f, out_f = 100, 77
+    big = torch.full((2 * in_f + 1, out_f + 9), float("nan"), dtype=dtype).t()  # column-major storage
+    w = big[3 : 3 + out_f, 1::2][:, :in_f]
+    assert w.stride(0) == 1 and w.shape == (out_f, in_f)
+    w.copy_(torch.randn(out_f, in_f, generator=gen).to(dtype))
+    b = torch.randn(out_f, generator=gen).to(dtype)
+    for lead in ((5,), (3, 7), (40,)):
+        n = 1
+        for s in lead:
+            n *= s
+        x = distinct_magnitudes(n, in_f, dtype, gen).reshape(*lead, in_f)
+        for k in (0, 1, 37, in_f):
+            _check(x, w, k, b)
+
+
+def _library_kernel_runs(dtype, m: int) -> bool:
+    """Whether sparse_linear on a column-major weight runs the library's own kernels at batch m
+    (csrc/cpu/sparse_linear.cpp: sparse_max_rows, kBf16BatchMaxRows), not torch's GEMM."""
+    if dtype == torch.float16:
+        return True
+    if dtype == torch.float32:
+        return m <= 16
+    return m <= 4 or (m <= 64 and _native._C.cpu_bf16_gemm() != "none")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 5, 17, 64])
+def test_column_results_do_not_depend_on_out_features(cap, dtype, m, gen):
+    """Fused siblings concatenate weights along out_features: each column's result is bit-identical
+    whether it is computed alone, in a slice, or at another position of a wider weight. Holds for
+    the library's kernels; torch's GEMM (fp32 above 16 rows, bf16 above 64 or without a bf16
+    kernel) gives no such promise (MKL's fp32 result for a column changes with N)."""
+    in_f = 515
+    ws = [torch.randn(n, in_f, generator=gen).to(dtype) for n in (70, 33, 130)]
+    fused = _col(torch.cat(ws))
+    x = distinct_magnitudes(m, in_f, dtype, gen)
+    for k in (1, 200, in_f):
+        y = qk.sparse_linear(x, fused, k, backend="cpu")
+        parts = torch.cat([qk.sparse_linear(x, _col(w), k, backend="cpu") for w in ws], dim=-1)
+        one = qk.sparse_linear(x, fused[40:41], k, backend="cpu")
+        if _library_kernel_runs(dtype, m):
+            assert torch.equal(y, parts) and torch.equal(one, y[:, 40:41])
+        else:  # torch's GEMM: only parity (MKL's fp32 result for a column changes with N)
+            w_all, xs = torch.cat(ws), R.topk_sparsify(x, k)
+            ref64 = F.linear(xs.double(), w_all.double())
+            assert_parity(parts, ref64, F.linear(xs, w_all))
+            assert_parity(one, ref64[:, 40:41], F.linear(xs, w_all[40:41]))
+
+
+@pytest.mark.parametrize("m", [5, 17, 130])
+def test_batch_path_thread_independent(cap, m, gen):
+    x = distinct_magnitudes(m, 1031, torch.bfloat16, gen)
+    w = _col(torch.randn(2100, 1031, generator=gen).to(torch.bfloat16))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = qk.sparse_linear(x, w, 500, backend="cpu")
+        torch.set_num_threads(2)
+        b = qk.sparse_linear(x, w, 500, backend="cpu")
+        c = qk.sparse_linear(x, w, 1031, backend="cpu")
+        torch.set_num_threads(1)
+        d = qk.sparse_linear(x, w, 1031, backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(a, b) and torch.equal(c, d)
+
+
+def test_amx_is_used_where_the_cpu_has_it():
+    """On a CPU with AMX-BF16 the default (uncapped) batched bf16 kernel is the AMX one."""
+    if not HAS["amx"]:
+        assert _native._C.cpu_bf16_gemm() in ("avx512bf16" if HAS["avx512bf16"] else "none",)
+        return
+    assert _native._C.cpu_bf16_gemm() == "amx"
