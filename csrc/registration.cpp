@@ -16,8 +16,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa_env_error", [] { return qsk::cpu::isa_env_error(); },
         "Why QSPARSE_CPU_ISA was ignored ('' when it was unset or valid)");
   m.def("cpu_has_avx512_vnni", &qsk::cpu::has_avx512_vnni);
+  m.def("cpu_has_amx_int8", &qsk::cpu::has_amx_int8);
   m.def("set_cpu_isa_cap", &qsk::cpu::set_isa_cap,
-        "Caps the CPU ISA ('scalar', 'avx2', 'avx512'; '' restores the detected one). For tests.");
+        "Caps the CPU ISA ('scalar', 'avx2', 'avx512', 'amx'; '' restores the detected one). For tests.");
   m.def("flush_cache", &qsk::cpu::flush_cache,
         "Flushes a CPU tensor's storage from every cache level (benchmarks: DRAM-resident weights)");
   m.def("built_with_cuda", [] {
