@@ -100,7 +100,8 @@ def main() -> None:
     for s in args.shapes.split(","):
         d, out_f = (int(v) for v in s.split("x"))
         rows += bench_shape(d, out_f, batches, args.dtypes.split(","), isas, args.reps, args.rotate_mb)
-    print(f"\n| shape | M | isa | x dtype | k | dense us | ternary us | vs dense |\n|---|---:|---|---|---|---:|---:|---:|")
+    print("\n| shape | M | isa | x dtype | k | dense us | ternary us | vs dense |")
+    print("|---|---:|---|---|---|---:|---:|---:|")
     for shape, M, isa, dt, k, base, med, ratio in rows:
         print(f"| {shape} | {M} | {isa} | {dt} | {k} | {base:.0f} | {med:.0f} | {ratio:.2f}x |")
 

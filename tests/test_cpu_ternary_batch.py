@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from qsparse_kernels import _native
-from tests.test_cpu_ternary import KERNEL, Expected, assert_same, distinct_x, random_packed
 from tests.numerics import FLOAT_DTYPES
+from tests.test_cpu_ternary import KERNEL, Expected, assert_same, distinct_x, random_packed
 
 pytestmark = pytest.mark.skipif(not _native.loaded(), reason="qsparse_kernels._C is not built")
 
 ISAS = ["amx", "avx512", "avx2", "scalar"]
 SHAPES = [(1, 7), (7, 1), (63, 63), (4097, 7), (7, 4097), (63, 4097), (4097, 63), (130, 1029)]
-BATCHES = [2, 5, 17, 64, 130]
+BATCHES = [2, 5, 8, 17, 64, 130]  # AMX from M = 8 (dense) / 16 (sparse), ternary_linear.cpp
 
 
 def has_amx() -> bool:
@@ -101,7 +101,7 @@ def test_batch_accumulator_exact(isa):
 @pytest.mark.parametrize("isa_name", ["amx", "avx512"])
 def test_largest_d_accumulator_bound(isa_name):
     """d = kMaxTernaryD (16,909,320): |acc| reaches 127 * d = 2,147,483,640 without overflow."""
-    from qsparse_kernels._validate import MAX_D
+    from qsparse_kernels._validate import MAX_TERNARY_D as MAX_D
 
     if isa_name == "amx" and not has_amx():
         pytest.skip("no AMX-INT8")
