@@ -18,6 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_has_avx512_vnni", &qsk::cpu::has_avx512_vnni);
   m.def("cpu_bf16_gemm", [] { return std::string(qsk::cpu::bf16_gemm_name()); },
         "The batched bf16 sparse_linear kernel in use: amx, avx512bf16 or none (under the ISA cap)");
+  m.def("cpu_has_amx_int8", &qsk::cpu::has_amx_int8);
   m.def("set_cpu_isa_cap", &qsk::cpu::set_isa_cap,
         "Caps the CPU ISA ('scalar', 'avx2', 'avx512', 'avx512bf16', 'amx'; '' restores the detected one). "
         "For tests.");

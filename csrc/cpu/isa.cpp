@@ -24,8 +24,9 @@ Isa detect() {
 
 constexpr const char* kExpected = "scalar, avx2, avx512, avx512bf16 or amx";
 
-// The cap is a level on one scale: the three Isa values, then the bf16 extensions above Avx512
-// (kCapBf16: AVX512-BF16 dot products, kCapAmx: AMX-BF16 tiles too). "avx512" caps below both.
+// The cap is a level on one scale: the three Isa values, then the extensions above Avx512
+// (kCapBf16: AVX512-BF16 dot products, kCapAmx: AMX-BF16 and AMX-INT8 tiles too). "avx512" caps
+// below both, so the AVX-512 (VNNI) paths run, and are tested, on AMX machines too.
 constexpr int kCapBf16 = 3, kCapAmx = 4;
 
 std::optional<int> try_parse(const std::string& name) {
@@ -46,17 +47,25 @@ const Isa kDetected = detect();
 
 bool detect_bf16() { return kDetected == Isa::Avx512 && __builtin_cpu_supports("avx512bf16"); }
 
-// AMX-BF16 needs the CPU flags and, on Linux, the kernel's permission for the tile data state
+// AMX needs the CPU flags and, on Linux, the kernel's permission for the tile data state
 // (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), once per process, before the first tile
-// instruction). Asked for on first use; no permission, no AMX.
-bool detect_amx() {
-  if (!detect_bf16() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+// instruction: without it a tile instruction kills the process). Asked for once, on first use,
+// by whichever AMX kernel (BF16 or INT8) comes first; no permission, no AMX.
+bool tile_permission() {
+  if (kDetected != Isa::Avx512 || !__builtin_cpu_supports("amx-tile")) return false;
 #if defined(__linux__) && defined(SYS_arch_prctl)
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  static const bool granted = syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return granted;
 #else
   return false;
 #endif
+}
+
+bool detect_amx_bf16() { return detect_bf16() && __builtin_cpu_supports("amx-bf16") && tile_permission(); }
+
+bool detect_amx_int8() {
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("amx-int8") && tile_permission();
 }
 
 // QSPARSE_CPU_ISA is read while the shared object loads, where a C++ exception cannot be caught
@@ -90,7 +99,13 @@ bool has_avx512_bf16() {
 
 bool has_amx_bf16() {
   if (g_cap.load(std::memory_order_relaxed) < kCapAmx) return false;
-  static const bool amx = detect_amx();  // thread-safe one-time request for the tile state
+  static const bool amx = detect_amx_bf16();  // thread-safe one-time request for the tile state
+  return amx;
+}
+
+bool has_amx_int8() {
+  if (g_cap.load(std::memory_order_relaxed) < kCapAmx) return false;
+  static const bool amx = detect_amx_int8();
   return amx;
 }
 

@@ -105,12 +105,12 @@ struct alignas(64) TileConfig {
 constexpr TileConfig kTileConfig = {1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 static_assert(sizeof(TileConfig) == 64, "AMX tile configuration is 64 bytes");
 
-QSK_TARGET_AMX void amx_configure() { _tile_loadconfig(&kTileConfig); }
-QSK_TARGET_AMX void amx_release() { _tile_release(); }
+QSK_TARGET_AMX_BF16 void amx_configure() { _tile_loadconfig(&kTileConfig); }
+QSK_TARGET_AMX_BF16 void amx_release() { _tile_release(); }
 
 // acc[MH * 16][32] (row stride kPanel) += a[MH * 16][kc] (row stride lda) times packed groups b0, b1.
 template <int MH>
-QSK_TARGET_AMX void amx_block(const uint16_t* a, int64_t lda, int64_t kc, const uint16_t* b0, const uint16_t* b1,
+QSK_TARGET_AMX_BF16 void amx_block(const uint16_t* a, int64_t lda, int64_t kc, const uint16_t* b0, const uint16_t* b1,
                               float* acc) {
   constexpr int64_t cs = kPanel * 4;  // accumulator row stride, bytes
   _tile_loadd(0, acc, cs);
@@ -140,7 +140,7 @@ QSK_TARGET_AMX void amx_block(const uint16_t* a, int64_t lda, int64_t kc, const 
 }
 
 // acc[Mp][kPanel] += A[:, u0 .. u0 + kc) times the packed block (columns j0 .. N only).
-QSK_TARGET_AMX void amx_depth(const uint16_t* A, int64_t Mp, int64_t lda, int64_t u0, int64_t kc,
+QSK_TARGET_AMX_BF16 void amx_depth(const uint16_t* A, int64_t Mp, int64_t lda, int64_t u0, int64_t kc,
                               const uint16_t* packed, int64_t N, int64_t j0, float* acc) {
   const int64_t nsub = std::min<int64_t>(kPanel / 32, (N - j0 + 31) / 32);
   for (int64_t m0 = 0; m0 < Mp; m0 += 32) {

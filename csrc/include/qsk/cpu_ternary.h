@@ -128,6 +128,28 @@ void strip_avx512(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, in
 // kRowMajorBelow) instead of one line of each next-chunk row per strip.
 void block_avx512_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni, int32_t* acc,
                      int64_t chunk_quads = kBlockRowQuads, bool row_major_prefetch = false);
+// ---- AMX-INT8 (csrc/cpu/ternary_amx.cpp): batch rows in blocks of 16, one strip at a time ----
+
+// K-blocks (16 quads = 64 plan rows each) decoded per chunk: kAmxChunkBlocks x 16 KB of B tiles.
+constexpr int64_t kAmxChunkBlocks = 4;
+
+struct AmxOperands {
+  // plan.n_quads a multiple of 16 (padding quads repeat a valid row; their activations are 0).
+  RowPlan plan;
+  // int8 activations [16 * ceil(M / 16), 4 * plan.n_quads], row stride lda bytes: x_q of batch row
+  // m at plan row i (0 in padding rows and columns); the A tiles.
+  const int8_t* xa;
+  int64_t lda;
+};
+// Bytes of scratch tiles_amx needs for nmb batch row blocks (64 B alignment slack included).
+int64_t amx_scratch_bytes(int64_t nmb);
+// acc[m][j] = (x_q @ t^T)[m][j] exactly (t = code - 1: not code_dot, nothing to subtract), for
+// batch rows [16 * mb0, 16 * (mb0 + nmb)) (padding rows included) and packed bytes
+// [b0, b0 + nbytes), 1 <= nbytes <= kStripAvx512, written to out + (m - 16 * mb0) * ld + (j - 4 * b0).
+// Needs has_amx_int8(); loads its tile configuration and releases the tiles before returning.
+void tiles_amx(const AmxOperands& o, int64_t mb0, int64_t nmb, int64_t b0, int64_t nbytes, int32_t* out, int64_t ld,
+               int8_t* scratch);
+
 void strip_avx2(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld, int32_t* scratch);
 void strip_scalar(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld);
 

@@ -9,9 +9,9 @@ namespace qsk::cpu {
 enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
 // Best ISA this CPU supports, capped by the environment variable QSPARSE_CPU_ISA
-// (scalar | avx2 | avx512 | avx512bf16 | amx; the last two are Avx512 plus bf16 extensions, see
-// has_avx512_bf16 / has_amx_bf16, and "avx512" turns both off) read once (an invalid value is ignored, see isa_env_error()), or by
-// set_isa_cap() (used by tests to reach every path).
+// (scalar | avx2 | avx512 | avx512bf16 | amx; the last two are Avx512 plus extensions, see
+// has_avx512_bf16 / has_amx_bf16 / has_amx_int8, and "avx512" turns them off) read once (an
+// invalid value is ignored, see isa_env_error()), or by set_isa_cap() (tests reach every path).
 Isa isa();
 // Whether AVX-512 VNNI (vpdpbusd) can be used; false whenever isa() is below Avx512.
 bool has_avx512_vnni();
@@ -22,6 +22,9 @@ bool has_avx512_bf16();
 bool has_amx_bf16();
 // "amx", "avx512bf16" or "none": the bf16 batched kernel sparse_linear uses (for tests, reports).
 const char* bf16_gemm_name();
+// Whether the AMX-INT8 kernels can run: the CPU has AMX-TILE and AMX-INT8, Linux granted the tile
+// state (requested once), and the cap is "amx" (the default).
+bool has_amx_int8();
 const char* isa_name(Isa isa);
 // Caps the ISA; "" restores the detected one. Throws on an unknown name.
 void set_isa_cap(const std::string& name);
@@ -33,7 +36,9 @@ const std::string& isa_env_error();
 
 // Target attribute strings, one place for each ISA level.
 #define QSK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi2")))
-#define QSK_TARGET_AMX                                                                                        \
+#define QSK_TARGET_AMX_BF16 \
   __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,bmi2")))
+#define QSK_TARGET_AMX_INT8 \
+  __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")))
 #define QSK_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma,f16c,bmi2")))
