@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup build test bench bench-pytest sanitize fuzz training lint clean
+.PHONY: setup build test bench bench-pytest sanitize fuzz training lint clean test-gpu-stack
 
 setup:
 	@bash scripts/setup_env.sh
@@ -31,6 +31,9 @@ fuzz: setup  # long property tests: >= 10,000 examples per test (reference, cpu)
 
 training: setup  # the Q-Sparse training study (~35 min on 2 cores): benchmarks/training/results
 	$(PY) -m benchmarks.training $(ARGS)
+
+test-gpu-stack:  # the GPU machine's stack (torch 2.11, triton 3.6) in /tmp/qsparse-gpu-stack: the Triton interpreter tests
+	bash scripts/gpu_stack_env.sh
 
 lint:
 	$(PY) -m ruff check .

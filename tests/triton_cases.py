@@ -290,10 +290,10 @@ def test_sparse_linear_nan_kept_and_dropped(gen):
 
 
 def test_crossover_rule():
-    assert use_sparse(1, 4096, 2048) and use_sparse(1, 4096, 409)
+    assert use_sparse(1, 4096, 2048) and use_sparse(1, 4096, 409) and use_sparse(16, 4096, 2048)
     assert not use_sparse(1, 4096, 4096)  # dense: cuBLAS
-    assert not use_sparse(2, 4096, 2048)  # two rows at s=0.5 read as much as a dense GEMV
-    assert use_sparse(4, 4096, 410) and not use_sparse(64, 4096, 41)
+    assert use_sparse(1, 4096, 0)  # nothing kept: y = bias, one launch
+    assert not use_sparse(17, 4096, 41) and not use_sparse(64, 4096, 41)  # batches above 16: select + cuBLAS
 
 
 # ---------------------------------------------------------------- ternary_linear

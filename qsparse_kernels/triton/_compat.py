@@ -61,3 +61,73 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=device)
     fill = float("nan") if dtype.is_floating_point else 0x5A
     return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+# Zero-filled buffers that the fused GEMVs return to zero themselves (split-K arrival counters,
+# int32 accumulators): allocated (one fill) the first time a device needs that many elements, then
+# reused by every call without a fill, so a call is one launch. Calls on one stream are ordered;
+# two calls running at once on different streams must not share them (not supported).
+_ZEROED: dict[tuple, torch.Tensor] = {}
+
+
+def zeroed(name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A zero-filled ``[>= numel]`` buffer of ``dtype`` kept per ``(name, device)``; whoever uses
+    it leaves it zero again."""
+    key = (name, torch.device(device), dtype)
+    buf = _ZEROED.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.zeros(max(numel, 1024), dtype=dtype, device=device)
+        _ZEROED[key] = buf
+    return buf
+
+
+def _fast_interpreter_calls() -> None:
+    """Under ``TRITON_INTERPRET=1``: a ``@triton.jit`` helper called from a running kernel no longer
+    re-patches ``triton.language`` (Triton's interpreter does it on every device-function call,
+    ~10 ms each, which made the fused GEMVs' prologues take seconds per program). The kernel's own
+    patch is already in force and covers the same modules, so the helper's patch is skipped; the
+    kernel's patch is restored at its end as before. Private API: skipped if it is not there."""
+    import inspect
+
+    import triton.language as tl
+
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    orig = getattr(interpreter, "_patch_lang", None)
+    if orig is None or getattr(orig, "_qsparse", False):
+        return
+    active: list[set] = []  # the lang modules patched by the running kernel (one entry while it runs)
+    nested: list = []  # patches a helper added for modules the kernel's patch did not cover
+
+    class _Nothing:
+        def restore(self) -> None:
+            pass
+
+    def patch_lang(fn):
+        langs = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+        if active:
+            if not langs <= active[0]:
+                nested.append(orig(fn))
+                active[0] |= langs
+            return _Nothing()
+        scope = orig(fn)
+        active.append(langs)
+        restore = scope.restore
+
+        def restore_all():
+            while nested:
+                nested.pop().restore()
+            active.clear()
+            restore()
+
+        scope.restore = restore_all
+        return scope
+
+    patch_lang._qsparse = True
+    interpreter._patch_lang = patch_lang
+
+
+if INTERPRET:
+    _fast_interpreter_calls()

@@ -56,8 +56,9 @@ KEY_BITS = 31  # the sign bit of a magnitude key is always 0
 KEY_ZERO_BITS = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
 
 
-# d and k vary per layer / call: one compiled kernel for all of them.
-@triton.jit(do_not_specialize=["d", "k"])
+# k varies per call: one compiled kernel for all of them. d is specialised (only on its
+# divisibility by 16), so that the row loads vectorise (16 bytes per thread).
+@triton.jit(do_not_specialize=["k"])
 def _select_kernel(
     x_ptr, stride_xm, stride_xd,  # x [M, d], any strides
     y_ptr, stride_ym,  # dense output [M, d] (WRITE_DENSE), unit stride along d
@@ -136,6 +137,112 @@ def _select_kernel(
             else:
                 tl.store(val_ptr + row * stride_cm + pos, to_f32(x), mask=kept)
             kept_seen += tl.sum(kept_i, axis=0)
+
+
+@triton.jit
+def row_keys(x_row, stride_xd, o, d):
+    """Selection keys of ``x[o]`` (-1 past ``d``, below every key) and the values (0 past ``d``)."""
+    x = tl.load(x_row + o * stride_xd, mask=o < d, other=0.0)
+    return tl.where(o < d, select_key(x), -1), x
+
+
+@triton.jit
+def _digit_counts(keys, prefix, digits, shift):
+    """For candidates ``prefix + (digit << shift)`` (int64, past 31 bits invalid): ``(cand32, valid)``."""
+    cand = prefix.to(tl.int64) + (digits.to(tl.int64) << shift)
+    valid = cand <= 0x7FFFFFFF
+    return tl.where(valid, cand, 0x7FFFFFFF).to(tl.int32), valid
+
+
+@triton.jit
+def row_threshold(x_row, stride_xd, d, k, lo, D_BLOCK: tl.constexpr, KEY_LOW: tl.constexpr, NBITS: tl.constexpr,
+                  RADIX: tl.constexpr):
+    """The fused GEMVs' prologue: one row's selection as every program of that row re-derives it.
+
+    Returns ``(thr, n_ties, ties_before)``: ``thr`` = the k-th largest key, built ``RADIX`` bits
+    per pass from the top (``cdiv(NBITS, RADIX)`` passes; a pass compares every key with the
+    ``2**RADIX`` candidate digits at once and needs one reduction; invariant
+    ``count(key >= thr) >= k``), ``n_ties`` = how many keys equal to ``thr`` are kept (the lowest
+    indices first), ``ties_before`` = keys equal to ``thr`` at indices ``< lo`` (where the
+    caller's slice of features starts). When the row fits one block (``d <= D_BLOCK``) the keys
+    stay in registers across the passes; otherwise each pass re-reads the row (from L1 / L2).
+    ``k == 0``: ``thr`` climbs above every key, nothing is kept.
+    """
+    offs = tl.arange(0, D_BLOCK)
+    digits = tl.arange(0, 1 << RADIX)
+    NPASS: tl.constexpr = (NBITS + RADIX - 1) // RADIX
+    thr = tl.full([], 0, tl.int32)
+    if d <= D_BLOCK:
+        keys, _ = row_keys(x_row, stride_xd, offs, d)
+        for p in range(NPASS):
+            shift = KEY_LOW + (NPASS - 1 - p) * RADIX
+            cand, valid = _digit_counts(keys, thr, digits, shift)
+            cnt = tl.sum((keys[None, :] >= cand[:, None]).to(tl.int32), axis=1)
+            thr += (tl.sum(((cnt >= k) & valid).to(tl.int32), axis=0) - 1) << shift  # digit 0 always passes
+        n_gt = tl.sum((keys > thr).to(tl.int32), axis=0)
+        ties_before = tl.sum(((keys == thr) & (offs < lo)).to(tl.int32), axis=0)
+    else:
+        for p in range(NPASS):
+            shift = KEY_LOW + (NPASS - 1 - p) * RADIX
+            cand, valid = _digit_counts(thr, thr, digits, shift)
+            cnt = tl.zeros([1 << RADIX], tl.int32)
+            for start in range(0, d, D_BLOCK):
+                keys, _ = row_keys(x_row, stride_xd, start + offs, d)
+                cnt += tl.sum((keys[None, :] >= cand[:, None]).to(tl.int32), axis=1)
+            thr += (tl.sum(((cnt >= k) & valid).to(tl.int32), axis=0) - 1) << shift
+        n_gt_v = tl.zeros([D_BLOCK], tl.int32)
+        before_v = tl.zeros([D_BLOCK], tl.int32)
+        for start in range(0, d, D_BLOCK):
+            keys, _ = row_keys(x_row, stride_xd, start + offs, d)
+            n_gt_v += (keys > thr).to(tl.int32)
+            before_v += ((keys == thr) & (start + offs < lo)).to(tl.int32)
+        n_gt = tl.sum(n_gt_v, axis=0)
+        ties_before = tl.sum(before_v, axis=0)
+    return thr, k - n_gt, ties_before
+
+
+@triton.jit
+def row_max_key(x_row, stride_xd, d, D_BLOCK: tl.constexpr):
+    """The largest selection key of one row (NaN above +Inf): ``max|x|`` for the int8 scale."""
+    offs = tl.arange(0, D_BLOCK)
+    mx = tl.full([D_BLOCK], -1, tl.int32)
+    for start in range(0, d, D_BLOCK):
+        keys, _ = row_keys(x_row, stride_xd, start + offs, d)
+        mx = tl.maximum(mx, keys)
+    return tl.max(mx, axis=0)
+
+
+@triton.jit
+def kept_step(x_row, stride_xd, j, hi, thr, n_ties, ties_seen, SELECT: tl.constexpr):
+    """One step of a fused GEMV over features ``j`` (a block of consecutive indices, ``< hi``):
+    ``(kept, x, ties_seen)``, where ``kept`` is exactly the selection's verdict (ties at ``thr``
+    kept in index order while fewer than ``n_ties`` were) and ``ties_seen`` counts ties so far."""
+    keys, x = row_keys(x_row, stride_xd, j, hi)
+    if SELECT:
+        tie = (keys == thr).to(tl.int32)
+        rank = ties_seen + tl.cumsum(tie, axis=0) - tie  # ties at lower indices
+        kept = (keys > thr) | ((tie == 1) & (rank < n_ties))
+        ties_seen += tl.sum(tie, axis=0)
+    else:
+        kept = j < hi
+    return kept, x, ties_seen
+
+
+def prologue_block(d: int, num_warps: int) -> int:
+    """Keys per row block in :func:`row_threshold`: the whole row while that is <= 16 per thread."""
+    return min(triton.next_power_of_2(max(d, 1)), 16 * 32 * num_warps)
+
+
+# Bits per pass of the fused prologue's selection: on the GPU 2 (three useful comparisons per key
+# and pass, 8 passes for bf16); the interpreter, whose cost is per operation, not per element,
+# takes 4 (tests also run 2).
+PROLOGUE_RADIX = 4 if _compat.INTERPRET else 2
+
+
+def key_bits(dtype: torch.dtype) -> tuple[int, int]:
+    """``(KEY_LOW, NBITS)``: the key bits that can be non-zero for inputs of ``dtype``."""
+    low = KEY_ZERO_BITS[dtype]
+    return low, KEY_BITS - low
 
 
 def _launch(x2, k, y=None, idx=None, val=None, xscale=None):
