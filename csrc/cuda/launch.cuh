@@ -14,6 +14,9 @@
 
 namespace qsk::cuda {
 
+// Blocks of the GEMV kernels. They are declared __launch_bounds__(kGemvThreads, 1): with the
+// thread count alone, ptxas for sm_80 capped the registers at 48-64 and spilled (issue 18;
+// tests/test_cuda_ptxas.py checks that nothing spills).
 constexpr int kGemvThreads = 256;
 constexpr int64_t kMaxSplitRows = 512;  // kept rows per split-K block (their indices live in smem)
 // Kept rows per split at least: every block re-derives its row's kept set before reading weights,

@@ -77,7 +77,8 @@ struct Threshold {
 // Radix select of the k-th largest key of x[0:d] (0 <= k <= d), and the row's max key. No radix
 // pass when k == 0 or k == d (one pass for the max). Every thread of the block calls it.
 template <typename T>
-__device__ Threshold select_threshold(const T* __restrict__ x, int64_t d, int64_t k, SelectSmem& sm) {
+__device__ __forceinline__ Threshold select_threshold(const T* __restrict__ x, int64_t d, int64_t k,
+                                                      SelectSmem& sm) {
   using K = KeyTraits<T>;
   const int tid = threadIdx.x, warp = tid / 32;
   const bool partial = k > 0 && k < d;
@@ -129,8 +130,8 @@ __device__ Threshold select_threshold(const T* __restrict__ x, int64_t d, int64_
 // dense[0:d] is written (the kept value, or +0). Thread t owns the segment [t * seg, (t + 1) * seg):
 // one block scan of the (above, equal) counts gives every thread its first rank.
 template <typename T, class F>
-__device__ void for_each_kept(const T* __restrict__ x, int64_t d, const Threshold& th, int64_t j0, int64_t j1,
-                              SelectSmem& sm, T* __restrict__ dense, F&& f) {
+__device__ __forceinline__ void for_each_kept(const T* __restrict__ x, int64_t d, const Threshold& th, int64_t j0,
+                                              int64_t j1, SelectSmem& sm, T* __restrict__ dense, F&& f) {
   using K = KeyTraits<T>;
   const int64_t seg = (d + kSelectThreads - 1) / kSelectThreads;
   const int64_t b = threadIdx.x * seg, e = min(d, b + seg);

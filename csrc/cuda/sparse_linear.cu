@@ -14,7 +14,7 @@ namespace qsk::cuda {
 namespace {
 
 template <typename T>
-__global__ void __launch_bounds__(kSelectThreads)
+__global__ void __launch_bounds__(kSelectThreads, 1)
     topk_sparsify_kernel(const T* __restrict__ x, int64_t d, int64_t k, T* __restrict__ dense) {
   __shared__ SelectSmem sm;
   const int64_t row = blockIdx.x;
@@ -39,7 +39,7 @@ __device__ __forceinline__ void load_vec(const T* p, float (&f)[vec_of<T>()]) {
 // weight element (o, i) sits at w[o * s_out + i * s_in]; the fast layout has s_out == 1.
 // partial [splits, M, out] and counters [M, tiles] (zero on entry, zero on exit) only when splits > 1.
 template <typename T, bool VECTOR>
-__global__ void __launch_bounds__(kGemvThreads)
+__global__ void __launch_bounds__(kGemvThreads, 1)
     sparse_linear_kernel(const T* __restrict__ x, int64_t d, int64_t k, const T* __restrict__ w, int64_t s_out,
                          int64_t s_in, const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ partial,
                          int* __restrict__ counters, int64_t rows_per_split, int64_t out) {

@@ -44,7 +44,7 @@ __device__ __forceinline__ T ternary_epilogue(int acc, float xs, float scale, co
 // row m over the kept features of rank [split * rows_per_split, ...). acc_ws [M, out] and counters
 // [M, tiles] (zero on entry, zero on exit) only when splits > 1.
 template <typename T>
-__global__ void __launch_bounds__(kGemvThreads)
+__global__ void __launch_bounds__(kGemvThreads, 1)
     ternary_linear_kernel(const T* __restrict__ x, int64_t d, int64_t k, const uint8_t* __restrict__ packed,
                           int64_t row_bytes, bool aligned, const float* __restrict__ scale,
                           const T* __restrict__ bias, T* __restrict__ y, int32_t* __restrict__ acc_ws,
