@@ -10,7 +10,8 @@ Environment:
                        CI compiles and links the CUDA kernels without a GPU).
   QSPARSE_CUDA_ARCHS   semicolon list of compute capabilities, default "80;90"; PTX is embedded
                        for the last one so newer GPUs can JIT it.
-  MAX_JOBS             parallel compile jobs (torch's ninja build honours it).
+  MAX_JOBS             parallel compile jobs (torch's ninja build honours it; without ninja,
+                       scripts/parallel_compile.py compiles that many sources at once).
   QSPARSE_SANITIZE_FLAGS  sanitizer flags added to the C++ compile and link (scripts/sanitize.sh
                        sets ASan + UBSan; tests/cuda_emu builds with the same ones).
 The CPU code is compiled for baseline x86-64; the AVX2 / AVX-512 kernels carry their own target
@@ -19,10 +20,11 @@ attributes and are picked at run time (csrc/cpu/isa.cpp), so no -march=native ev
 
 import glob
 import os
+import sys
 
 import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension, is_ninja_available
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -119,6 +121,12 @@ def extensions():
         )
     ]
 
+
+if not is_ninja_available():  # torch would compile one source at a time
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import parallel_compile
+
+    parallel_compile.enable()
 
 setup(
     packages=find_packages(include=["qsparse_kernels", "qsparse_kernels.*"]),

@@ -1,7 +1,11 @@
 """GPU benchmark of the ``triton`` and ``cuda`` backends at the decode shape 4096 -> 14336, bf16, batch 1.
 
-Prints one table and, when ``$OUT`` is set, writes ``$OUT/bench_gpu.csv`` (long format, one row
-per case and timing mode). Method (SPEC "How speed is measured"):
+Prints each row as it is measured and, when ``$OUT`` is set, appends it to ``$OUT/bench_gpu.csv``
+at once (long format, one row per case, batch and timing mode), so a run cut short by its time
+limit keeps every row it measured; at the end ``$OUT/gpu_roofline.md`` is the roofline table of
+``benchmarks/gpu_roofline.py`` with its measured columns filled in. A parity spot check of every
+backend at the benchmark shape runs before any timing and exits with status 3, loudly, when it
+fails. Method (SPEC "How speed is measured"):
 
 * baseline ``F.linear`` (cuBLAS) with the standard row-major ``nn.Linear`` weight, same dtype, same
   process run; every ratio is ``t(F.linear) / t(op)`` measured the same way;
@@ -14,7 +18,7 @@ per case and timing mode). Method (SPEC "How speed is measured"):
 * achieved GB/s = bytes of weights the op actually reads / time, beside the copy bandwidth of a
   1 GB tensor (``dst.copy_(src)``: bytes read + bytes written / time) measured in the same run.
 
-Targets (reported, not enforced): sparse 0.5 >= 1.8x, ternary >= 6x, ternary 0.6125 >= 10x,
+Targets (reported, not enforced; issue 18): sparse 0.5 >= 1.8x, ternary >= 5x, ternary 0.6125 >= 7x,
 sparse at >= 80% of copy bandwidth.
 """
 
@@ -35,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import qsparse_kernels as qk  # noqa: E402
+from benchmarks import gpu_roofline  # noqa: E402
 
 ROTATE_BYTES = 256 * 2**20
 COPY_BYTES = 2**30
@@ -92,11 +97,113 @@ def copies(make: Callable[[], tuple], nbytes: int) -> list[tuple]:
     return [make() for _ in range(n)]
 
 
+TARGETS = {("sparse_linear", 0.5): 1.8, ("ternary_linear", 0.0): 5.0, ("ternary_linear", 0.6125): 7.0}
+HEADER = (
+    f"{'kernel':<18} {'backend':<8} {'mode':<6} {'M':>3} {'s':>7} {'p50 us':>9} {'p20 us':>9} {'p80 us':>9} "
+    f"{'x F.lin':>8} {'GB/s':>7} {'%copy':>6}  target"
+)
+
+
+def format_row(r: dict) -> str:
+    """One printed line of the table (with the target verdict where there is one)."""
+    t = TARGETS.get((r["kernel"], r["sparsity"]))
+    note = ""
+    if t is not None:
+        note = f">= {t:g}x: {'met' if r['speedup_vs_F.linear'] >= t else 'MISSED'}"
+    if r["kernel"] == "sparse_linear":
+        ok = r["frac_of_copy_bw"] >= 0.8
+        note += f"{'; ' if note else ''}>= 80% copy bw: {'met' if ok else 'MISSED'}"
+    return (
+        f"{r['kernel']:<18} {r['backend']:<8} {r['mode']:<6} {r['M']:>3} {r['sparsity']:>7.4g} {r['p50_us']:>9.1f} "
+        f"{r['p20_us']:>9.1f} {r['p80_us']:>9.1f} {r['speedup_vs_F.linear']:>8.2f} {r['weight_GBps']:>7.0f} "
+        f"{100 * r['frac_of_copy_bw']:>5.0f}%  {note}"
+    )
+
+
+class RowSink:
+    """Prints each row as it comes and appends it to ``csv_path`` (header first), flushed at once."""
+
+    def __init__(self, csv_path: str | None, out=sys.stdout):
+        self.csv_path, self.out, self.rows = csv_path, out, []
+        print(HEADER, file=out, flush=True)
+        print("-" * len(HEADER), file=out, flush=True)
+        if csv_path and os.path.exists(csv_path):
+            os.remove(csv_path)
+
+    def __call__(self, row: dict) -> None:
+        self.rows.append(row)
+        print(format_row(row), file=self.out, flush=True)
+        if self.csv_path:
+            new = not os.path.exists(self.csv_path)
+            with open(self.csv_path, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    w.writeheader()
+                w.writerow(row)
+
+
+def measure(cases, reps: int, warmup: int, copy_gbps: float, meta: dict, sink: Callable[[dict], None],
+            timer=None, graph=None, cleanup=None) -> None:
+    """Times every case in both modes and hands each row to ``sink`` as soon as it is measured.
+
+    ``cases``: ``(name, backend, sparsity, M, weight bytes, make_fn, weights)``; the baseline
+    (``F.linear``) of each M comes first. ``timer(fns, reps, warmup) -> [ms]``, ``graph(fn) -> fn``
+    and ``cleanup()`` default to CUDA events, CUDA graphs and ``torch.cuda.empty_cache`` (tests pass
+    fakes).
+    """
+    timer = timer or time_events
+    graph = graph or graphed
+    cleanup = cleanup or torch.cuda.empty_cache
+    base: dict[tuple[str, int], float] = {}
+    for name, be, s, m, nbytes, make_fn, ws in cases:
+        for mode in ("graph", "eager"):
+            fns = [make_fn(w) for w in ws]
+            if mode == "graph":
+                for f in fns:  # compile + autotune outside the capture
+                    f()
+                fns = [graph(f) for f in fns]
+            p50, p20, p80 = quantiles(timer(fns, reps, warmup))
+            if name.startswith("F.linear"):
+                base[mode, m] = p50
+            gbps = nbytes / (p50 * 1e-3) / 1e9 if nbytes else float("nan")
+            sink({
+                "kernel": name, "backend": be, "mode": mode, "sparsity": s, "M": m, **meta,
+                "p50_us": p50 * 1e3, "p20_us": p20 * 1e3, "p80_us": p80 * 1e3,
+                "speedup_vs_F.linear": base[mode, m] / p50 if nbytes else float("nan"), "weight_GBps": gbps,
+                "frac_of_copy_bw": gbps / copy_gbps if nbytes else float("nan"), "copy_GBps": copy_gbps,
+            })  # fmt: skip
+            del fns
+            cleanup()
+
+
+def spot_check(x, dense_w, tern, n: int, k: int, be: str) -> list[str]:
+    """Parity of ``be`` at the benchmark shape: sparse_linear within twice plain bf16 PyTorch's error
+    (vs float64), ternary_linear bit-exact with the reference. Returns the failures."""
+    bad = []
+    w = dense_w[0][0]
+    xs = qk.topk_sparsify(x, k, backend="reference")
+    ref64 = F.linear(xs.double(), w.double())
+    rel = lambda y: ((y.double() - ref64).norm() / ref64.norm()).item()  # noqa: E731
+    err, plain = rel(qk.sparse_linear(x, w.t().contiguous().t(), k, backend=be)), rel(F.linear(xs, w))
+    print(f"spot check sparse_linear[{be}] M={x.shape[0]}: rel err {err:.2e} (plain bf16 {plain:.2e})", flush=True)
+    if not err <= 2 * plain + 1e-3:
+        bad.append(f"sparse_linear[{be}] rel err {err:.2e} > 2 x {plain:.2e} + 1e-3")
+    packed, scale = tern[0]
+    for kt in (None, k):
+        got = qk.ternary_linear(x, packed, scale, n, kt, backend=be)
+        want = qk.ternary_linear(x, packed, scale, n, kt, backend="reference")
+        ok = torch.equal(got, want)
+        print(f"spot check ternary_linear[{be}] M={x.shape[0]} k={kt}: {'exact' if ok else 'DIFFERS'}", flush=True)
+        if not ok:
+            bad.append(f"ternary_linear[{be}] k={kt} differs from the reference")
+    return bad
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--in-features", type=int, default=4096)
     ap.add_argument("--out-features", type=int, default=14336)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes M")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--backends", nargs="*", default=["triton", "cuda"], help="GPU backends, side by side")
@@ -107,7 +214,7 @@ def main(argv=None) -> int:
         return 2
 
     torch.manual_seed(0)
-    d, n, m, dtype = args.in_features, args.out_features, args.batch, torch.bfloat16
+    d, n, dtype = args.in_features, args.out_features, torch.bfloat16
     dev = "cuda"
     gpu = torch.cuda.get_device_name()
     import triton
@@ -122,7 +229,6 @@ def main(argv=None) -> int:
     copy_gbps = copy_bandwidth(args.reps)
     print(f"copy bandwidth (1 GB, read + write): {copy_gbps:.0f} GB/s")
 
-    x = torch.randn(m, d, device=dev, dtype=dtype)
     dense_bytes = n * d * 2
     # Baseline: row-major nn.Linear weights.
     def make_dense():
@@ -141,87 +247,55 @@ def main(argv=None) -> int:
 
     tern_w = copies(make_ternary, packed_bytes)
 
-    cases: list[tuple[str, str, float, int, Callable[[tuple], Callable[[], object]], list[tuple]]] = []
-    cases.append(("F.linear (cuBLAS)", "torch", 0.0, dense_bytes, lambda w: (lambda: F.linear(x, w[0])), dense_w))
+    # Correctness spot check at the benchmark shape, every backend and batch, before timing anything.
+    failures = []
+    for m in args.batch:
+        xm = torch.randn(m, d, device=dev, dtype=dtype)
+        for be in backends:
+            failures += spot_check(xm, dense_w, tern_w, n, d // 2, be)
+    if failures:
+        print("bench_gpu: PARITY SPOT CHECK FAILED, no timings taken:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 3
+
     k_t = qk.sparsity_to_k(d, 0.6125)
-    for be in backends:
-        for s in (0.5, 0.9):
-            k = qk.sparsity_to_k(d, s)
+    cases = []
+    for m in args.batch:
+        x = torch.randn(m, d, device=dev, dtype=dtype)
+        cases.append(("F.linear (cuBLAS)", "torch", 0.0, m, dense_bytes,
+                      lambda w, x=x: (lambda: F.linear(x, w[0])), dense_w))  # fmt: skip
+        for be in backends:
+            for s in (0.5, 0.9):
+                k = qk.sparsity_to_k(d, s)
+                kept = gpu_roofline.kept_rows(d, s, m)
+                cases.append((
+                    "sparse_linear", be, s, m, int(kept * n * 2),
+                    lambda w, k=k, be=be, x=x: (lambda: qk.sparse_linear(x, w[0], k, backend=be)), col_w,
+                ))  # fmt: skip
             cases.append((
-                "sparse_linear", be, s, k * n * 2,
-                lambda w, k=k, be=be: (lambda: qk.sparse_linear(x, w[0], k, backend=be)), col_w,
+                "ternary_linear", be, 0.0, m, packed_bytes,
+                lambda w, be=be, x=x: (lambda: qk.ternary_linear(x, w[0], w[1], n, None, backend=be)), tern_w,
             ))  # fmt: skip
-        cases.append((
-            "ternary_linear", be, 0.0, packed_bytes,
-            lambda w, be=be: (lambda: qk.ternary_linear(x, w[0], w[1], n, None, backend=be)), tern_w,
-        ))  # fmt: skip
-        cases.append((
-            "ternary_linear", be, 0.6125, k_t * ((n + 3) // 4),
-            lambda w, be=be: (lambda: qk.ternary_linear(x, w[0], w[1], n, k_t, backend=be)), tern_w,
-        ))  # fmt: skip
-        # The selection alone (no weights): its share of a decode step.
-        cases.append((
-            "topk_sparsify", be, 0.5, 0, lambda w, be=be: (lambda: qk.topk_sparsify(x, d // 2, backend=be)), [()]
-        ))  # fmt: skip
+            kept = gpu_roofline.kept_rows(d, 0.6125, m)
+            cases.append((
+                "ternary_linear", be, 0.6125, m, int(kept * ((n + 3) // 4)),
+                lambda w, be=be, x=x: (lambda: qk.ternary_linear(x, w[0], w[1], n, k_t, backend=be)), tern_w,
+            ))  # fmt: skip
+            # The selection alone (no weights): its share of a decode step.
+            cases.append((
+                "topk_sparsify", be, 0.5, m, 0,
+                lambda w, be=be, x=x: (lambda: qk.topk_sparsify(x, d // 2, backend=be)), [()],
+            ))  # fmt: skip
 
-        # Correctness spot check at the benchmark shape before timing anything.
-        ref = qk.sparse_linear(x, dense_w[0][0], d // 2, backend="reference")
-        got = qk.sparse_linear(x, dense_w[0][0].t().contiguous().t(), d // 2, backend=be)
-        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-        print(f"spot check sparse_linear[{be}] vs reference: rel err {err:.2e}")
-
-    rows = []
-    base: dict[str, float] = {}
-    for name, be, s, nbytes, make_fn, ws in cases:
-        for mode in ("graph", "eager"):
-            fns = [make_fn(w) for w in ws]
-            if mode == "graph":
-                for f in fns:  # compile + autotune outside the capture
-                    f()
-                fns = [graphed(f) for f in fns]
-            ts = time_events(fns, args.reps, args.warmup)
-            p50, p20, p80 = quantiles(ts)
-            if name.startswith("F.linear"):
-                base[mode] = p50
-            gbps = nbytes / (p50 * 1e-3) / 1e9 if nbytes else float("nan")
-            rows.append({
-                "kernel": name, "backend": be, "mode": mode, "sparsity": s, "in_features": d, "out_features": n, "M": m,
-                "dtype": "bf16", "p50_us": p50 * 1e3, "p20_us": p20 * 1e3, "p80_us": p80 * 1e3,
-                "speedup_vs_F.linear": base[mode] / p50 if nbytes else float("nan"), "weight_GBps": gbps,
-                "frac_of_copy_bw": gbps / copy_gbps if nbytes else float("nan"),
-                "copy_GBps": copy_gbps, "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
-            })  # fmt: skip
-            del fns
-            torch.cuda.empty_cache()
-
-    targets = {("sparse_linear", 0.5): 1.8, ("ternary_linear", 0.0): 6.0, ("ternary_linear", 0.6125): 10.0}
-    hdr = (
-        f"{'kernel':<18} {'backend':<8} {'mode':<6} {'s':>7} {'p50 us':>9} {'p20 us':>9} {'p80 us':>9} {'x F.lin':>8} "
-        f"{'GB/s':>7} {'%copy':>6}  target"
-    )
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        t = targets.get((r["kernel"], r["sparsity"]))
-        note = ""
-        if t is not None:
-            note = f">= {t:g}x: {'met' if r['speedup_vs_F.linear'] >= t else 'MISSED'}"
-        if r["kernel"] == "sparse_linear":
-            ok = r["frac_of_copy_bw"] >= 0.8
-            note += f"{'; ' if note else ''}>= 80% copy bw: {'met' if ok else 'MISSED'}"
-        print(
-            f"{r['kernel']:<18} {r['backend']:<8} {r['mode']:<6} {r['sparsity']:>7.4g} {r['p50_us']:>9.1f} "
-            f"{r['p20_us']:>9.1f} {r['p80_us']:>9.1f} {r['speedup_vs_F.linear']:>8.2f} {r['weight_GBps']:>7.0f} "
-            f"{100 * r['frac_of_copy_bw']:>5.0f}%  {note}"
-        )
     out_dir = os.environ.get("OUT")
+    sink = RowSink(os.path.join(out_dir, "bench_gpu.csv") if out_dir else None)
+    meta = {"in_features": d, "out_features": n, "dtype": "bf16", "device": gpu, "torch": torch.__version__,
+            "triton": triton.__version__}  # fmt: skip
+    measure(cases, args.reps, args.warmup, copy_gbps, meta, sink)
     if out_dir:
-        path = os.path.join(out_dir, "bench_gpu.csv")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        print(f"wrote {path}")
+        path = os.path.join(out_dir, "gpu_roofline.md")
+        with open(path, "w") as f:
+            f.write(gpu_roofline.render(gpu_roofline.fill(gpu_roofline.rows(), sink.rows)))
+        print(f"wrote {os.path.join(out_dir, 'bench_gpu.csv')} and {path}")
     return 0
 
 

@@ -6,6 +6,7 @@
 // the reference on machines without a GPU.
 #pragma once
 
+#include <cstdint>
 #include <utility>
 
 #ifdef QSK_CUDA_EMULATION
@@ -20,6 +21,7 @@ namespace qsk::cuda {
 constexpr auto kDevice = at::kCPU;
 using Stream = int;
 inline Stream current_stream() { return 0; }
+inline uintptr_t stream_id(Stream s) { return static_cast<uintptr_t>(s); }
 inline int sm_count() { return simt::sm_count(); }
 template <class... P, class... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, Stream, A&&... args) {
@@ -39,6 +41,7 @@ namespace qsk::cuda {
 constexpr auto kDevice = at::kCUDA;
 using Stream = cudaStream_t;
 inline Stream current_stream() { return at::cuda::getCurrentCUDAStream(); }
+inline uintptr_t stream_id(Stream s) { return reinterpret_cast<uintptr_t>(s); }
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 // kernel<<<grid, block, 0, stream>>>(args...), written once so the emulator can take its place.
 template <class... P, class... A>

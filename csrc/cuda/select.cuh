@@ -1,8 +1,13 @@
-// Row-wise top-K selection on the GPU: one thread block per row, MSB-first radix select over
-// magnitude keys (|x| as float32 bits with the sign cleared: integer order == magnitude order and
-// NaN ranks above +Inf, as SPEC requires; every NaN payload the same key), then an ordered
-// compaction that keeps every key above the threshold and the lowest-index ties at it, so exactly
-// k are kept, deterministically.
+// Row-wise top-K selection inside a thread block: MSB-first radix select over magnitude keys, then
+// an ordered walk that keeps every key above the threshold and the lowest-index ties at it, so
+// exactly k are kept, deterministically (SPEC 1). Used as the prologue of the GEMV kernels (each
+// block re-derives the kept set of its row: one launch per call) and by the standalone top-K.
+//
+// Keys are the magnitude bits in the input's own width: |x| bits with the sign cleared, so integer
+// order == magnitude order and NaN ranks above +Inf; every NaN payload gets one key (the quiet
+// NaN's), so NaNs tie and the lowest index wins among them. bf16 / fp16 keys have 15 bits: two
+// 8-bit radix passes; fp32 keys four. The order equals that of the fp32 keys of the converted
+// values (the conversion is exact and monotone).
 #pragma once
 
 #include <cstdint>
@@ -11,12 +16,40 @@
 
 namespace qsk::cuda {
 
-// Every NaN, whatever its payload, gets one key (the quiet NaN's bits), so NaNs tie and the
-// lowest index wins among them (SPEC 1); as a float it is still NaN (the quantization scale).
-__device__ __forceinline__ unsigned int mag_key(float v) {
-  const unsigned int k = __float_as_uint(v) & 0x7fffffffu;
-  return k > 0x7f800000u ? 0x7fc00000u : k;
-}
+template <typename T>
+struct KeyTraits;  // bits: radix width; key(v): magnitude key; value(key): |v| as float
+
+template <>
+struct KeyTraits<float> {
+  static constexpr int bits = 32;
+  __device__ __forceinline__ static unsigned int key(float v) {
+    const unsigned int k = __float_as_uint(v) & 0x7fffffffu;
+    return k > 0x7f800000u ? 0x7fc00000u : k;
+  }
+  __device__ __forceinline__ static float value(unsigned int k) { return __uint_as_float(k); }
+};
+
+template <>
+struct KeyTraits<c10::BFloat16> {
+  static constexpr int bits = 16;
+  __device__ __forceinline__ static unsigned int key(c10::BFloat16 v) {
+    const unsigned int k = v.x & 0x7fffu;
+    return k > 0x7f80u ? 0x7fc0u : k;
+  }
+  __device__ __forceinline__ static float value(unsigned int k) { return __uint_as_float(k << 16); }
+};
+
+template <>
+struct KeyTraits<c10::Half> {
+  static constexpr int bits = 16;
+  __device__ __forceinline__ static unsigned int key(c10::Half v) {
+    const unsigned int k = v.x & 0x7fffu;
+    return k > 0x7c00u ? 0x7e00u : k;
+  }
+  __device__ __forceinline__ static float value(unsigned int k) {
+    return static_cast<float>(c10::Half(static_cast<unsigned short>(k), c10::Half::from_bits()));
+  }
+};
 
 // SPEC 4: clamp(round_half_even(v), -128, 127), a non-finite product giving 0.
 __device__ __forceinline__ int8_t quantize_i8(float v) {
@@ -25,109 +58,107 @@ __device__ __forceinline__ int8_t quantize_i8(float v) {
   return static_cast<int8_t>(r);
 }
 
-// What a selection writes; any pointer may be null.
-struct SelectOut {
-  int32_t* idx;       // [rows, k] kept feature indices, ascending
-  float* val;         // [rows, k] kept values (as float)
-  int8_t* xq;         // [rows, k] kept values quantized to int8 (SPEC 4, over the kept entries)
-  float* x_scale;     // [rows] absmax(kept) / 127 (SPEC 4)
-  int32_t* xq_sum;    // [rows] sum of the kept int8 values
-};
+constexpr int kSelectThreads = 256;  // every block that selects has exactly this many threads
 
-template <int THREADS>
 struct SelectSmem {
-  typename cub::BlockScan<int, THREADS>::TempStorage scan;
-  typename cub::BlockReduce<int, THREADS>::TempStorage reduce;
-  unsigned int hist[256];
-  unsigned int prefix, remaining, maxkey;
+  typename cub::BlockScan<long long, kSelectThreads>::TempStorage scan;
+  unsigned int hist[kSelectThreads / 32][256];  // one histogram per warp: fewer atomic collisions
+  unsigned int maxkey, prefix;
+  long long remaining;
 };
 
-// Selects the k largest-magnitude entries of row x[0:d] (d >= 1, 0 <= k <= d) and writes `out`
-// at row `row`; `dense` (nullable, [d]) receives the sparsified row (kept entries, +0 elsewhere).
-template <typename T, int THREADS>
-__device__ void select_row(const T* __restrict__ x, int64_t d, int64_t k, int64_t row, SelectOut out,
-                           T* __restrict__ dense, SelectSmem<THREADS>& sm) {
-  const int tid = threadIdx.x;
-  unsigned int prefix = 0, mask = 0, remaining = static_cast<unsigned int>(k);
-  if (tid == 0) sm.maxkey = 0;
-  __syncthreads();
-  // Radix passes over 8-bit digits, most significant first. Skipped when all or none are kept.
+// The kept set of a row: every key above `thresh`, and the first `take_eq` keys equal to it.
+struct Threshold {
+  unsigned int thresh;
+  long long take_eq;
+  unsigned int maxkey;  // the row's largest key (its absmax; the max is always kept when k > 0)
+};
+
+// Radix select of the k-th largest key of x[0:d] (0 <= k <= d), and the row's max key. No radix
+// pass when k == 0 or k == d (one pass for the max). Every thread of the block calls it.
+template <typename T>
+__device__ __forceinline__ Threshold select_threshold(const T* __restrict__ x, int64_t d, int64_t k,
+                                                      SelectSmem& sm) {
+  using K = KeyTraits<T>;
+  const int tid = threadIdx.x, warp = tid / 32;
   const bool partial = k > 0 && k < d;
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    if (!partial && shift < 24) break;
-    for (int b = tid; b < 256; b += THREADS) sm.hist[b] = 0;
+  unsigned int prefix = 0, mask = 0;
+  long long remaining = k;
+  if (tid == 0) sm.maxkey = 0;
+  for (int shift = K::bits - 8; shift >= 0; shift -= 8) {
+    const bool first = shift == K::bits - 8;
+    if (partial)
+      for (int b = tid; b < kSelectThreads / 32 * 256; b += kSelectThreads) (&sm.hist[0][0])[b] = 0;
     __syncthreads();
     unsigned int local_max = 0;
-    for (int64_t i = tid; i < d; i += THREADS) {
-      const unsigned int key = mag_key(static_cast<float>(x[i]));
-      local_max = max(local_max, key);
-      if (partial && (key & mask) == prefix) atomicAdd(&sm.hist[(key >> shift) & 255u], 1u);
+    for (int64_t i = tid; i < d; i += kSelectThreads) {
+      const unsigned int key = K::key(x[i]);
+      if (first) local_max = max(local_max, key);
+      if (partial && (key & mask) == prefix) atomicAdd(&sm.hist[warp][(key >> shift) & 255u], 1u);
     }
-    if (shift == 24) atomicMax(&sm.maxkey, local_max);
+    if (first) {
+      for (int off = 16; off > 0; off >>= 1) local_max = max(local_max, __shfl_xor_sync(0xffffffffu, local_max, off));
+      if ((tid & 31) == 0) atomicMax(&sm.maxkey, local_max);
+    }
     __syncthreads();
     if (!partial) break;
-    if (tid == 0) {
-      unsigned int cum = 0;
-      for (int dg = 255; dg >= 0; --dg) {  // the digit at which the k-th largest key sits
-        const unsigned int h = sm.hist[dg];
-        if (cum + h >= remaining) {
-          sm.prefix = prefix | (static_cast<unsigned int>(dg) << shift);
-          sm.remaining = remaining - cum;
-          break;
-        }
-        cum += h;
-      }
+    // Parallel bin search: thread t holds bin 255 - t; an exclusive scan from the top bin finds
+    // the one bin in which the remaining-th largest key sits.
+    const int bin = 255 - tid;
+    unsigned int h = 0;
+#pragma unroll
+    for (int w = 0; w < kSelectThreads / 32; ++w) h += sm.hist[w][bin];
+    long long above, all;
+    cub::BlockScan<long long, kSelectThreads>(sm.scan).ExclusiveSum(static_cast<long long>(h), above, all);
+    if (h > 0 && above < remaining && remaining <= above + h) {
+      sm.prefix = prefix | (static_cast<unsigned int>(bin) << shift);
+      sm.remaining = remaining - above;
     }
     __syncthreads();
     prefix = sm.prefix;
     remaining = sm.remaining;
     mask |= 255u << shift;
   }
-  // Threshold key and how many of the keys equal to it to keep (the lowest indices).
-  const unsigned int thresh = partial ? prefix : (k == 0 ? 0xffffffffu : 0u);
-  const unsigned int take_eq = partial ? remaining : (k == 0 ? 0u : 0xffffffffu);
+  const unsigned int maxkey = sm.maxkey;
+  __syncthreads();  // sm is reused by the caller
+  if (partial) return {prefix, remaining, maxkey};
+  return k == 0 ? Threshold{0xffffffffu, 0, maxkey} : Threshold{0u, static_cast<long long>(d), maxkey};
+}
 
-  // Quantization scale over the kept entries: their absmax is the row's (the max is always kept).
-  float a = k > 0 ? __uint_as_float(sm.maxkey) : 0.f;
-  a = a < 1e-5f ? 1e-5f : a;                        // NaN stays NaN
-  const float s = __fmul_rn(__frcp_rn(a), 127.0f);  // torch's `127.0 / a`: reciprocal, then scale
-
-  int eq_before = 0, kept_before = 0, qsum = 0;
-  for (int64_t base = 0; base < d; base += THREADS) {
-    const int64_t i = base + tid;
-    float v = 0.f;
-    unsigned int key = 0;
-    if (i < d) {
-      v = static_cast<float>(x[i]);
-      key = mag_key(v);
-    }
-    const int eq = (i < d && key == thresh) ? 1 : 0;
-    int eq_rank, eq_total;
-    cub::BlockScan<int, THREADS>(sm.scan).ExclusiveSum(eq, eq_rank, eq_total);
-    __syncthreads();
-    const bool take = i < d && (key > thresh || (eq && static_cast<unsigned int>(eq_before + eq_rank) < take_eq));
-    int pos, kept_total;
-    cub::BlockScan<int, THREADS>(sm.scan).ExclusiveSum(take ? 1 : 0, pos, kept_total);
-    __syncthreads();
+// Calls f(rank, i, x[i]) for each kept entry whose rank (its position among the kept entries in
+// index order) is in [j0, j1), in the thread that owns it; with `dense` non-null every entry of
+// dense[0:d] is written (the kept value, or +0). Thread t owns the segment [t * seg, (t + 1) * seg):
+// one block scan of the (above, equal) counts gives every thread its first rank.
+template <typename T, class F>
+__device__ __forceinline__ void for_each_kept(const T* __restrict__ x, int64_t d, const Threshold& th, int64_t j0,
+                                              int64_t j1, SelectSmem& sm, T* __restrict__ dense, F&& f) {
+  using K = KeyTraits<T>;
+  const int64_t seg = (d + kSelectThreads - 1) / kSelectThreads;
+  const int64_t b = threadIdx.x * seg, e = min(d, b + seg);
+  long long gt = 0, eq = 0;
+  for (int64_t i = b; i < e; ++i) {
+    const unsigned int key = K::key(x[i]);
+    gt += key > th.thresh;
+    eq += key == th.thresh;
+  }
+  long long before, all;
+  cub::BlockScan<long long, kSelectThreads>(sm.scan).ExclusiveSum((gt << 32) | eq, before, all);
+  __syncthreads();  // the scan storage is free again
+  long long eq_seen = before & 0xffffffffLL;
+  long long rank = (before >> 32) + min(th.take_eq, eq_seen);
+  const long long takes = gt + max(0LL, min(eq, th.take_eq - eq_seen));
+  if (!dense && (rank >= j1 || rank + takes <= j0)) return;
+  for (int64_t i = b; i < e; ++i) {
+    const T v = x[i];
+    const unsigned int key = K::key(v);
+    bool take = key > th.thresh;
+    if (key == th.thresh) take = eq_seen++ < th.take_eq;
+    if (dense) dense[i] = take ? v : T(0.f);
     if (take) {
-      const int64_t o = row * k + kept_before + pos;
-      if (out.idx) out.idx[o] = static_cast<int32_t>(i);
-      if (out.val) out.val[o] = v;
-      if (out.xq) {
-        const int8_t q = quantize_i8(__fmul_rn(v, s));
-        out.xq[o] = q;
-        qsum += q;
-      }
+      if (rank >= j0 && rank < j1) f(rank, i, v);
+      ++rank;
     }
-    if (dense && i < d) dense[i] = take ? x[i] : T(0.f);
-    eq_before += eq_total;
-    kept_before += kept_total;
   }
-  if (out.xq_sum) {
-    const int total = cub::BlockReduce<int, THREADS>(sm.reduce).Sum(qsum);
-    if (tid == 0) out.xq_sum[row] = total;
-  }
-  if (out.x_scale && tid == 0) out.x_scale[row] = __fdiv_rn(a, 127.0f);
 }
 
 }  // namespace qsk::cuda

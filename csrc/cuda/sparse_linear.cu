@@ -1,6 +1,9 @@
-// sparse_linear on the GPU: per-row top-K selection, then a split-K gather-GEMV over the
-// column-major weight that reads only the kept features' rows (16-byte vector loads, fp32
-// accumulation), then a fixed-order reduction of the splits (deterministic, no atomics).
+// sparse_linear on the GPU in one launch: every block re-derives the kept set of its row (top-K
+// radix select in its prologue, select.cuh), keeps the kept features of its split-K range in shared
+// memory, runs a gather-GEMV over the column-major weight that reads only those features' rows
+// (16-byte vector loads, fp32 accumulation), and the last block of each output tile sums the
+// splits' partials in split order (deterministic, no float atomics) and adds the bias. One split:
+// no partials, the block writes y itself.
 #include <torch/library.h>
 
 #include "launch.cuh"
@@ -10,14 +13,13 @@
 namespace qsk::cuda {
 namespace {
 
-constexpr int kSelectThreads = 256;
-
 template <typename T>
-__global__ void __launch_bounds__(kSelectThreads)
-    select_kernel(const T* __restrict__ x, int64_t d, int64_t k, SelectOut out, T* __restrict__ dense) {
-  __shared__ SelectSmem<kSelectThreads> sm;
+__global__ void __launch_bounds__(kSelectThreads, 1)
+    topk_sparsify_kernel(const T* __restrict__ x, int64_t d, int64_t k, T* __restrict__ dense) {
+  __shared__ SelectSmem sm;
   const int64_t row = blockIdx.x;
-  select_row<T, kSelectThreads>(x + row * d, d, k, row, out, dense ? dense + row * d : nullptr, sm);
+  const Threshold th = select_threshold<T>(x + row * d, d, k, sm);
+  for_each_kept<T>(x + row * d, d, th, 0, 0, sm, dense + row * d, [](int64_t, int64_t, T) {});
 }
 
 // Elements per 16-byte load.
@@ -32,29 +34,41 @@ __device__ __forceinline__ void load_vec(const T* p, float (&f)[vec_of<T>()]) {
   for (int i = 0; i < vec_of<T>(); ++i) f[i] = static_cast<float>(e[i]);
 }
 
-// One block: VEC * 256 consecutive outputs of one row m, over one split of its kept features.
+// grid (output tiles of VEC * 256, splits, M). Block (tile, split, m): outputs
+// [tile * VEC * 256, ...) of row m over the kept features of rank [split * rows_per_split, ...).
 // weight element (o, i) sits at w[o * s_out + i * s_in]; the fast layout has s_out == 1.
+// partial [splits, M, out] and counters [M, tiles] (zero on entry, zero on exit) only when splits > 1.
 template <typename T, bool VECTOR>
-__global__ void __launch_bounds__(kGemvThreads)
-    gather_gemv_kernel(const T* __restrict__ w, int64_t s_out, int64_t s_in, const int32_t* __restrict__ idx,
-                       const float* __restrict__ val, int64_t k, int64_t rows_per_split, float* __restrict__ partial,
-                       int64_t out, int64_t M) {
+__global__ void __launch_bounds__(kGemvThreads, 1)
+    sparse_linear_kernel(const T* __restrict__ x, int64_t d, int64_t k, const T* __restrict__ w, int64_t s_out,
+                         int64_t s_in, const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ partial,
+                         int* __restrict__ counters, int64_t rows_per_split, int64_t out) {
+  static_assert(kGemvThreads == kSelectThreads, "the prologue selects with the GEMV's block");
   constexpr int VEC = vec_of<T>();
+  __shared__ SelectSmem sm;
   __shared__ int32_t s_idx[kMaxSplitRows];
   __shared__ float s_val[kMaxSplitRows];
-  const int64_t m = blockIdx.z, split = blockIdx.y;
-  const int64_t j0 = split * rows_per_split, j1 = min(k, j0 + rows_per_split);
-  for (int64_t j = j0 + threadIdx.x; j < j1; j += blockDim.x) {
-    s_idx[j - j0] = idx[m * k + j];
-    s_val[j - j0] = val[m * k + j];
+  __shared__ int s_last;
+  const int64_t m = blockIdx.z, split = blockIdx.y, splits = gridDim.y, M = gridDim.z;
+  const T* xr = x + m * d;
+  const int64_t j0 = split * rows_per_split, j1 = min(k, j0 + rows_per_split), n = j1 > j0 ? j1 - j0 : 0;
+  if (k == d) {  // every feature kept: rank == index, no selection
+    for (int64_t j = j0 + threadIdx.x; j < j1; j += kGemvThreads) {
+      s_idx[j - j0] = static_cast<int32_t>(j);
+      s_val[j - j0] = static_cast<float>(xr[j]);
+    }
+  } else if (k > 0) {
+    const Threshold th = select_threshold<T>(xr, d, k, sm);
+    for_each_kept<T>(xr, d, th, j0, j1, sm, nullptr, [&](int64_t r, int64_t i, T v) {
+      s_idx[r - j0] = static_cast<int32_t>(i);
+      s_val[r - j0] = static_cast<float>(v);
+    });
   }
   __syncthreads();
   const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kGemvThreads + threadIdx.x) * VEC;
-  if (o0 >= out) return;
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
-  const int64_t n = j1 - j0;
   if (VECTOR && o0 + VEC <= out) {
 #pragma unroll 4
     for (int64_t j = 0; j < n; ++j) {
@@ -64,7 +78,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 #pragma unroll
       for (int e = 0; e < VEC; ++e) acc[e] = fmaf(v, f[e], acc[e]);
     }
-  } else {
+  } else if (o0 < out) {
     for (int64_t j = 0; j < n; ++j) {
       const T* row = w + static_cast<int64_t>(s_idx[j]) * s_in;
       const float v = s_val[j];
@@ -73,22 +87,27 @@ __global__ void __launch_bounds__(kGemvThreads)
         if (o0 + e < out) acc[e] = fmaf(v, static_cast<float>(row[(o0 + e) * s_out]), acc[e]);
     }
   }
-  float* dst = partial + (split * M + m) * out + o0;
+  if (splits > 1) {
+    float* dst = partial + (split * M + m) * out;
 #pragma unroll
-  for (int e = 0; e < VEC; ++e)
-    if (o0 + e < out) dst[e] = acc[e];
-}
-
-// y[m, o] = sum over splits (in order) + bias, cast to T.
-template <typename T>
-__global__ void reduce_splits_kernel(const float* __restrict__ partial, int64_t splits, int64_t M, int64_t out,
-                                     const T* __restrict__ bias, T* __restrict__ y) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= M * out) return;
-  float s = 0.f;
-  for (int64_t sp = 0; sp < splits; ++sp) s += partial[sp * M * out + t];
-  if (bias) s += static_cast<float>(bias[t % out]);
-  y[t] = static_cast<T>(s);
+    for (int e = 0; e < VEC; ++e)
+      if (o0 + e < out) dst[o0 + e] = acc[e];
+    if (!arrive_last(counters + m * gridDim.x + blockIdx.x, static_cast<int>(splits), &s_last)) return;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      if (o0 + e >= out) continue;
+      float s = 0.f;
+      for (int64_t sp = 0; sp < splits; ++sp) s += __ldcg(partial + (sp * M + m) * out + o0 + e);
+      acc[e] = s;
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    if (o0 + e >= out) continue;
+    float s = acc[e];
+    if (bias) s += static_cast<float>(bias[o0 + e]);
+    y[m * out + o0 + e] = static_cast<T>(s);
+  }
 }
 
 void check_float_rows(const at::Tensor& x) {
@@ -101,30 +120,25 @@ void check_float_rows(const at::Tensor& x) {
 
 }  // namespace
 
-// x [M, d] contiguous; returns the kept indices [M, k] (ascending) and values [M, k] (float32),
-// and fills `dense` ([M, d], may be undefined) with the sparsified rows.
-std::tuple<at::Tensor, at::Tensor> select_topk_cuda(const at::Tensor& x, int64_t k, const at::Tensor& dense) {
+// x [M, d] contiguous; fills `dense` ([M, d]) with the rows sparsified to their top k.
+void topk_into_cuda(const at::Tensor& x, int64_t k, const at::Tensor& dense) {
   check_float_rows(x);
   const int64_t M = x.size(0), d = x.size(1);
   TORCH_CHECK(k >= 0 && k <= d, "k must be in [0, ", d, "], got ", k);
-  auto idx = at::empty({M, k}, x.options().dtype(at::kInt));
-  auto val = at::empty({M, k}, x.options().dtype(at::kFloat));
-  if (M == 0 || d == 0) return {idx, val};
+  if (M == 0 || d == 0) return;
   auto stream = current_stream();
-  QSK_DISPATCH_FLOAT(x.scalar_type(), "select_topk_cuda", [&] {
-    SelectOut out{idx.data_ptr<int32_t>(), val.data_ptr<float>(), nullptr, nullptr, nullptr};
-    launch(select_kernel<scalar_t>, static_cast<unsigned int>(M), kSelectThreads, stream, x.data_ptr<scalar_t>(), d, k,
-           out, dense.defined() ? dense.data_ptr<scalar_t>() : nullptr);
+  QSK_DISPATCH_FLOAT(x.scalar_type(), "topk_sparsify_cuda", [&] {
+    launch(topk_sparsify_kernel<scalar_t>, static_cast<unsigned int>(M), kSelectThreads, stream,
+           x.data_ptr<scalar_t>(), d, k, dense.data_ptr<scalar_t>());
   });
   QSK_LAUNCH_CHECK();
-  return {idx, val};
 }
 
 at::Tensor topk_sparsify_cuda(const at::Tensor& x, int64_t k) {
   check_float_rows(x);
   QSK_DEVICE_GUARD(x);
   auto y = at::empty_like(x);
-  select_topk_cuda(x, k, y);
+  topk_into_cuda(x, k, y);
   return y;
 }
 
@@ -135,7 +149,7 @@ at::Tensor block_topk_sparsify_cuda(const at::Tensor& x, int64_t n, int64_t m) {
   QSK_DEVICE_GUARD(x);
   auto blocks = x.reshape({-1, m});
   auto y = at::empty_like(blocks);
-  select_topk_cuda(blocks, n, y);
+  topk_into_cuda(blocks, n, y);
   return y.reshape(x.sizes());
 }
 
@@ -158,7 +172,6 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& weight, int
   QSK_DEVICE_GUARD(x);
   auto y = at::empty({M, out}, x.options());
   if (M == 0 || out == 0) return y;
-  auto [idx, val] = select_topk_cuda(x, k, at::Tensor());
   auto stream = current_stream();
   const auto bias_c = bias ? bias->contiguous() : at::Tensor();
   QSK_DISPATCH_FLOAT(x.scalar_type(), "sparse_linear_cuda", [&] {
@@ -166,25 +179,22 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& weight, int
     const int64_t tiles = ceil_div(out, kGemvThreads * VEC);
     const SplitPlan plan = plan_splits(k, tiles, M);
     TORCH_CHECK(plan.splits <= 65535, "sparse_linear_cuda: k = ", k, " is too large for one launch");
-    auto partial = at::empty({plan.splits, M, out}, x.options().dtype(at::kFloat));
+    at::Tensor partial;
+    int* counters = nullptr;
+    if (plan.splits > 1) {
+      partial = at::empty({plan.splits, M, out}, x.options().dtype(at::kFloat));
+      counters = zeroed_scratch(M * tiles, x);
+    }
     const scalar_t* w = weight.data_ptr<scalar_t>();
     const int64_t s_out = weight.stride(0), s_in = weight.stride(1);
     const bool vector = s_out == 1 && (s_in * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0 &&
                         reinterpret_cast<uintptr_t>(w) % 16 == 0;
     const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(plan.splits),
                     static_cast<unsigned int>(M));
-    if (k > 0) {
-      launch(vector ? gather_gemv_kernel<scalar_t, true> : gather_gemv_kernel<scalar_t, false>, grid, kGemvThreads,
-             stream, w, s_out, s_in, idx.data_ptr<int32_t>(), val.data_ptr<float>(), k, plan.rows_per_split,
-             partial.data_ptr<float>(), out, M);
-      QSK_LAUNCH_CHECK();
-    } else {
-      partial.zero_();
-    }
-    const int64_t n = M * out;
-    launch(reduce_splits_kernel<scalar_t>, static_cast<unsigned int>(ceil_div(n, 256)), 256, stream,
-           partial.data_ptr<float>(), plan.splits, M, out, bias ? bias_c.data_ptr<scalar_t>() : nullptr,
-           y.data_ptr<scalar_t>());
+    launch(vector ? sparse_linear_kernel<scalar_t, true> : sparse_linear_kernel<scalar_t, false>, grid, kGemvThreads,
+           stream, x.data_ptr<scalar_t>(), d, k, w, s_out, s_in, bias ? bias_c.data_ptr<scalar_t>() : nullptr,
+           y.data_ptr<scalar_t>(), plan.splits > 1 ? partial.data_ptr<float>() : nullptr, counters,
+           plan.rows_per_split, out);
     QSK_LAUNCH_CHECK();
   });
   return y;

@@ -1,12 +1,16 @@
-// ternary_linear on the GPU (SPEC 7): per-row top-K + int8 quantization of the kept entries, then
-// a split-K W2A8 GEMV over the canonical packed layout (SPEC 6) that reads only the kept rows and
-// accumulates exactly in int32 with dp4a, then the float epilogue.
+// ternary_linear on the GPU (SPEC 7) in one launch. Every block re-derives its row's kept set (top-K
+// radix select in its prologue, select.cuh; none for k = None or k = d) and the int8 quantization
+// of the kept entries (SPEC 4: the scale is the row's absmax, which is always kept), then runs a
+// split-K W2A8 GEMV over the canonical packed layout (SPEC 6) that reads only the kept rows of its
+// split and accumulates exactly in int32 with dp4a. Splits are summed exactly with int32 atomics
+// into a zeroed accumulator; the last block of each output tile applies the float epilogue and
+// zeroes the accumulator again. One split: the block applies the epilogue itself.
 //
 // dp4a trick: for 4 kept rows r0..r3, the same 4 packed bytes (16 outputs) of each row are
 // interleaved with __byte_perm so that one 32-bit word holds byte p of every row; its 2-bit field
 // j (mask 0x03030303 after a shift by 2j) is then the code c = t + 1 of output 4p + j in each row,
-// and dp4a(codes, x_q[r0..r3]) adds sum_r c_r * x_q_r. Since c = t + 1, the kernel accumulates
-// sum(x_q * t) + sum(x_q); the epilogue subtracts sum(x_q) over the kept entries once.
+// and dp4a(codes, x_q[r0..r3]) adds sum_r c_r * x_q_r. Since c = t + 1, each block accumulates
+// sum(x_q * t) + sum(x_q) over its split and subtracts its split's sum(x_q) once.
 #include <torch/library.h>
 
 #include "launch.cuh"
@@ -16,16 +20,7 @@
 namespace qsk::cuda {
 namespace {
 
-constexpr int kSelectThreads = 256;
 constexpr int kBytesPerThread = 4;  // 16 outputs per thread
-
-template <typename T>
-__global__ void __launch_bounds__(kSelectThreads)
-    select_quant_kernel(const T* __restrict__ x, int64_t d, int64_t k, SelectOut out) {
-  __shared__ SelectSmem<kSelectThreads> sm;
-  const int64_t row = blockIdx.x;
-  select_row<T, kSelectThreads>(x + row * d, d, k, row, out, nullptr, sm);
-}
 
 __device__ __forceinline__ unsigned int load4(const uint8_t* p, int64_t avail, bool aligned) {
   if (aligned && avail >= 4) return *reinterpret_cast<const unsigned int*>(p);
@@ -35,76 +30,108 @@ __device__ __forceinline__ unsigned int load4(const uint8_t* p, int64_t avail, b
   return w;
 }
 
-// grid (tiles of 256*4 bytes, splits, M): partial[split, m, o] = sum over the split's kept rows of
-// code(row, o) * x_q(row).
-__global__ void __launch_bounds__(kGemvThreads)
-    ternary_gemv_kernel(const uint8_t* __restrict__ packed, int64_t row_bytes, bool aligned,
-                        const int32_t* __restrict__ idx, const int8_t* __restrict__ xq, int64_t k,
-                        int64_t rows_per_split, int32_t* __restrict__ partial, int64_t out, int64_t M) {
+// y = (acc * x_scale) * scale (+ bias), the reference's operation order without FMA contraction;
+// NaN for rows with a non-finite x_scale (non-finite kept entries).
+template <typename T>
+__device__ __forceinline__ T ternary_epilogue(int acc, float xs, float scale, const T* bias, int64_t o) {
+  float v = __fmul_rn(__fmul_rn(static_cast<float>(acc), xs), scale);
+  if (bias) v = __fadd_rn(v, static_cast<float>(bias[o]));
+  if (!(fabsf(xs) <= 3.0e38f)) v = __int_as_float(0x7fc00000);
+  return static_cast<T>(v);
+}
+
+// grid (tiles of 256 * 4 packed bytes, splits, M). Block (tile, split, m): outputs of the tile for
+// row m over the kept features of rank [split * rows_per_split, ...). acc_ws [M, out] and counters
+// [M, tiles] (zero on entry, zero on exit) only when splits > 1.
+template <typename T>
+__global__ void __launch_bounds__(kGemvThreads, 1)
+    ternary_linear_kernel(const T* __restrict__ x, int64_t d, int64_t k, const uint8_t* __restrict__ packed,
+                          int64_t row_bytes, bool aligned, const float* __restrict__ scale,
+                          const T* __restrict__ bias, T* __restrict__ y, int32_t* __restrict__ acc_ws,
+                          int* __restrict__ counters, int64_t rows_per_split, int64_t out) {
+  static_assert(kGemvThreads == kSelectThreads, "the prologue selects with the GEMV's block");
+  __shared__ SelectSmem sm;
+  __shared__ typename cub::BlockReduce<int, kGemvThreads>::TempStorage s_red;
   __shared__ int32_t s_idx[kMaxSplitRows];
   __shared__ int8_t s_xq[kMaxSplitRows];
-  const int64_t m = blockIdx.z, split = blockIdx.y;
-  const int64_t j0 = split * rows_per_split, j1 = min(k, j0 + rows_per_split);
-  const int64_t n = j1 - j0, n4 = (n + 3) / 4 * 4;
-  for (int64_t j = threadIdx.x; j < n4; j += blockDim.x) {
-    // Rows past the split's end repeat a valid row with x_q = 0, so groups of 4 need no tail.
-    s_idx[j] = idx[m * k + (j < n ? j0 + j : j0)];
-    s_xq[j] = j < n ? xq[m * k + j0 + j] : int8_t(0);
+  __shared__ int s_sum, s_last;
+  const int64_t m = blockIdx.z, split = blockIdx.y, splits = gridDim.y;
+  const T* xr = x + m * d;
+  const int64_t j0 = split * rows_per_split, j1 = min(k, j0 + rows_per_split), n = j1 > j0 ? j1 - j0 : 0;
+  const int64_t n4 = (n + 3) / 4 * 4;
+
+  // Prologue: the threshold (k < d) and the row's absmax in one pass over x, the int8 scale.
+  const Threshold th = select_threshold<T>(xr, d, k, sm);
+  float a = k > 0 ? KeyTraits<T>::value(th.maxkey) : 0.f;
+  a = a < 1e-5f ? 1e-5f : a;                        // NaN stays NaN
+  const float qs = __fmul_rn(__frcp_rn(a), 127.0f);  // torch's `127.0 / a`: reciprocal, then scale
+  const float xs = __fdiv_rn(a, 127.0f);
+  int qsum = 0;
+  const auto keep = [&](int64_t r, int64_t i, T v) {
+    const int8_t q = quantize_i8(__fmul_rn(static_cast<float>(v), qs));
+    s_idx[r - j0] = static_cast<int32_t>(i);
+    s_xq[r - j0] = q;
+    qsum += q;
+  };
+  if (k == d) {
+    for (int64_t j = j0 + threadIdx.x; j < j1; j += kGemvThreads) keep(j, j, xr[j]);
+  } else if (k > 0) {
+    for_each_kept<T>(xr, d, th, j0, j1, sm, nullptr, keep);
   }
+  // Rows past the split's end: row 0 with x_q = 0, so groups of 4 need no tail.
+  for (int64_t j = n + threadIdx.x; j < n4; j += kGemvThreads) {
+    s_idx[j] = 0;
+    s_xq[j] = 0;
+  }
+  const int split_sum = cub::BlockReduce<int, kGemvThreads>(s_red).Sum(qsum);
+  if (threadIdx.x == 0) s_sum = split_sum;
   __syncthreads();
+
   const int64_t b0 = (static_cast<int64_t>(blockIdx.x) * kGemvThreads + threadIdx.x) * kBytesPerThread;
-  if (b0 >= row_bytes) return;
   const int64_t avail = row_bytes - b0;
   int acc[16];
 #pragma unroll
-  for (int i = 0; i < 16; ++i) acc[i] = 0;
+  for (int i = 0; i < 16; ++i) acc[i] = -s_sum;
+  if (b0 < row_bytes) {
 #pragma unroll 2
-  for (int64_t j = 0; j < n4; j += 4) {
-    const unsigned int w0 = load4(packed + static_cast<int64_t>(s_idx[j]) * row_bytes + b0, avail, aligned);
-    const unsigned int w1 = load4(packed + static_cast<int64_t>(s_idx[j + 1]) * row_bytes + b0, avail, aligned);
-    const unsigned int w2 = load4(packed + static_cast<int64_t>(s_idx[j + 2]) * row_bytes + b0, avail, aligned);
-    const unsigned int w3 = load4(packed + static_cast<int64_t>(s_idx[j + 3]) * row_bytes + b0, avail, aligned);
-    const int x4 = static_cast<int>(static_cast<uint8_t>(s_xq[j])) |
-                   (static_cast<int>(static_cast<uint8_t>(s_xq[j + 1])) << 8) |
-                   (static_cast<int>(static_cast<uint8_t>(s_xq[j + 2])) << 16) |
-                   (static_cast<int>(static_cast<uint8_t>(s_xq[j + 3])) << 24);
+    for (int64_t j = 0; j < n4; j += 4) {
+      const unsigned int w0 = load4(packed + static_cast<int64_t>(s_idx[j]) * row_bytes + b0, avail, aligned);
+      const unsigned int w1 = load4(packed + static_cast<int64_t>(s_idx[j + 1]) * row_bytes + b0, avail, aligned);
+      const unsigned int w2 = load4(packed + static_cast<int64_t>(s_idx[j + 2]) * row_bytes + b0, avail, aligned);
+      const unsigned int w3 = load4(packed + static_cast<int64_t>(s_idx[j + 3]) * row_bytes + b0, avail, aligned);
+      const int x4 = static_cast<int>(static_cast<uint8_t>(s_xq[j])) |
+                     (static_cast<int>(static_cast<uint8_t>(s_xq[j + 1])) << 8) |
+                     (static_cast<int>(static_cast<uint8_t>(s_xq[j + 2])) << 16) |
+                     (static_cast<int>(static_cast<uint8_t>(s_xq[j + 3])) << 24);
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      // byte p of w0 and w1 -> low half; of w2 and w3 -> high half: (w0.p, w1.p, w2.p, w3.p)
-      const unsigned int sel = static_cast<unsigned int>(p) | (static_cast<unsigned int>(p + 4) << 4);
-      const unsigned int lo = __byte_perm(w0, w1, sel), hi = __byte_perm(w2, w3, sel);
-      const unsigned int v = __byte_perm(lo, hi, 0x5410);
+      for (int p = 0; p < 4; ++p) {
+        // byte p of w0 and w1 -> low half; of w2 and w3 -> high half: (w0.p, w1.p, w2.p, w3.p)
+        const unsigned int sel = static_cast<unsigned int>(p) | (static_cast<unsigned int>(p + 4) << 4);
+        const unsigned int lo = __byte_perm(w0, w1, sel), hi = __byte_perm(w2, w3, sel);
+        const unsigned int v = __byte_perm(lo, hi, 0x5410);
 #pragma unroll
-      for (int jj = 0; jj < 4; ++jj) {
-        const int codes = static_cast<int>((v >> (2 * jj)) & 0x03030303u);  // bytes in {0, 1, 2}
-        acc[p * 4 + jj] = __dp4a(codes, x4, acc[p * 4 + jj]);
+        for (int jj = 0; jj < 4; ++jj) {
+          const int codes = static_cast<int>((v >> (2 * jj)) & 0x03030303u);  // bytes in {0, 1, 2}
+          acc[p * 4 + jj] = __dp4a(codes, x4, acc[p * 4 + jj]);
+        }
       }
     }
   }
-  int32_t* dst = partial + (split * M + m) * out;
   const int64_t o0 = b0 * 4;  // byte b holds outputs 4b .. 4b + 3
+  if (splits > 1) {
+    int32_t* dst = acc_ws + m * out;
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+      if (o0 + i < out) atomicAdd(dst + o0 + i, acc[i]);
+    if (!arrive_last(counters + m * gridDim.x + blockIdx.x, static_cast<int>(splits), &s_last)) return;
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+      if (o0 + i < out) acc[i] = atomicExch(dst + o0 + i, 0);  // the total, and the zero for the next call
+  }
+  const float sc = *scale;
 #pragma unroll
   for (int i = 0; i < 16; ++i)
-    if (o0 + i < out) dst[o0 + i] = acc[i];
-}
-
-// y = (sum_splits - sum x_q) * x_scale * scale (+ bias), NaN for rows with a non-finite x_scale.
-template <typename T>
-__global__ void ternary_epilogue_kernel(const int32_t* __restrict__ partial, int64_t splits, int64_t M, int64_t out,
-                                        const int32_t* __restrict__ xq_sum, const float* __restrict__ x_scale,
-                                        const float* __restrict__ scale, const T* __restrict__ bias,
-                                        T* __restrict__ y) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= M * out) return;
-  const int64_t m = t / out;
-  int acc = -xq_sum[m];
-  for (int64_t sp = 0; sp < splits; ++sp) acc += partial[sp * M * out + t];
-  const float xs = x_scale[m];
-  // Same operation order as the reference, without FMA contraction: (acc * x_scale) * scale + bias.
-  float v = __fmul_rn(__fmul_rn(static_cast<float>(acc), xs), *scale);
-  if (bias) v = __fadd_rn(v, static_cast<float>(bias[t % out]));
-  if (!(fabsf(xs) <= 3.0e38f)) v = __int_as_float(0x7fc00000);  // non-finite kept entries
-  y[t] = static_cast<T>(v);
+    if (o0 + i < out) y[m * out + o0 + i] = ternary_epilogue<T>(acc[i], xs, sc, bias, o0 + i);
 }
 
 }  // namespace
@@ -144,44 +171,20 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
   auto y = at::empty({M, out}, x.options());
   if (M == 0 || out == 0) return y;
   auto stream = current_stream();
-  auto idx = at::empty({M, k}, x.options().dtype(at::kInt));
-  auto xq = at::empty({M, k}, x.options().dtype(at::kChar));
-  auto x_scale = at::empty({M}, x.options().dtype(at::kFloat));
-  auto xq_sum = at::empty({M}, x.options().dtype(at::kInt));
-  if (d > 0) {
-    QSK_DISPATCH_FLOAT(x.scalar_type(), "ternary_select_cuda", [&] {
-      SelectOut so{idx.data_ptr<int32_t>(), nullptr, xq.data_ptr<int8_t>(), x_scale.data_ptr<float>(),
-                   xq_sum.data_ptr<int32_t>()};
-      launch(select_quant_kernel<scalar_t>, static_cast<unsigned int>(M), kSelectThreads, stream,
-             x.data_ptr<scalar_t>(), d, k, so);
-    });
-    QSK_LAUNCH_CHECK();
-  } else {
-    x_scale.fill_(1e-5f / 127.0f);
-    xq_sum.zero_();
-  }
   const int64_t tiles = ceil_div(row_bytes, kGemvThreads * kBytesPerThread);
   const SplitPlan plan = plan_splits(k, tiles, M);
   TORCH_CHECK(plan.splits <= 65535, "ternary_linear_cuda: k = ", k, " is too large for one launch");
-  auto partial = at::empty({plan.splits, M, out}, x.options().dtype(at::kInt));
-  if (k > 0) {
-    const bool aligned = row_bytes % 4 == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 4 == 0;
-    const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(plan.splits),
-                    static_cast<unsigned int>(M));
-    launch(ternary_gemv_kernel, grid, kGemvThreads, stream, packed.data_ptr<uint8_t>(), row_bytes, aligned,
-           idx.data_ptr<int32_t>(), xq.data_ptr<int8_t>(), k, plan.rows_per_split, partial.data_ptr<int32_t>(), out,
-           M);
-    QSK_LAUNCH_CHECK();
-  } else {
-    partial.zero_();
-  }
+  int32_t* scratch = plan.splits > 1 ? zeroed_scratch(M * out + M * tiles, x) : nullptr;
+  const bool aligned = row_bytes % 4 == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 4 == 0;
   const auto bias_c = bias ? bias->contiguous() : at::Tensor();
   const auto scale_c = scale.reshape({1}).contiguous();
-  QSK_DISPATCH_FLOAT(x.scalar_type(), "ternary_epilogue_cuda", [&] {
-    const int64_t n = M * out;
-    launch(ternary_epilogue_kernel<scalar_t>, static_cast<unsigned int>(ceil_div(n, 256)), 256, stream,
-        partial.data_ptr<int32_t>(), plan.splits, M, out, xq_sum.data_ptr<int32_t>(), x_scale.data_ptr<float>(),
-        scale_c.data_ptr<float>(), bias ? bias_c.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+  const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(plan.splits),
+                  static_cast<unsigned int>(M));
+  QSK_DISPATCH_FLOAT(x.scalar_type(), "ternary_linear_cuda", [&] {
+    launch(ternary_linear_kernel<scalar_t>, grid, kGemvThreads, stream, x.data_ptr<scalar_t>(), d, k,
+           packed.data_ptr<uint8_t>(), row_bytes, aligned, scale_c.data_ptr<float>(),
+           bias ? bias_c.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), scratch,
+           scratch ? scratch + M * out : nullptr, plan.rows_per_split, out);
   });
   QSK_LAUNCH_CHECK();
   return y;

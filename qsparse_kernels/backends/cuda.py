@@ -13,8 +13,9 @@ from .. import _native
 from . import _native_ops as native
 
 # Above this many rows the sparse GEMV stops paying against cuBLAS on the masked activations.
-# A placeholder until measured on the GPU (benchmarks/gpu_check.sh prints the batch sweep).
-DENSE_CROSSOVER_M = 8
+# A placeholder until measured on the GPU (benchmarks/gpu_check.sh prints the batch sweep); up to
+# it every call is one launch (the kernel selects in its prologue), issue 18.
+DENSE_CROSSOVER_M = 16
 MAX_ROWS_PER_LAUNCH = 65535  # grid.z of the GEMV kernels
 
 

@@ -13,4 +13,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     TORCH_CHECK(n >= 1, "sm count must be >= 1");
     simt::sm_count_setting() = n;
   }, "The SM count the launch planner sees (132 by default, an H100/H200).");
+  m.def("launch_count", [] { return simt::launch_count(); }, "Kernel launches so far (every grid run counts one).");
 }

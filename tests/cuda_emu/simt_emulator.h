@@ -214,6 +214,12 @@ inline int& sm_count_setting() {
 }
 inline int sm_count() { return sm_count_setting(); }
 
+// Kernel launches since the library was loaded (tests assert how many one op call makes).
+inline uint64_t& launch_count() {
+  static uint64_t n = 0;
+  return n;
+}
+
 inline void check_launch(dim3 grid, dim3 block) {
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.z > 64)
@@ -229,6 +235,7 @@ template <class... P, class... A>
 void run_grid(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "simt: kernel argument count");
   check_launch(grid, block);
+  ++launch_count();
   if (tl_run) throw std::runtime_error("simt: a kernel launched from inside a kernel");
   const std::tuple<std::decay_t<P>...> params(static_cast<std::decay_t<P>>(std::forward<A>(args))...);
   Run r;
@@ -278,6 +285,15 @@ inline unsigned int atomicMax(unsigned int* p, unsigned int v) {
   while (cur < v && !__atomic_compare_exchange_n(p, &cur, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
   return cur;
+}
+
+inline int atomicExch(int* p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }
+// Blocks run one after another here, so every earlier block's writes are visible: a fence orders
+// nothing more, and a load past L1 is a load.
+inline void __threadfence() {}
+template <class T>
+T __ldcg(const T* p) {
+  return *p;
 }
 
 inline unsigned int __float_as_uint(float f) {
