@@ -41,8 +41,6 @@
 namespace qsk::cpu::ternary {
 namespace {
 
-// Minimum packed-weight bytes one parallel task should read (below this a thread is not worth it).
-constexpr int64_t kMinTaskBytes = 64 * 1024;
 // Fewest plan quads per part of the row-split M == 1 path (fewer rows: fewer parts).
 constexpr int64_t kMinPartQuads = 16;
 
@@ -256,7 +254,7 @@ void batch_amx(const RowPlan& plan, int64_t cols, const Epilogue& epi) {
   std::vector<int32_t> rows(4 * nq, plan.n_quads > 0 ? plan.rows[0] : 0);
   std::copy(plan.rows, plan.rows + 4 * plan.n_quads, rows.begin());
   std::vector<int8_t> xa(16 * Mb * lda, 0);
-  for (int64_t m = 0; m < M; ++m)
+  for (int64_t m = 0; m < M && plan.n_quads > 0; ++m)  // k = 0: no quads, plan.x4 may be null
     std::memcpy(xa.data() + m * lda, plan.x4 + m * plan.n_quads, 4 * plan.n_quads);
   AmxOperands o{plan, xa.data(), lda};
   o.plan.rows = rows.data();
