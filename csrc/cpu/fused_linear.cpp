@@ -20,6 +20,7 @@
 
 #include "fused_linear.h"
 #include "qsk/checks.h"
+#include "qsk/cpu_common.h"
 #include "qsk/cpu_select.h"
 #include "qsk/isa.h"
 #include "sparse_gemv.h"
@@ -78,7 +79,8 @@ void sparse_multi_m1(const T* x, int64_t d, int64_t k, const std::vector<at::Ten
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (segment, first column)
   for (int64_t s = 0; s < nseg; ++s)
     for (int64_t j0 = 0; j0 < w[s].size(0); j0 += span) tasks.emplace_back(s, j0);
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+  const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, k * span * sizeof(T)));
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> acc(kPanelFloats);
     for (int64_t t = t0; t < t1; ++t) {
       const auto [s, first] = tasks[t];

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "qsk/checks.h"
+#include "qsk/cpu_common.h"
 #include "qsk/cpu_select.h"
 #include "qsk/isa.h"
 #include "fused_linear.h"
@@ -170,7 +171,10 @@ void sparse_path(const T* x, const T* wt, int64_t ld, const T* bias, T* y, int64
   const std::vector<Block> blocks = build_blocks(x, M, d, k, level);
   const int64_t span = span_cols(N);
   const int64_t nspans = (N + span - 1) / span;
-  at::parallel_for(0, nspans, 1, [&](int64_t s0, int64_t s1) {
+  int64_t span_bytes = 0;  // weight bytes one span reads over every block
+  for (const Block& blk : blocks) span_bytes += static_cast<int64_t>(blk.idx.size()) * span * sizeof(T);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, span_bytes));
+  at::parallel_for(0, nspans, grain, [&](int64_t s0, int64_t s1) {
     std::vector<float> acc(kPanelFloats);  // [mb][panel_cols(mb)] accumulators, L1-resident
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t end = std::min(N, (s + 1) * span);

@@ -11,6 +11,10 @@
 
 namespace qsk::cpu {
 
+// Fewest weight bytes one parallel task should read: below it a second thread costs more (an
+// OpenMP fork / join, several us) than it saves, so tiny layers run on the calling thread.
+constexpr int64_t kMinTaskBytes = 64 * 1024;
+
 template <typename T>
 inline __attribute__((always_inline)) float to_f32(T v) {
   return static_cast<float>(v);
