@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup build test bench bench-pytest sanitize fuzz training lint clean test-gpu-stack
+.PHONY: setup build test bench bench-pytest sanitize sanitize-cuda fuzz training lint clean test-gpu-stack
 
 setup:
 	@bash scripts/setup_env.sh
@@ -10,8 +10,8 @@ setup:
 build:
 	MAX_JOBS=$${MAX_JOBS:-2} QSPARSE_BUILD_CUDA=$${QSPARSE_BUILD_CUDA:-toolkit} $(PY) setup.py -q build_ext --inplace
 
-test: setup
-	$(PY) -m pytest -q tests
+test: setup  # the test files spread over every core (pytest-xdist; one file stays on one worker)
+	$(PY) -m pytest -q -n $${QSPARSE_TEST_JOBS:-auto} --dist loadfile tests
 	QSPARSE_BENCH_SHAPE=256x512 $(PY) -m pytest -q benchmarks --benchmark-disable  # smoke: the suite runs
 	$(PY) -m ruff check .
 
@@ -23,6 +23,9 @@ bench: setup
 
 sanitize: setup  # C++ CPU kernels under AddressSanitizer + UBSan, CPU tests incl. the fuzz profile
 	bash scripts/sanitize.sh
+
+sanitize-cuda: setup  # the CUDA kernels under the SIMT emulator, built with ASan + UBSan (~20 min)
+	bash scripts/sanitize.sh cuda
 
 fuzz: setup  # long property tests: >= 10,000 examples per test (reference, cpu), 2,000 (emulated CUDA, triton interpreter)
 	QSPARSE_FUZZ=long QSPARSE_FUZZ_BACKENDS=reference,cpu $(PY) -m pytest -q tests/test_fuzz.py

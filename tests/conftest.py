@@ -22,7 +22,10 @@ def gen():
 
 
 # Fresh random inputs on every run, reproducible on demand: QSPARSE_TEST_SEED=<printed seed>.
-BASE_SEED = int(os.environ.get("QSPARSE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+# Set in the environment here so that pytest-xdist's workers (started after this runs) draw the
+# same seed as the controller that prints it.
+os.environ.setdefault("QSPARSE_TEST_SEED", str(random.SystemRandom().randrange(2**31)))
+BASE_SEED = int(os.environ["QSPARSE_TEST_SEED"])
 
 
 def pytest_report_header(config):
@@ -37,3 +40,14 @@ def _seed(request):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if exitstatus != 0:
         terminalreporter.write_line(f"reproduce with QSPARSE_TEST_SEED={BASE_SEED}")
+
+
+# Files that take minutes (the Triton interpreter child run, ahead-of-time compiles, ptxas, the
+# emulated CUDA kernels, the property tests) first, so that with pytest-xdist (`make test`, `make
+# sanitize`) they run beside the rest instead of after it.
+_SLOW_FIRST = ("test_triton.py", "test_cuda_kernels.py", "test_triton_aot.py", "test_cuda_ptxas.py", "test_fuzz.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
