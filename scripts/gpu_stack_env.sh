@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${GPU_STACK_VENV:-/tmp/qsparse-gpu-stack}
 PY=${PYTHON:-$(command -v python3.12 || command -v python3.11)}
-PINS="torch==2.11.0 triton==3.6.0 numpy==2.4.6 pytest hypothesis"
+# numpy < 2.4: triton 3.6's interpreter calls int() on 1-element arrays, which numpy 2.4 rejects
+# (qsparse_kernels.backends.triton reports it as the reason the backend is not usable).
+PINS="torch==2.11.0 triton==3.6.0 numpy==2.3.5 pytest hypothesis"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[gpu-stack] creating $VENV with $PY"
   "$PY" -m venv "$VENV"

@@ -242,3 +242,22 @@ def test_direct_eager_path_equals_registered_op():
 
     with FakeTensorMode():
         assert not _ops.direct_ok(torch.empty(2, 4))
+
+
+def test_triton_interpreter_numpy_problem_is_reported():
+    """Triton < 3.8's interpreter with numpy >= 2.4 fails on every run-time loop bound: the backend
+    says so (and which versions to install) instead of failing inside a kernel."""
+    import numpy
+
+    from qsparse_kernels.backends import triton as tb
+
+    real = numpy.__version__
+    try:
+        numpy.__version__ = "2.4.6"
+        msg = tb._interpreter_numpy_problem("3.6.0")
+        assert msg is not None and "numpy < 2.4" in msg and "triton>=3.8" in msg
+        assert tb._interpreter_numpy_problem("3.8.0") is None
+        numpy.__version__ = "2.3.5"
+        assert tb._interpreter_numpy_problem("3.6.0") is None
+    finally:
+        numpy.__version__ = real
