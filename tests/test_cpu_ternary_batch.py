@@ -13,7 +13,7 @@ import torch
 
 from qsparse_kernels import _native
 from tests.numerics import FLOAT_DTYPES
-from tests.test_cpu_ternary import KERNEL, Expected, assert_same, distinct_x, random_packed
+from tests.test_cpu_ternary import KERNEL, Expected, _ks, assert_same, distinct_x, random_packed
 
 pytestmark = pytest.mark.skipif(not _native.loaded(), reason="qsparse_kernels._C is not built")
 
@@ -36,10 +36,6 @@ def isa(request):
     if request.param == "avx512":
         assert not _native._C.cpu_has_amx_int8()
     return request.param
-
-
-def _ks(d: int) -> list:
-    return sorted({None, 0, 1, d // 2, d}, key=lambda v: -1 if v is None else v)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -9,12 +9,12 @@ import pickle
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import qsparse_kernels as qk
 from qsparse_kernels import _native, sibling_ops
 from qsparse_kernels import reference as R
 from qsparse_kernels.nn import QSparseLinear, SiblingGroup
+from tests.test_hf_models import DECODER_KW, DECODERS  # the same tiny HF decoders
 
 pytestmark = pytest.mark.skipif(not _native.loaded(), reason="qsparse_kernels._C is not built")
 
@@ -167,20 +167,6 @@ def test_registered_multi_ops_opcheck():
 
 # ---- converted Hugging Face models ----
 
-DECODER_KW = {
-    "vocab_size": 96,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-}
-DECODERS = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),  # biases on q/k/v
-}
 def _config(mode):
     if mode == "qsparse":
         return qk.QSparseConfig(sparsity=0.5)
