@@ -7,6 +7,10 @@
 #include "qsk/isa.h"
 #include "qsk/schemas.h"
 
+namespace qsk::cpu {
+int64_t sparse_kernel_max_rows(const std::string& dtype);  // csrc/cpu/sparse_linear.cpp
+}
+
 TORCH_LIBRARY_FRAGMENT(qsparse, m) { qsk::define_kernel_schemas(m); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -19,6 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_bf16_gemm", [] { return std::string(qsk::cpu::bf16_gemm_name()); },
         "The batched bf16 sparse_linear kernel in use: amx, avx512bf16 or none (under the ISA cap)");
   m.def("cpu_has_amx_int8", &qsk::cpu::has_amx_int8);
+  m.def("cpu_sparse_kernel_max_rows", &qsk::cpu::sparse_kernel_max_rows,
+        "The largest batch for which CPU sparse_linear on a column-major weight runs the library's kernels "
+        "('float32', 'bfloat16' or 'float16'; above it torch's GEMM on the masked activations)");
   m.def("set_cpu_isa_cap", &qsk::cpu::set_isa_cap,
         "Caps the CPU ISA ('scalar', 'avx2', 'avx512', 'avx512bf16', 'amx'; '' restores the detected one). "
         "For tests.");

@@ -72,7 +72,7 @@ def _check(x, w, k, b):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("in_f,out_f", [(1, 7), (7, 63), (63, 1), (64, 65), (4097, 63), (63, 4097)])
-@pytest.mark.parametrize("m", [1, 2, 5, 17, 64, 130])
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 17, 64, 130])
 def test_parity_batch_sizes(cap, dtype, in_f, out_f, m, gen):
     w = _col(torch.randn(out_f, in_f, generator=gen).to(dtype))
     b = torch.randn(out_f, generator=gen).to(dtype)
@@ -104,19 +104,15 @@ def test_sliced_weight_and_3d_input(cap, dtype, gen):
 def _library_kernel_runs(dtype, m: int) -> bool:
     """Whether sparse_linear on a column-major weight runs the library's own kernels at batch m
     (csrc/cpu/sparse_linear.cpp: sparse_max_rows, kBf16BatchMaxRows), not torch's GEMM."""
-    if dtype == torch.float16:
-        return True
-    if dtype == torch.float32:
-        return m <= 16
-    return m <= 4 or (m <= 64 and _native._C.cpu_bf16_gemm() != "none")
+    return m <= _native._C.cpu_sparse_kernel_max_rows(str(dtype).removeprefix("torch."))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("m", [1, 3, 5, 17, 64])
+@pytest.mark.parametrize("m", [1, 3, 5, 16, 17, 64])
 def test_column_results_do_not_depend_on_out_features(cap, dtype, m, gen):
     """Fused siblings concatenate weights along out_features: each column's result is bit-identical
     whether it is computed alone, in a slice, or at another position of a wider weight. Holds for
-    the library's kernels; torch's GEMM (fp32 above 16 rows, bf16 above 64 or without a bf16
+    the library's kernels; torch's GEMM (fp32 above 16 rows, bf16 above 16 or 4 without a bf16
     kernel) gives no such promise (MKL's fp32 result for a column changes with N)."""
     in_f = 515
     ws = [torch.randn(n, in_f, generator=gen).to(dtype) for n in (70, 33, 130)]
@@ -135,7 +131,7 @@ def test_column_results_do_not_depend_on_out_features(cap, dtype, m, gen):
             assert_parity(one, ref64[:, 40:41], F.linear(xs, w_all[40:41]))
 
 
-@pytest.mark.parametrize("m", [5, 17, 130])
+@pytest.mark.parametrize("m", [5, 16, 17, 130])
 def test_batch_path_thread_independent(cap, m, gen):
     x = distinct_magnitudes(m, 1031, torch.bfloat16, gen)
     w = _col(torch.randn(2100, 1031, generator=gen).to(torch.bfloat16))

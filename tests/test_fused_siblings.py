@@ -71,6 +71,26 @@ def test_sparse_multi_equals_single(isa, threads, dtype, d, outs, rows):
             assert_identical(g, SPARSE_ONE(x, w, k, b))
 
 
+@pytest.mark.parametrize("cap", ["amx", "avx512bf16", "avx512"])
+@pytest.mark.parametrize("rows", [2, 9, 16, 20])
+def test_sparse_multi_rows_share_one_selection(cap, threads, rows):
+    """Several rows: one top-K for every segment, then each segment's own path (the batched bf16
+    kernel up to its row limit, torch's GEMM on the masked rows above it or for a row-major
+    weight): bit-identical to the single op per segment."""
+    _native._C.set_cpu_isa_cap(cap)
+    try:
+        d = 300
+        x = torch.randn(1, rows, d).to(torch.bfloat16)
+        ws = [qk.to_fast_layout(torch.randn(70, d).to(torch.bfloat16)), torch.randn(33, d).to(torch.bfloat16)]
+        bs = [torch.randn(70).to(torch.bfloat16), None]
+        for k in (1, 100, d - 1):
+            got = SPARSE_MULTI(x, ws, k, bs)
+            for g, w, b in zip(got, ws, bs, strict=True):
+                assert_identical(g, SPARSE_ONE(x, w, k, b))
+    finally:
+        _native._C.set_cpu_isa_cap("")
+
+
 def test_sparse_multi_row_major_and_leading_dims():
     d = 40
     x = torch.randn(1, 1, d)

@@ -7,9 +7,11 @@
 // segment (sparse: the kept rows' panels of each column-major weight, tasks over all segments'
 // output columns; ternary: the row-split pass, fused_linear.h). A column's float sum runs over the
 // same kept rows in the same ascending order as in the single op, whatever the other segments or
-// the split, so the outputs are identical. Anything else (M != 1, a row-major weight, an ISA
-// without the fused ternary path, arguments the single op would reject) calls the single op per
-// segment, which also raises its errors.
+// the split, so the outputs are identical. Several rows (prefill, batches) with 0 < k < d: the
+// rows' top-K runs once and each segment takes the single op's own path over that selection
+// (sparse_linear_rows), with the single op's checks. Anything else (a row-major weight at M = 1,
+// an ISA without the fused ternary path, arguments the single op would reject) calls the single
+// op per segment, which also raises its errors.
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -107,10 +109,16 @@ std::vector<at::Tensor> sparse_linear_multi_cpu(const at::Tensor& x, at::TensorL
   TORCH_CHECK(biases.size() == weights.size(), "sparse_linear_multi_kernel: got ", weights.size(), " weights but ",
               biases.size(), " biases");
   const at::Tensor xr = as_rows(x, "sparse_linear_multi_kernel");
-  const int64_t d = xr.size(1);
-  bool fused = xr.size(0) == 1 && d <= INT32_MAX && 0 <= k && k <= d;
-  for (size_t s = 0; fused && s < weights.size(); ++s) fused = sparse_fusable(xr, weights[s], biases.get(s));
+  const int64_t M = xr.size(0), d = xr.size(1);
   std::vector<at::Tensor> out;
+  if (M > 1 && d <= INT32_MAX && 0 < k && k < d) {  // every segment over one selection of the rows
+    const std::vector<int32_t> kept = select_rows(xr, k);
+    for (size_t s = 0; s < weights.size(); ++s)
+      out.push_back(unrows(sparse_linear_rows(xr, weights[s], k, biases.get(s), kept.data()), x));
+    return out;
+  }
+  bool fused = M == 1 && d <= INT32_MAX && 0 <= k && k <= d;
+  for (size_t s = 0; fused && s < weights.size(); ++s) fused = sparse_fusable(xr, weights[s], biases.get(s));
   if (!fused) {
     for (size_t s = 0; s < weights.size(); ++s) out.push_back(sparse_single(x, weights[s], k, biases.get(s)));
     return out;

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "qsk/isa.h"
@@ -20,6 +21,12 @@ namespace qsk::cpu {
 template <typename T>
 void sparse_gemv_panel(Isa level, const T* wt, int64_t ld, const SparseRows& rows, int64_t j0, int64_t ncols,
                        float* out, int64_t out_stride);
+
+// sparse_linear_kernel on x as a contiguous [M, d] float matrix (as_rows), with every check of the
+// single op; returns [M, N]. kept: the rows' kept features from select_rows(x, k), or nullptr to
+// select them here (sparse_linear.cpp).
+at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int64_t k,
+                              const std::optional<at::Tensor>& bias, const int32_t* kept);
 
 namespace ternary {
 

@@ -16,12 +16,11 @@
 namespace qsk::cpu {
 namespace {
 
-// Below this many keys a round is not worth it: std::nth_element finishes.
-constexpr int64_t kSmall = 192;
-// Sample size per round. The bracket is +-3 sigma of the sample quantile, so a round keeps about
-// 6 * sqrt(p (1 - p) / kSample) of its keys (<= 19% at p = 1/2, less at the tails).
-constexpr int64_t kSample = 256;
-constexpr int kMaxRounds = 8;
+// At or below this many keys the radix rounds stop and std::nth_element finishes.
+constexpr int64_t kSmall = 48;
+// Radix digit: 8 bits, 256 counters (one L1-resident 1 KB table per sub-histogram).
+constexpr int kDigitBits = 8;
+constexpr int kBins = 1 << kDigitBits;
 
 // ---- magnitude keys (cpu_select.h: integer order == magnitude order, NaN above +Inf) ----
 // Half types use their own 15 magnitude bits (same order as the widened float, no conversion);
@@ -41,6 +40,11 @@ template <>
 struct KeyBits<c10::Half> {
   static constexpr uint32_t kInf = 0x7c00u, kNan = 0x7e00u;
 };
+// Significant bits of a key: 31 for float32, 15 for the half types; uint32_t keys (band buffers)
+// carry their source format's width, passed along by the driver.
+template <typename T>
+constexpr int kKeyBits = sizeof(T) == 4 ? 31 : 15;
+
 template <typename T>
 inline uint32_t canonical_nan(uint32_t k) {
   return k > KeyBits<T>::kInf ? KeyBits<T>::kNan : k;
@@ -192,60 +196,71 @@ void emit(Isa isa, const T* x, int64_t d, int64_t k, uint32_t thr, int64_t ties,
   emit_scalar(x, d, k, thr, ties, idx);
 }
 
-// The keys lo <= hi bracketing the t-th largest key (1-based) of src[0..n) with high probability,
-// from a strided sample. lo = 0 / hi = UINT32_MAX when the bracket reaches the end of the sample.
+// Counts the digit (key >> shift) & 0xff of src[0..n) into hist[0..256). Four interleaved tables
+// so that runs of equal digits (common: the top digit is the exponent) do not serialise on one
+// counter's store-to-load latency.
 template <typename T>
-void bracket(const T* src, int64_t n, int64_t t, uint32_t* smp, uint32_t* lo, uint32_t* hi) {
-  const int64_t s = kSample;  // callers guarantee n > kSmall >= ... so n >= s is not needed: stride >= 1
-  const double step = static_cast<double>(n) / s;
-  for (int64_t j = 0; j < s; ++j) smp[j] = key_of(src, static_cast<int64_t>((j + 0.5) * step));
-  const double p = static_cast<double>(t) / n, rt = p * s;
-  const int64_t margin = static_cast<int64_t>(3.0 * std::sqrt(s * p * (1.0 - p))) + 2;
-  const int64_t r_hi = static_cast<int64_t>(std::floor(rt)) - margin;  // rank from the top
-  const int64_t r_lo = static_cast<int64_t>(std::ceil(rt)) + margin;
-  // Ascending positions: the r-th largest of s sits at s - r.
-  if (r_lo <= s) {
-    std::nth_element(smp, smp + (s - r_lo), smp + s);
-    *lo = smp[s - r_lo];
-  } else {
-    *lo = 0;
+void digit_histogram(const T* src, int64_t n, int shift, uint32_t* hist) {
+  uint32_t h[4][kBins] = {};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    ++h[0][(key_of(src, i) >> shift) & (kBins - 1)];
+    ++h[1][(key_of(src, i + 1) >> shift) & (kBins - 1)];
+    ++h[2][(key_of(src, i + 2) >> shift) & (kBins - 1)];
+    ++h[3][(key_of(src, i + 3) >> shift) & (kBins - 1)];
   }
-  if (r_hi >= 1) {
-    const int64_t from = r_lo <= s ? s - r_lo : 0;
-    std::nth_element(smp + from, smp + (s - r_hi), smp + s);
-    *hi = smp[s - r_hi];
-  } else {
-    *hi = 0xffffffffu;
-  }
+  for (; i < n; ++i) ++h[0][(key_of(src, i) >> shift) & (kBins - 1)];
+  for (int b = 0; b < kBins; ++b) hist[b] = h[0][b] + h[1][b] + h[2][b] + h[3][b];
 }
 
-// Finds the k-th largest key of x and how many keys are strictly above it.
+// One radix round on the current set src[0..n) whose keys share every bit above shift + 8:
+// finds the digit bin holding the t-th largest key (1-based), adds the count of keys in higher
+// bins to *above and takes it off *t, and returns the bin's key range [*lo, *hi] (the next set).
+template <typename T>
+uint32_t radix_round(const T* src, int64_t n, int shift, uint32_t prefix, int64_t* t, int64_t* above, uint32_t* lo,
+                     uint32_t* hi) {
+  uint32_t hist[kBins];
+  digit_histogram(src, n, shift, hist);
+  int64_t higher = 0;
+  int b = kBins - 1;
+  while (higher + hist[b] < *t) higher += hist[b--];  // sum(hist) = n >= t: stops at b >= 0
+  *above += higher;
+  *t -= higher;
+  const uint32_t low_mask = (shift > 0 ? (1u << shift) - 1 : 0u);
+  *lo = (prefix & ~((static_cast<uint32_t>(kBins - 1) << shift) | low_mask)) | (static_cast<uint32_t>(b) << shift);
+  *hi = *lo | low_mask;
+  return hist[b];
+}
+
+// Finds the k-th largest key of x and how many keys are strictly above it (0 < k < d).
+// Radix select, most significant digit first: each round histograms one 8-bit digit of the
+// current set, keeps the bin that holds the target rank and compacts it (one vectorised band
+// pass) into a scratch buffer; the rounds end when every bit is fixed or the set is small.
 template <typename T>
 void kth_key(Isa isa, const T* x, int64_t d, int64_t k, uint32_t* scratch, uint32_t* thr, int64_t* n_above) {
   uint32_t* buf[2] = {scratch, scratch + d};
-  uint32_t* smp = scratch + 2 * d;
-  const uint32_t* a = nullptr;  // the current band; nullptr: still x itself
+  const uint32_t* a = nullptr;  // the current set; nullptr: still x itself
   int64_t n = d, t = k, above = 0;
   int cur = 0;
-  for (int round = 0; round < kMaxRounds && n > kSmall; ++round) {
+  uint32_t prefix = 0;
+  for (int shift = kKeyBits<T> - kDigitBits; n > kSmall; shift = std::max(0, shift - kDigitBits)) {
     uint32_t lo, hi;
-    int64_t gt;
-    int64_t nb;
-    if (a == nullptr) {
-      bracket(x, n, t, smp, &lo, &hi);
-      nb = band(isa, x, n, lo, hi, buf[cur], &gt);
-    } else {
-      bracket(a, n, t, smp, &lo, &hi);
-      nb = band(isa, a, n, lo, hi, buf[cur], &gt);
+    const int64_t in_bin = a == nullptr ? radix_round(x, n, shift, prefix, &t, &above, &lo, &hi)
+                                        : radix_round(a, n, shift, prefix, &t, &above, &lo, &hi);
+    prefix = lo;
+    if (in_bin < n) {  // compact the bin; a set already inside it stays where it is
+      int64_t gt;
+      n = a == nullptr ? band(isa, x, n, lo, hi, buf[cur], &gt) : band(isa, a, n, lo, hi, buf[cur], &gt);
+      a = buf[cur];
+      cur ^= 1;
     }
-    if (!(gt < t && t <= gt + nb && nb < n)) break;  // bracket missed (rare) or no progress: finish below
-    above += gt;
-    t -= gt;
-    n = nb;
-    a = buf[cur];
-    cur ^= 1;
+    if (shift == 0) {  // every bit fixed: the whole set equals the k-th key
+      *thr = lo;
+      *n_above = above;
+      return;
+    }
   }
-  // Finish on a mutable copy of the current set of keys.
+  // Finish on a mutable copy of the (small) current set.
   uint32_t* v = buf[cur];
   if (a == nullptr) {
     for (int64_t i = 0; i < n; ++i) v[i] = key_of(x, i);

@@ -9,11 +9,18 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace qsk::cpu {
 
 // The CPU topk_sparsify_kernel (topk_sparsify.cpp): x [M, d] contiguous float, 0 <= k <= d.
 at::Tensor topk_sparsify_cpu(const at::Tensor& x, int64_t k);
+
+// Each row's kept features, [M][k] int32, each row ascending (select_topk over the rows in
+// parallel; topk_sparsify.cpp): x [M, d] contiguous float, 0 <= k <= d <= INT32_MAX.
+std::vector<int32_t> select_rows(const at::Tensor& x, int64_t k);
+// topk_sparsify_cpu(x, k) from rows already selected by select_rows(x, k).
+at::Tensor sparsify_kept(const at::Tensor& x, const int32_t* kept, int64_t k);
 
 // Up to kMaxBlockRows activation rows that share one list of weight rows: the union of the
 // features they kept, ascending. vals holds each row's value for each listed feature (0 where
@@ -45,7 +52,9 @@ void sparse_gemv_panel_avx512(const T* wt, int64_t ld, const SparseRows& rows, i
 // + bias for bf16 x [M, d] contiguous and the column-major weight wt = W^T as [d][ld] rows, over
 // the union of the M rows' kept features, float32 accumulation. amx: AMX-BF16 tiles (needs
 // has_amx_bf16()), else AVX512-BF16 (needs has_avx512_bf16()). 0 <= k <= d, M >= 1, N >= 1.
+// kept: the rows' kept features from select_rows, or nullptr to select them here.
 void sparse_linear_bf16_batch(const c10::BFloat16* x, int64_t M, int64_t d, int64_t k, const c10::BFloat16* wt,
-                              int64_t ld, const c10::BFloat16* bias, c10::BFloat16* y, int64_t N, bool amx);
+                              int64_t ld, const c10::BFloat16* bias, c10::BFloat16* y, int64_t N, bool amx,
+                              const int32_t* kept);
 
 }  // namespace qsk::cpu

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "qsk/checks.h"
@@ -49,16 +50,25 @@ inline int64_t sparse_max_rows(at::ScalarType dtype) {
 
 // bf16 rows above sparse_max_rows take the batched kernel (sparse_gemm_bf16.cpp) up to this many
 // rows, where the CPU has AMX-BF16 or AVX512-BF16; above it at::linear on the masked activations.
-// Measured on the 2-core Sapphire Rapids (1 thread, median of 5 interleaved, ms; noisy: torch's
-// own F.linear time varied 2-3x between runs):
-//   2048 -> 2048   M = 8: AMX 1.97, F.linear row-major 1.27;  M = 64: 4.25 vs 3.09;  M = 512: 24.7 vs 15.1
-//   2048 -> 32000  M = 16: AMX 64.9, at::linear col-major 60.1, F.linear row-major 30.6
-//                  M = 128: 153.7 vs 105.4 vs 102.4;  M = 512: 417.9 vs 314.9 vs 414.8
-// so AMX up to 64 rows (at::linear on the column-major weight matches or beats F.linear from
-// 128 rows). The AVX512-BF16 kernel (Zen 4) is 3-4x slower than AMX at M >= 64 here and is kept
-// to the same range untested against Zen 4's torch: re-measure there with
-// `benchmarks/bench_cpu_sparse_batch.py`.
-constexpr int64_t kBf16BatchMaxRows = 64;
+// Measured on the 2-core Sapphire Rapids (both threads, sparsity 0.5, TinyLlama's q, k, gate,
+// down and head shapes summed, median of 3 x 7 calls, time / F.linear on the row-major weight;
+// `python benchmarks/bench_cpu_sparse_batch.py` measures the kernel alone):
+//   M =  8: AMX 1.67, at::linear on the column-major weight 2.26
+//   M = 16: AMX 1.52, 1.68;   M = 32: AMX 1.43, 1.11;   M = 64: AMX 1.00, 0.85
+// so AMX up to 16 rows. Neither reaches torch's own GEMM on its row-major weight below ~48 rows
+// here: the batched kernel packs each weight block and then multiplies it, one after the other
+// per thread (see sparse_gemm_bf16.cpp). The AVX512-BF16 kernel (Zen 4) is kept to the same
+// range untested against Zen 4's torch: re-measure there.
+constexpr int64_t kBf16BatchMaxRows = 16;
+
+// The largest batch for which a column-major weight runs the library's kernels (above it torch's
+// GEMM on the masked activations), for the dtype named "float32", "bfloat16" or "float16".
+int64_t sparse_kernel_max_rows(const std::string& dtype) {
+  if (dtype == "float16") return sparse_max_rows(at::kHalf);
+  if (dtype == "float32") return sparse_max_rows(at::kFloat);
+  TORCH_CHECK(dtype == "bfloat16", "sparse_kernel_max_rows: unknown dtype ", dtype);
+  return has_avx512_bf16() ? kBf16BatchMaxRows : sparse_max_rows(at::kBFloat16);
+}
 
 namespace {
 
@@ -110,14 +120,10 @@ struct Block {
   SparseRows rows() const { return {idx.data(), vals.data(), static_cast<int64_t>(idx.size()), mb}; }
 };
 
-// Selects each row's k features and builds the blocks: ceil(M / 4) blocks of near-equal size.
+// Builds the blocks from each row's k kept features (select_rows): ceil(M / 4) blocks of
+// near-equal size.
 template <typename T>
-std::vector<Block> build_blocks(const T* x, int64_t M, int64_t d, int64_t k, Isa level) {
-  std::vector<int32_t> kept(static_cast<size_t>(M * k));
-  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<uint32_t> scratch(select_scratch_words(d));
-    for (int64_t r = r0; r < r1; ++r) select_topk(x + r * d, d, k, kept.data() + r * k, scratch.data(), level);
-  });
+std::vector<Block> build_blocks(const T* x, int64_t M, int64_t d, int64_t k, const int32_t* kept) {
   const int64_t nblocks = (M + kMaxBlockRows - 1) / kMaxBlockRows;
   std::vector<Block> blocks(nblocks);
   std::vector<float> dense;     // [d][mb] values of the block's rows, 0 where dropped
@@ -129,7 +135,7 @@ std::vector<Block> build_blocks(const T* x, int64_t M, int64_t d, int64_t k, Isa
     row0 += blk.mb;
     const int mb = blk.mb;
     if (mb == 1) {  // a lone row reads exactly its own kept features
-      const int32_t* kr = kept.data() + blk.row0 * k;
+      const int32_t* kr = kept + blk.row0 * k;
       blk.idx.assign(kr, kr + k);
       blk.vals.resize(k);
       for (int64_t j = 0; j < k; ++j) blk.vals[j] = static_cast<float>(x[blk.row0 * d + kr[j]]);
@@ -167,8 +173,8 @@ inline int64_t span_cols(int64_t N) {
 // y[M, N] for a column-major weight: wt = weight's storage as [d][ld] rows, ld = weight.stride(1).
 template <typename T>
 void sparse_path(const T* x, const T* wt, int64_t ld, const T* bias, T* y, int64_t M, int64_t d, int64_t N,
-                 int64_t k, Isa level) {
-  const std::vector<Block> blocks = build_blocks(x, M, d, k, level);
+                 int64_t k, const int32_t* kept, Isa level) {
+  const std::vector<Block> blocks = build_blocks(x, M, d, k, kept);
   const int64_t span = span_cols(N);
   const int64_t nspans = (N + span - 1) / span;
   int64_t span_bytes = 0;  // weight bytes one span reads over every block
@@ -197,9 +203,10 @@ void sparse_path(const T* x, const T* wt, int64_t ld, const T* bias, T* y, int64
   });
 }
 
-// x [..., d] (any strides) -> [..., N]; the kernels below see the contiguous [M, d] view.
+}  // namespace
+
 at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int64_t k,
-                              const std::optional<at::Tensor>& bias) {
+                              const std::optional<at::Tensor>& bias, const int32_t* kept) {
   QSK_CHECK_DEVICE(weight, at::kCPU);
   QSK_CHECK_DTYPE(weight, x.scalar_type());
   QSK_CHECK_DIM(weight, 2);
@@ -230,28 +237,36 @@ at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int
     auto y = at::empty({M, N}, x.options());
     sparse_linear_bf16_batch(x.data_ptr<c10::BFloat16>(), M, d, k, weight.data_ptr<c10::BFloat16>(),
                              weight.stride(1), b.defined() ? b.data_ptr<c10::BFloat16>() : nullptr,
-                             y.data_ptr<c10::BFloat16>(), N, has_amx_bf16());
+                             y.data_ptr<c10::BFloat16>(), N, has_amx_bf16(), kept);
     return y;
   }
   if (!colmajor || M > sparse_max_rows(x.scalar_type())) {
-    const at::Tensor xs = k == d ? x : topk_sparsify_cpu(x, k);
+    const at::Tensor xs = k == d ? x : kept ? sparsify_kept(x, kept, k) : topk_sparsify_cpu(x, k);
     return at::linear(xs, weight, bias.has_value() ? std::optional<at::Tensor>(b) : std::nullopt);
   }
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
+  std::vector<int32_t> own;  // the selection, when the caller has none
+  if (kept == nullptr) {
+    own = select_rows(x, k);
+    kept = own.data();
+  }
   const Isa level = isa();
   QSK_DISPATCH_HALF_FLOAT(x.scalar_type(), "sparse_linear_cpu", [&] {
     sparse_path<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), weight.stride(1),
-                          b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), M, d, N, k, level);
+                          b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), M, d, N, k, kept,
+                          level);
   });
   return y;
 }
+
+namespace {
 
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t k,
                              const std::optional<at::Tensor>& bias) {
   QSK_CHECK_DEVICE(x, at::kCPU);
   QSK_CHECK_FLOAT(x);
-  return unrows(sparse_linear_rows(as_rows(x, "sparse_linear_kernel"), weight, k, bias), x);
+  return unrows(sparse_linear_rows(as_rows(x, "sparse_linear_kernel"), weight, k, bias, nullptr), x);
 }
 
 }  // namespace

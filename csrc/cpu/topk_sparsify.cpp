@@ -36,6 +36,35 @@ inline int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 65536 / std::m
 
 }  // namespace
 
+std::vector<int32_t> select_rows(const at::Tensor& x, int64_t k) {
+  const int64_t M = x.size(0), d = x.size(1);
+  std::vector<int32_t> kept(static_cast<size_t>(M * k));
+  if (M == 0 || k == 0) return kept;
+  const Isa level = isa();
+  QSK_DISPATCH_HALF_FLOAT(x.scalar_type(), "select_rows", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, M, row_grain(d), [&](int64_t r0, int64_t r1) {
+      std::vector<uint32_t> scratch(select_scratch_words(d));
+      for (int64_t r = r0; r < r1; ++r) select_topk(xp + r * d, d, k, kept.data() + r * k, scratch.data(), level);
+    });
+  });
+  return kept;
+}
+
+at::Tensor sparsify_kept(const at::Tensor& x, const int32_t* kept, int64_t k) {
+  const int64_t M = x.size(0), d = x.size(1);
+  auto out = at::empty_like(x);
+  if (M == 0 || d == 0) return out;
+  QSK_DISPATCH_HALF_FLOAT(x.scalar_type(), "sparsify_kept", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, M, row_grain(d), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) scatter_kept(xp + r * d, op + r * d, d, kept + r * k, k);
+    });
+  });
+  return out;
+}
+
 at::Tensor topk_sparsify_cpu(const at::Tensor& x, int64_t k) {
   QSK_CHECK_DEVICE(x, at::kCPU);
   QSK_CHECK_FLOAT(x);
@@ -44,22 +73,7 @@ at::Tensor topk_sparsify_cpu(const at::Tensor& x, int64_t k) {
   const int64_t M = x.size(0), d = x.size(1);
   TORCH_CHECK(d <= INT32_MAX, "topk_sparsify_kernel: d = ", d, " exceeds INT32_MAX");
   TORCH_CHECK(0 <= k && k <= d, "topk_sparsify_kernel: k must be in [0, d = ", d, "], got ", k);
-  auto out = at::empty_like(x);
-  if (M == 0 || d == 0) return out;
-  const Isa level = isa();
-  QSK_DISPATCH_HALF_FLOAT(x.scalar_type(), "topk_sparsify_cpu", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, M, row_grain(d), [&](int64_t r0, int64_t r1) {
-      std::vector<uint32_t> scratch(select_scratch_words(d));
-      std::vector<int32_t> idx(std::max<int64_t>(k, 1));
-      for (int64_t r = r0; r < r1; ++r) {
-        select_topk(xp + r * d, d, k, idx.data(), scratch.data(), level);
-        scatter_kept(xp + r * d, op + r * d, d, idx.data(), k);
-      }
-    });
-  });
-  return out;
+  return sparsify_kept(x, select_rows(x, k).data(), k);
 }
 
 namespace {
