@@ -126,8 +126,30 @@ def test_ternary_multi_equals_single(isa, threads, dtype, d, outs, rows):
             assert_identical(g, TERNARY_ONE(x, p, s, n, k, b))
 
 
-def test_multi_kernels_check_arguments():
-    x = torch.randn(1, 8)
+@pytest.mark.parametrize("cap", ["amx", "avx512"])
+@pytest.mark.parametrize("rows", [2, 8, 16, 20])
+def test_ternary_multi_rows_share_one_preparation(cap, threads, rows):
+    """Several rows: one top-K + int8 quantization for every segment, then each segment's own path
+    (the AMX-INT8 batch kernel from 8 / 16 rows where the CPU has it, the strip kernels below):
+    bit-identical to the single op per segment, NaN rows included."""
+    _native._C.set_cpu_isa_cap(cap)
+    try:
+        d = 300
+        x = torch.randn(1, rows, d).to(torch.bfloat16)
+        x[0, rows // 2, 7] = float("nan")
+        segs = [_packed(n, d) for n in (70, 33)]
+        bs = [torch.randn(70).to(torch.bfloat16), None]
+        for k in (None, 0, 1, 100, d):
+            got = TERNARY_MULTI(x, [p for p, _ in segs], [s for _, s in segs], [70, 33], k, bs)
+            for g, (p, s), n, b in zip(got, segs, (70, 33), bs, strict=True):
+                assert_identical(g, TERNARY_ONE(x, p, s, n, k, b))
+    finally:
+        _native._C.set_cpu_isa_cap("")
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_multi_kernels_check_arguments(rows):
+    x = torch.randn(rows, 8)
     w = qk.to_fast_layout(torch.randn(4, 8))
     with pytest.raises(RuntimeError, match="2 weights but 1 biases"):
         SPARSE_MULTI(x, [w, w], 3, [None])
@@ -138,6 +160,8 @@ def test_multi_kernels_check_arguments():
         TERNARY_MULTI(x, [packed], [scale, scale], [4], None, [None])
     with pytest.raises(RuntimeError, match="packed must have shape"):
         TERNARY_MULTI(x, [packed, packed], [scale, scale], [4, 9], None, [None, None])
+    with pytest.raises(RuntimeError, match="scale must be a scalar tensor"):
+        TERNARY_MULTI(x, [packed, packed], [scale, torch.ones(2)], [4, 4], 3, [None, None])
 
 
 def test_opcheck_multi_kernels():
@@ -145,7 +169,9 @@ def test_opcheck_multi_kernels():
     x = torch.randn(1, d)
     ws = [qk.to_fast_layout(torch.randn(n, d)) for n in (13, 5)]
     torch.library.opcheck(SPARSE_MULTI, (x, ws, 7, [torch.randn(13), None]))
-    torch.library.opcheck(SPARSE_MULTI, (torch.randn(3, d).bfloat16(), [w.bfloat16() for w in ws], 7, [None, None]))
+    for rows in (3, 9):
+        xb = torch.randn(rows, d).bfloat16()
+        torch.library.opcheck(SPARSE_MULTI, (xb, [w.bfloat16() for w in ws], 7, [None, None]))
     segs = [_packed(n, d) for n in (13, 5)]
     args = (x, [p for p, _ in segs], [s for _, s in segs], [13, 5], 9, [None, torch.randn(5)])
     torch.library.opcheck(TERNARY_MULTI, args)

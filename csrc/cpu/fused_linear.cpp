@@ -9,7 +9,7 @@
 // same kept rows in the same ascending order as in the single op, whatever the other segments or
 // the split, so the outputs are identical. Several rows (prefill, batches) with 0 < k < d: the
 // rows' top-K runs once and each segment takes the single op's own path over that selection
-// (sparse_linear_rows), with the single op's checks. Anything else (a row-major weight at M = 1,
+// (sparse_linear_rows, ternary_linear_multi_rows), with the single op's checks. Anything else (a row-major weight at M = 1,
 // an ISA without the fused ternary path, arguments the single op would reject) calls the single
 // op per segment, which also raises its errors.
 #include <ATen/Parallel.h>
@@ -177,8 +177,9 @@ std::vector<at::Tensor> ternary_linear_multi_cpu(const at::Tensor& x, at::Tensor
               n, ", ", scales.size(), ", ", out_features.size(), " and ", biases.size());
   const at::Tensor xr = as_rows(x, "ternary_linear_multi_kernel");
   const int64_t d = xr.size(1);
-  bool fused = isa() == Isa::Avx512 && xr.size(0) == 1 && d <= kMaxTernaryD &&
-               (!k_opt || (0 <= *k_opt && *k_opt <= d));
+  const bool valid = d <= kMaxTernaryD && (!k_opt || (0 <= *k_opt && *k_opt <= d));
+  if (valid && xr.size(0) > 1) return ternary::ternary_linear_multi_rows(x, packed, scales, out_features, k_opt, biases);
+  bool fused = isa() == Isa::Avx512 && xr.size(0) == 1 && valid;
   for (size_t s = 0; fused && s < n; ++s)
     fused = ternary_fusable(xr, packed[s], scales[s], out_features[s], biases.get(s));
   std::vector<at::Tensor> out;

@@ -46,5 +46,13 @@ std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::
                                                 const std::vector<float>& scale, const std::vector<int64_t>& out_features,
                                                 int64_t k, const std::vector<const at::Tensor*>& bias);
 
+// out[s] = ternary_linear_kernel(x, packed[s], scales[s], out_features[s], k, biases[s]) bit for
+// bit, for x [..., d] float with d <= kMaxTernaryD and k (if any) in [0, d]: every row's top-K and
+// int8 quantization run once, then each segment takes the single op's path over them (with its
+// checks). The several-rows path of ternary_linear_multi_kernel.
+std::vector<at::Tensor> ternary_linear_multi_rows(const at::Tensor& x, at::TensorList packed, at::TensorList scales,
+                                                  at::IntArrayRef out_features, std::optional<int64_t> k,
+                                                  const c10::List<std::optional<at::Tensor>>& biases);
+
 }  // namespace ternary
 }  // namespace qsk::cpu

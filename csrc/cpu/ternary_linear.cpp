@@ -102,6 +102,34 @@ QSK_TARGET_AVX2 RowQuant prepare_row_avx2(const T* x, int64_t d, int64_t k, int8
   return prepare_row(x, d, k, xq, idx, sel, Isa::Avx2);
 }
 
+// Every row's top-K + int8 quantization: xq [M][d] (zero where dropped), rq [M]. Independent of the
+// weight, so sibling projections share it (ternary_linear_multi_rows).
+struct Prepared {
+  std::vector<int8_t> xq;
+  std::vector<RowQuant> rq;
+};
+
+template <typename T>
+Prepared prepare_rows(const T* xp, int64_t M, int64_t d, int64_t k, Isa level) {
+  Prepared pre{std::vector<int8_t>(M * d, 0), std::vector<RowQuant>(M)};
+  const bool select = k >= 0 && k < d;
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<uint32_t> sel(select ? select_scratch_words(d) : 0);
+    std::vector<int32_t> idx(select ? std::max<int64_t>(k, 1) : 0);
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* xm = xp + m * d;
+      int8_t* qm = pre.xq.data() + m * d;
+      if (level == Isa::Avx512)
+        pre.rq[m] = prepare_row_avx512(xm, d, k, qm, idx.data(), sel.data());
+      else if (level == Isa::Avx2)
+        pre.rq[m] = prepare_row_avx2(xm, d, k, qm, idx.data(), sel.data());
+      else
+        pre.rq[m] = prepare_row(xm, d, k, qm, idx.data(), sel.data(), Isa::Scalar);
+    }
+  });
+  return pre;
+}
+
 // ---- 3. epilogue of one strip: y = (acc * x_scale) * scale (+ bias), as reference.ternary_epilogue ----
 
 // GCC contracts `a * b + c` into an FMA (one rounding) in C++ even under -std=c++20 whenever the
@@ -339,10 +367,11 @@ void row_split_m1(const RowPlan& plan, const Segment* segs, int64_t nseg, bool v
   });
 }
 
-// x [M, d] contiguous, packed contiguous (ternary_linear_cpu makes them so).
+// x [M, d] contiguous, packed contiguous (ternary_linear_segment makes them so). shared: the
+// rows already prepared by prepare_rows(x, k) (sibling projections), or nullptr.
 at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                                int64_t out_features, std::optional<int64_t> k_opt,
-                               const std::optional<at::Tensor>& bias_opt) {
+                               const std::optional<at::Tensor>& bias_opt, const Prepared* shared) {
   QSK_CHECK_DEVICE(scale, at::kCPU);
   QSK_CHECK_DTYPE(scale, at::kFloat);
   const int64_t M = x.size(0), d = x.size(1);
@@ -382,23 +411,10 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
     scalar_t* op = out.data_ptr<scalar_t>();
 
     // 1. top-K + quantization, per batch row.
-    std::vector<int8_t> xq(M * d, 0);
-    std::vector<RowQuant> rq(M);
-    const bool select = k >= 0 && k < d;
-    at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-      std::vector<uint32_t> sel(select ? select_scratch_words(d) : 0);
-      std::vector<int32_t> idx(select ? std::max<int64_t>(k, 1) : 0);
-      for (int64_t m = m0; m < m1; ++m) {
-        const scalar_t* xm = xp + m * d;
-        int8_t* qm = xq.data() + m * d;
-        if (level == Isa::Avx512)
-          rq[m] = prepare_row_avx512(xm, d, k, qm, idx.data(), sel.data());
-        else if (level == Isa::Avx2)
-          rq[m] = prepare_row_avx2(xm, d, k, qm, idx.data(), sel.data());
-        else
-          rq[m] = prepare_row(xm, d, k, qm, idx.data(), sel.data(), Isa::Scalar);
-      }
-    });
+    Prepared own;
+    if (shared == nullptr) own = prepare_rows(xp, M, d, k, level);
+    const std::vector<int8_t>& xq = shared ? shared->xq : own.xq;
+    const std::vector<RowQuant>& rq = shared ? shared->rq : own.rq;
 
     // 2. the rows to read: one plan over the union, or one plan per batch row (prefer_per_row).
     const uint8_t* pk = packed.data_ptr<uint8_t>();
@@ -485,23 +501,46 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
   return out;
 }
 
+// One weight over x as a contiguous [M, d] float matrix, with every check of the single op.
+at::Tensor ternary_linear_segment(const at::Tensor& xr, const at::Tensor& packed, const at::Tensor& scale,
+                                  int64_t out_features, std::optional<int64_t> k_opt,
+                                  const std::optional<at::Tensor>& bias_opt, const Prepared* shared) {
+  QSK_CHECK_DEVICE(packed, at::kCPU);
+  QSK_CHECK_DTYPE(packed, at::kByte);
+  QSK_CHECK_DIM(packed, 2);
+  std::optional<at::Tensor> bias;
+  if (bias_opt) bias = bias_opt->contiguous();
+  return ternary_linear_rows(xr, packed.contiguous(), scale, out_features, k_opt, bias, shared);
+}
+
 // x [..., d] (any strides) -> [..., out_features].
 at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                               int64_t out_features, std::optional<int64_t> k_opt,
                               const std::optional<at::Tensor>& bias_opt) {
   QSK_CHECK_DEVICE(x, at::kCPU);
   QSK_CHECK_FLOAT(x);
-  QSK_CHECK_DEVICE(packed, at::kCPU);
-  QSK_CHECK_DTYPE(packed, at::kByte);
-  QSK_CHECK_DIM(packed, 2);
-  std::optional<at::Tensor> bias;
-  if (bias_opt) bias = bias_opt->contiguous();
-  return unrows(ternary_linear_rows(as_rows(x, "ternary_linear_kernel"), packed.contiguous(), scale, out_features,
-                                    k_opt, bias),
+  return unrows(ternary_linear_segment(as_rows(x, "ternary_linear_kernel"), packed, scale, out_features, k_opt,
+                                       bias_opt, nullptr),
                 x);
 }
 
 }  // namespace
+
+std::vector<at::Tensor> ternary_linear_multi_rows(const at::Tensor& x, at::TensorList packed, at::TensorList scales,
+                                                  at::IntArrayRef out_features, std::optional<int64_t> k_opt,
+                                                  const c10::List<std::optional<at::Tensor>>& biases) {
+  const at::Tensor xr = as_rows(x, "ternary_linear_multi_kernel");
+  const int64_t M = xr.size(0), d = xr.size(1);
+  TORCH_INTERNAL_ASSERT(d <= kMaxTernaryD && (!k_opt || (0 <= *k_opt && *k_opt <= d)));
+  Prepared pre;
+  QSK_TERNARY_DISPATCH(xr.scalar_type(), "ternary_linear_multi_rows", [&] {
+    pre = prepare_rows(xr.data_ptr<scalar_t>(), M, d, k_opt ? *k_opt : -1, isa());
+  });
+  std::vector<at::Tensor> out;
+  for (size_t s = 0; s < packed.size(); ++s)
+    out.push_back(unrows(ternary_linear_segment(xr, packed[s], scales[s], out_features[s], k_opt, biases.get(s), &pre), x));
+  return out;
+}
 
 std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::vector<at::Tensor>& packed,
                                                 const std::vector<float>& scale, const std::vector<int64_t>& out_features,
