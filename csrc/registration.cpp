@@ -9,6 +9,7 @@
 
 namespace qsk::cpu {
 int64_t sparse_kernel_max_rows(const std::string& dtype);  // csrc/cpu/sparse_linear.cpp
+int64_t row_gemv_max_rows(const std::string& dtype);       // csrc/cpu/dense_gemv.cpp
 }
 
 TORCH_LIBRARY_FRAGMENT(qsparse, m) { qsk::define_kernel_schemas(m); }
@@ -26,6 +27,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_sparse_kernel_max_rows", &qsk::cpu::sparse_kernel_max_rows,
         "The largest batch for which CPU sparse_linear on a column-major weight runs the library's kernels "
         "('float32', 'bfloat16' or 'float16'; above it torch's GEMM on the masked activations)");
+  m.def("cpu_row_gemv_max_rows", &qsk::cpu::row_gemv_max_rows,
+        "The largest batch for which CPU sparse_linear at k = d on a row-major weight runs the library's "
+        "dense GEMV ('float32', 'bfloat16' or 'float16'; above it torch's GEMM)");
   m.def("set_cpu_isa_cap", &qsk::cpu::set_isa_cap,
         "Caps the CPU ISA ('scalar', 'avx2', 'avx512', 'avx512bf16', 'amx'; '' restores the detected one). "
         "For tests.");

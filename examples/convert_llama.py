@@ -56,7 +56,7 @@ def main() -> None:
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (qk.nn.QSparseLinear, qk.nn.BitLinear))}
     print(f"backends: { {k: v['usable'] for k, v in qk.backend_info().items()} }")
-    print(f"converted {report.converted} linear layers; lm_head stays {type(model.lm_head).__name__}")
+    print(f"converted {report.converted} linear layers; lm_head stays dense ({type(model.lm_head).__name__})")
     for name in list(layers)[:7]:
         print(f"  {name}: {layers[name]}")
     print(report)

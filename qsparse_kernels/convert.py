@@ -60,7 +60,7 @@ from ._frozen import FrozenMapping
 from .backends import CHOICES
 from .bitnet_import import from_hf_bitnet, is_hf_bitnet
 from .convert_report import ConversionReport, build_report, linear_layers, weight_bytes_per_token
-from .nn import BitLinear, QSparseLinear
+from .nn import BitLinear, DenseHead, QSparseLinear
 from .nn._siblings import group_siblings, ungroup
 
 WEIGHT_MODES = ("dense", "ternary")
@@ -211,17 +211,22 @@ def _convertible(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Linear) or is_hf_bitnet(mod)
 
 
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """``model.get_output_embeddings()`` (transformers models), or None."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            return get_out()
+        except (NotImplementedError, AttributeError):
+            return None
+    return None
+
+
 def default_filter(model: nn.Module) -> FilterFn:
     """The default layer selection for ``model``: every ``nn.Linear`` except the output head
     (see the module docstring)."""
     emb = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
-    head = None
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            head = get_out()
-        except (NotImplementedError, AttributeError):
-            head = None
+    head = _output_head(model)
 
     def tied(w) -> bool:
         return any(w is e or (w.data_ptr() == e.data_ptr() and w.shape == e.shape) for e in emb)
@@ -263,6 +268,7 @@ def convert(
     verbose: bool = False,
     return_report: bool = False,
     fuse_siblings: bool = True,
+    fast_head: bool = True,
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Replace the selected ``nn.Linear`` layers of ``model`` in place; returns ``model`` (and the
     :class:`~qsparse_kernels.convert_report.ConversionReport` with ``return_report=True``;
@@ -279,6 +285,11 @@ def convert(
     share one top-K (and int8 quantization) and one kernel call, with bit-identical outputs, and fall
     back to separate calls whenever they do not in fact get the same input (see
     :mod:`qsparse_kernels.nn._siblings`). The report lists the groups (``sibling_groups``).
+
+    ``fast_head`` (default True): the dense output head (a plain ``nn.Linear`` named ``lm_head`` or
+    ``classifier``, or ``model.get_output_embeddings()``, that the conversion left alone) becomes a
+    :class:`~qsparse_kernels.nn.DenseHead`: still dense, same Parameters, layout and tying, but
+    its CPU inference at 1 to 4 rows runs the library's dense GEMV.
 
     Raises ``ValueError`` for a pattern that wins for no layer, a layer the config cannot apply
     to (the message names the layer), or a model that is already converted (unless ``filter_fn``
@@ -318,12 +329,26 @@ def convert(
     new = {key: _swap(lin, name, layer_config).train(lin.training) for key, (name, lin, layer_config) in plan.items()}
     _replace_modules(model, new)
     root = new.get(id(model), model)
+    if fast_head:
+        use_dense_head(root)
     _sync_hf(root)
     groups = group_siblings(root) if fuse_siblings else []
     report = build_report(before, root, {plan[key][0]: mod for key, mod in new.items()}, groups)
     if verbose:
         print(report)
     return (root, report) if return_report else root
+
+
+def use_dense_head(model: nn.Module) -> None:
+    """Make each plain ``nn.Linear`` output head of ``model`` (named ``lm_head`` / ``classifier``, or
+    ``model.get_output_embeddings()``) a :class:`~qsparse_kernels.nn.DenseHead`, in place (same
+    Parameters); what ``convert(fast_head=True)`` and loading a converted checkpoint do."""
+    out = _output_head(model)
+    heads = {}
+    for name, mod in model.named_modules():
+        if type(mod) is nn.Linear and (name.rsplit(".", 1)[-1] in HEAD_NAMES or mod is out):
+            heads[id(mod)] = DenseHead.from_linear(mod)
+    _replace_modules(model, heads)
 
 
 def _replace_modules(model: nn.Module, new: dict[int, nn.Module]) -> None:
@@ -347,13 +372,22 @@ def _to_linear(mod: QSparseLinear | BitLinear) -> nn.Linear:
     return lin
 
 
+def _plain_head(head: DenseHead) -> nn.Linear:
+    """``head`` as the plain ``nn.Linear`` it was (same Parameters)."""
+    lin = nn.Linear(head.in_features, head.out_features, bias=False, device="meta", dtype=head.weight.dtype)
+    lin.weight = head.weight
+    lin.bias = head.bias
+    return lin.train(head.training)
+
+
 def unconvert(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
     """Turn the float Q-Sparse layers of ``model`` back into plain ``nn.Linear``, in place; returns
     ``model`` (or the new Linear when ``model`` itself is such a layer).
 
     ``QSparseLinear`` and training-mode ``BitLinear`` layers become ``nn.Linear`` sharing their
     ``weight`` and ``bias`` Parameters (so optimizers keep them): the same function without top-K
-    (and, for ``BitLinear``, without fake quantization). A packed ``BitLinear`` holds no float
+    (and, for ``BitLinear``, without fake quantization); a ``DenseHead`` becomes the plain
+    ``nn.Linear`` it was. A packed ``BitLinear`` holds no float
     weight: it raises ``ValueError`` naming the layer (``filter_fn(module, name) -> bool`` can leave
     it out). Shapes: unchanged, ``[..., in_features] -> [..., out_features]``.
     """
@@ -373,6 +407,9 @@ def unconvert(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
     for m in chosen.values():
         ungroup(m)  # its siblings (if they stay converted) compute alone from now on
     new = {id(m): _to_linear(m) for m in chosen.values()}
+    for name, m in model.named_modules():
+        if type(m) is DenseHead and (filter_fn is None or filter_fn(m, name)):
+            new[id(m)] = _plain_head(m)
     _replace_modules(model, new)
     root = new.get(id(model), model)
     _sync_hf(root)

@@ -10,7 +10,7 @@ from torch import nn
 import qsparse_kernels as qk
 from qsparse_kernels.backends import reference_backend
 from qsparse_kernels.convert import default_filter
-from qsparse_kernels.nn import BitLinear, QSparseLinear
+from qsparse_kernels.nn import BitLinear, DenseHead, QSparseLinear
 from tests.bitnet_bounds import packed_error_bound
 
 MISTRAL_RECIPE = {  # the paper's per-projection sparsity for continue-training Mistral
@@ -88,7 +88,7 @@ def test_per_layer_sparsity_recipe(backend):
         assert isinstance(mod, QSparseLinear) and mod.backend == backend, name
         assert mod.sparsity == PROJ_SPARSITY[name.rsplit(".", 1)[-1]], name
         assert mod.weight.stride(0) == 1
-    assert type(model.lm_head) is nn.Linear  # the output head stays dense
+    assert type(model.lm_head) is DenseHead  # the output head stays dense (the library's GEMV)
     y = model(ids)
     assert y.shape == ref.shape and not torch.allclose(y, ref)
 
@@ -224,7 +224,7 @@ def test_default_filter_excludes_heads_tied_and_mha():
     picked = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and keep(m, n)]
     assert picked == ["body"]
     qk.convert(model, qk.QSparseConfig())
-    assert isinstance(model.body, QSparseLinear) and type(model.classifier) is nn.Linear
+    assert isinstance(model.body, QSparseLinear) and type(model.classifier) is DenseHead
     assert model.emb.weight.stride(1) == 1  # the embedding was not re-laid out
 
 

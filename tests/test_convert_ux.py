@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import qsparse_kernels as qk
-from qsparse_kernels.nn import BitLinear, QSparseLinear
+from qsparse_kernels.nn import BitLinear, DenseHead, QSparseLinear
 from tests.test_convert import TinyLM
 
 D, FF, VOCAB = 32, 64, 50
@@ -86,7 +86,7 @@ def test_layers_patterns_set_any_field():
     assert model.layers[0].self_attn.v_proj.sparsity == 0.25
     q = model.layers[0].self_attn.q_proj  # no pattern: the top-level fields
     assert isinstance(q, QSparseLinear) and q.sparsity == 0.4 and q.backend == "auto"
-    assert type(model.lm_head) is nn.Linear
+    assert type(model.lm_head) is DenseHead
     assert model(ids).shape == (2, 7, VOCAB)
 
 

@@ -12,7 +12,7 @@ from transformers.integrations.bitnet import unpack_weights
 
 import qsparse_kernels as qk
 from qsparse_kernels.bitnet_import import is_hf_bitnet
-from qsparse_kernels.nn import BitLinear
+from qsparse_kernels.nn import BitLinear, DenseHead
 from tests.bitnet_bounds import packed_error_bound
 from tests.numerics import F32_REL, rel_err
 
@@ -64,7 +64,7 @@ def test_packed_bitlinear_checkpoint_gives_transformers_outputs(tmp_path):
 
     out, report = qk.convert(model, qk.QSparseConfig(sparsity=0.0), return_report=True)
     assert out is model and report.layers == {"BitLinear (packed)": 14, "nn.Linear (not converted)": 1}
-    assert not any(is_hf_bitnet(m) for m in model.modules()) and type(model.lm_head) is torch.nn.Linear
+    assert not any(is_hf_bitnet(m) for m in model.modules()) and type(model.lm_head) is DenseHead
     for name, (_, x, y_hf) in hf.items():
         layer = model.get_submodule(name)
         assert isinstance(layer, BitLinear) and layer.is_packed, name

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 import qsparse_kernels as qk
-from qsparse_kernels.nn import BitLinear, QSparseLinear
+from qsparse_kernels.nn import BitLinear, DenseHead, QSparseLinear
 from tests.numerics import F32_REL, rel_err
 from tests.test_convert import MISTRAL_RECIPE, PROJ_SPARSITY
 
@@ -94,7 +94,7 @@ def test_decoder_convert_generate_finetune(kind, backend):
 
     model = qk.convert(copy.deepcopy(base), qk.QSparseConfig(sparsity=MISTRAL_RECIPE, backend=backend))
     converted = {n: m for n, m in model.named_modules() if isinstance(m, QSparseLinear)}
-    assert len(converted) == 2 * 7 and type(model.lm_head) is nn.Linear
+    assert len(converted) == 2 * 7 and type(model.lm_head) is DenseHead
     for name, m in converted.items():
         assert m.sparsity == PROJ_SPARSITY[name.rsplit(".", 1)[-1]] and m.backend == backend, name
     with torch.no_grad():
@@ -135,7 +135,7 @@ def test_bert_classifier_convert_finetune():
 
     cfg = qk.QSparseConfig(sparsity={"*.attention.self.*": 0.42, "*.output.dense": 0.6, "*": 0.4})
     model = qk.convert(copy.deepcopy(base), cfg)
-    assert type(model.classifier) is nn.Linear  # the head stays dense
+    assert type(model.classifier) is DenseHead  # the head stays dense
     layer0 = model.bert.encoder.layer[0]
     assert layer0.attention.self.query.sparsity == 0.42 and layer0.attention.output.dense.sparsity == 0.6
     assert layer0.output.dense.sparsity == 0.6 and layer0.intermediate.dense.sparsity == 0.4
@@ -153,7 +153,7 @@ def test_bert_mlm_tied_decoder_stays_dense_and_checkpoints(tmp_path):
 
     model = qk.convert(build(), qk.QSparseConfig(sparsity=0.5))
     decoder = model.cls.predictions.decoder
-    assert type(decoder) is nn.Linear and decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert type(decoder) is DenseHead and decoder.weight is model.bert.embeddings.word_embeddings.weight
     assert isinstance(model.cls.predictions.transform.dense, QSparseLinear)
     with torch.no_grad():
         for p in model.parameters():
@@ -199,7 +199,7 @@ def test_example_runs(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [str(script)])
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
-    assert "converted 14 linear layers; lm_head stays Linear" in out and "sparsity=0.6" in out
+    assert "converted 14 linear layers; lm_head stays dense (DenseHead)" in out and "sparsity=0.6" in out
     assert "weight bytes read per token" in out and "from_pretrained gives bit-identical logits: True" in out
 
 

@@ -4,7 +4,8 @@
 // each row's k features, group the rows in blocks of <= 4 that share the union of their kept
 // features, and stream only those weight rows (sparse_gemv.h), parallel over output columns.
 // Larger batches, or other weight layouts, take the dense path: the top-K-masked activations
-// through at::linear (oneDNN / BLAS), so a sparse layer is never much slower than a dense one.
+// through at::linear (oneDNN / BLAS), so a sparse layer is never much slower than a dense one;
+// except a row-major weight at k = d and M <= 2 or 4 (a dense head): dense_gemv.cpp.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -18,6 +19,7 @@
 #include "qsk/cpu_common.h"
 #include "qsk/cpu_select.h"
 #include "qsk/isa.h"
+#include "dense_gemv.h"
 #include "fused_linear.h"
 #include "sparse_gemv.h"
 
@@ -238,6 +240,14 @@ at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int
     sparse_linear_bf16_batch(x.data_ptr<c10::BFloat16>(), M, d, k, weight.data_ptr<c10::BFloat16>(),
                              weight.stride(1), b.defined() ? b.data_ptr<c10::BFloat16>() : nullptr,
                              y.data_ptr<c10::BFloat16>(), N, has_amx_bf16(), kept);
+    return y;
+  }
+  if (k == d && !colmajor && weight.stride(1) == 1 && M <= row_gemv_max_rows(x.scalar_type()) && M > 0) {  // a head
+    auto y = at::empty({M, N}, x.options());
+    QSK_DISPATCH_HALF_FLOAT(x.scalar_type(), "dense_gemv_rowmajor", [&] {
+      dense_gemv_rowmajor<scalar_t>(x.data_ptr<scalar_t>(), M, d, weight.data_ptr<scalar_t>(), weight.stride(0),
+                                    b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N);
+    });
     return y;
   }
   if (!colmajor || M > sparse_max_rows(x.scalar_type())) {

@@ -3,12 +3,14 @@
 * :class:`QSparseLinear`: ``nn.Linear`` with top-K (or N:M) input sparsity, STE backward.
 * :class:`BitLinear`: BitNet b1.58 (fake-quantized training, packed ternary inference), optional top-K.
 * :class:`ReLU2` / :func:`relu2`: squared ReLU; :class:`ReLU2GLU`: the Q-Sparse FFN block.
+* :class:`DenseHead`: the dense output head (``lm_head``) through the library's GEMV (``convert`` makes it).
 * :class:`SiblingGroup`: sibling layers (q/k/v, gate/up) computed with one kernel call (``convert`` makes them).
 """
 
 from ._siblings import SiblingGroup
 from .activations import ReLU2, relu2
 from .bitlinear import BitLinear
+from .dense_head import DenseHead
 from .fake_quant import fake_quant_act, fake_quant_weight
 from .ffn import ReLU2GLU
 from .linear import QSparseLinear
@@ -22,4 +24,5 @@ __all__ = [
     "fake_quant_act",
     "fake_quant_weight",
     "SiblingGroup",
+    "DenseHead",
 ]

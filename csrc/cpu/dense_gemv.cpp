@@ -1,0 +1,236 @@
+// Dense GEMV over a row-major weight (nn.Linear's own layout): y[M, N] = x[M, d] W[N, d]^T + b
+// for M <= kRowGemvMaxRows, the path sparse_linear takes at k = d on a row-major weight (the
+// model's dense output head, qsparse_kernels.nn.DenseHead). torch's CPU GEMV streams such a
+// weight at about half the machine's read bandwidth; this one reads every weight row once, as one
+// contiguous run, for all M rows of x (which stay in L1 / L2), split over the threads by output.
+//
+// Sum order (the same on every ISA path, thread count, N and output position): 16 partial sums
+// s[l] = fma(x[16 c + l], w[16 c + l], s[l]) over c = 0, 1, ... (zero padded past d), then
+// s[l] += s[l + h] for h = 8, 4, 2, 1, then + bias in float32, one rounding to the output dtype.
+// Products are exact in float32 for bf16 / fp16 inputs; fp32 inputs are fused-multiply-added.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+// GCC 12 reports its own masked-load / convert intrinsics as reading an uninitialised value (a
+// known false positive in avx512fintrin.h); silence it in this file only.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include "dense_gemv.h"
+#include "qsk/cpu_common.h"
+#include "qsk/isa.h"
+
+namespace qsk::cpu {
+namespace {
+
+constexpr int kRowsPerStep = 4;  // weight rows whose dot products run side by side
+
+// ---- portable (baseline build; also the reference for the order above) ----
+
+inline float widen16(const float* p, int64_t i) { return p[i]; }
+inline float widen16(const c10::BFloat16* p, int64_t i) {
+  const uint32_t u = static_cast<uint32_t>(p[i].x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float widen16(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+
+inline float tree16(float* s) {
+  for (int h = 8; h >= 1; h /= 2)
+    for (int l = 0; l < h; ++l) s[l] += s[l + h];
+  return s[0];
+}
+
+template <typename T>
+void rows_portable(const T* x, int64_t M, int64_t d, const T* w, int64_t ldw, int64_t n0, int64_t n1, float* out,
+                   int64_t ldo) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* wr = w + n * ldw;
+    for (int64_t m = 0; m < M; ++m) {
+      const T* xr = x + m * d;
+      float s[16] = {};
+      for (int64_t c = 0; c < d; c += 16)
+        for (int l = 0; l < 16; ++l) {
+          const int64_t i = c + l;
+          const float xv = i < d ? widen16(xr, i) : 0.0f, wv = i < d ? widen16(wr, i) : 0.0f;
+          s[l] = std::fma(xv, wv, s[l]);
+        }
+      out[m * ldo + (n - n0)] = tree16(s);
+    }
+  }
+}
+
+// ---- AVX-512: 16 lanes = the 16 partial sums ----
+
+QSK_TARGET_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+QSK_TARGET_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+QSK_TARGET_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+
+QSK_TARGET_AVX512 inline float tree16_avx512(__m512 v) {
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));  // l + 8
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));       // l + 4
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));                                        // l + 2
+  const __m128 e = _mm_add_ss(c, _mm_movehdup_ps(c));                                         // l + 1
+  return _mm_cvtss_f32(e);
+}
+
+// Outputs n .. n + nr (nr <= kRowsPerStep) of MR rows into out[m * ldo + r].
+template <typename T, int MR>
+QSK_TARGET_AVX512 void step_avx512(const T* x, int64_t d, const T* w, int64_t ldw, int64_t n, int nr, float* out,
+                                   int64_t ldo) {
+  __m512 acc[kRowsPerStep][MR];
+  for (int r = 0; r < kRowsPerStep; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; c += 16) {
+    const __mmask16 k = d - c >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (d - c)) - 1);
+    __m512 xv[MR];
+    for (int m = 0; m < MR; ++m) xv[m] = load16(x + m * d + c, k);
+    for (int r = 0; r < kRowsPerStep; ++r) {
+      if (r >= nr) break;
+      const __m512 wv = load16(w + (n + r) * ldw + c, k);
+      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_fmadd_ps(xv[m], wv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < nr; ++r)
+    for (int m = 0; m < MR; ++m) out[m * ldo + r] = tree16_avx512(acc[r][m]);
+}
+
+template <typename T>
+QSK_TARGET_AVX512 void rows_avx512(const T* x, int64_t M, int64_t d, const T* w, int64_t ldw, int64_t n0, int64_t n1,
+                                   float* out, int64_t ldo) {
+  for (int64_t n = n0; n < n1; n += kRowsPerStep) {
+    const int nr = static_cast<int>(std::min<int64_t>(kRowsPerStep, n1 - n));
+    float* o = out + (n - n0);
+    switch (M) {
+      case 1: step_avx512<T, 1>(x, d, w, ldw, n, nr, o, ldo); break;
+      case 2: step_avx512<T, 2>(x, d, w, ldw, n, nr, o, ldo); break;
+      case 3: step_avx512<T, 3>(x, d, w, ldw, n, nr, o, ldo); break;
+      default: step_avx512<T, 4>(x, d, w, ldw, n, nr, o, ldo); break;
+    }
+  }
+}
+
+// ---- AVX2: two 8-lane halves = partial sums 0..7 and 8..15 ----
+// out[m * ldo + (n - n0)] for n in [n0, n1), as every path below.
+
+QSK_TARGET_AVX2 inline void load16_avx2(const c10::BFloat16* p, int64_t left, __m256& lo, __m256& hi) {
+  if (left < 16) {
+    alignas(32) float buf[16];
+    for (int l = 0; l < 16; ++l) buf[l] = l < left ? widen16(p, l) : 0.0f;
+    lo = _mm256_load_ps(buf);
+    hi = _mm256_load_ps(buf + 8);
+    return;
+  }
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
+  hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+}
+QSK_TARGET_AVX2 inline void load16_avx2(const c10::Half* p, int64_t left, __m256& lo, __m256& hi) {
+  if (left < 16) {
+    alignas(32) float buf[16];
+    for (int l = 0; l < 16; ++l) buf[l] = l < left ? widen16(p, l) : 0.0f;
+    lo = _mm256_load_ps(buf);
+    hi = _mm256_load_ps(buf + 8);
+    return;
+  }
+  lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+}
+QSK_TARGET_AVX2 inline void load16_avx2(const float* p, int64_t left, __m256& lo, __m256& hi) {
+  if (left < 16) {
+    alignas(32) float buf[16];
+    for (int l = 0; l < 16; ++l) buf[l] = l < left ? p[l] : 0.0f;
+    lo = _mm256_load_ps(buf);
+    hi = _mm256_load_ps(buf + 8);
+    return;
+  }
+  lo = _mm256_loadu_ps(p);
+  hi = _mm256_loadu_ps(p + 8);
+}
+
+QSK_TARGET_AVX2 inline float tree16_avx2(__m256 lo, __m256 hi) {
+  const __m256 a = _mm256_add_ps(lo, hi);                                                // l + 8
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));  // l + 4
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));                                   // l + 2
+  const __m128 e = _mm_add_ss(c, _mm_movehdup_ps(c));                                    // l + 1
+  return _mm_cvtss_f32(e);
+}
+
+template <typename T>
+QSK_TARGET_AVX2 void rows_avx2(const T* x, int64_t M, int64_t d, const T* w, int64_t ldw, int64_t n0, int64_t n1,
+                               float* out, int64_t ldo) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* wr = w + n * ldw;
+    __m256 lo[kMaxRowGemvRows], hi[kMaxRowGemvRows];
+    for (int64_t m = 0; m < M; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < d; c += 16) {
+      __m256 wl, wh;
+      load16_avx2(wr + c, d - c, wl, wh);
+      for (int64_t m = 0; m < M; ++m) {
+        __m256 xl, xh;
+        load16_avx2(x + m * d + c, d - c, xl, xh);
+        lo[m] = _mm256_fmadd_ps(xl, wl, lo[m]);
+        hi[m] = _mm256_fmadd_ps(xh, wh, hi[m]);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) out[m * ldo + (n - n0)] = tree16_avx2(lo[m], hi[m]);
+  }
+}
+
+template <typename T>
+void rows(Isa level, const T* x, int64_t M, int64_t d, const T* w, int64_t ldw, int64_t n0, int64_t n1, float* out,
+          int64_t ldo) {
+  if (level == Isa::Avx512) return rows_avx512(x, M, d, w, ldw, n0, n1, out, ldo);
+  if (level == Isa::Avx2) return rows_avx2(x, M, d, w, ldw, n0, n1, out, ldo);
+  rows_portable(x, M, d, w, ldw, n0, n1, out, ldo);
+}
+
+}  // namespace
+
+template <typename T>
+void dense_gemv_rowmajor(const T* x, int64_t M, int64_t d, const T* w, int64_t ldw, const T* bias, T* y, int64_t N) {
+  TORCH_INTERNAL_ASSERT(M >= 1 && M <= kMaxRowGemvRows && d >= 0 && N >= 0);
+  const Isa level = isa();
+  constexpr int64_t kOuts = 256;  // outputs per task (a multiple of kRowsPerStep)
+  const int64_t tasks = (N + kOuts - 1) / kOuts;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, kOuts * d * sizeof(T)));
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    float acc[kMaxRowGemvRows * kOuts];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kOuts, n1 = std::min(N, n0 + kOuts);
+      rows(level, x, M, d, w, ldw, n0, n1, acc, kOuts);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) {
+          const float s = acc[m * kOuts + n - n0];
+          y[m * N + n] = static_cast<T>(bias ? s + static_cast<float>(bias[n]) : s);
+        }
+    }
+  });
+}
+
+int64_t row_gemv_max_rows(const std::string& dtype) {
+  if (dtype == "float32") return row_gemv_max_rows(c10::kFloat);
+  if (dtype == "float16") return row_gemv_max_rows(c10::kHalf);
+  TORCH_CHECK(dtype == "bfloat16", "row_gemv_max_rows: unknown dtype ", dtype);
+  return row_gemv_max_rows(c10::kBFloat16);
+}
+
+template void dense_gemv_rowmajor<float>(const float*, int64_t, int64_t, const float*, int64_t, const float*, float*,
+                                         int64_t);
+template void dense_gemv_rowmajor<c10::BFloat16>(const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*, int64_t,
+                                                 const c10::BFloat16*, c10::BFloat16*, int64_t);
+template void dense_gemv_rowmajor<c10::Half>(const c10::Half*, int64_t, int64_t, const c10::Half*, int64_t,
+                                             const c10::Half*, c10::Half*, int64_t);
+
+}  // namespace qsk::cpu
