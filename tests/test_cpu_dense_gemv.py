@@ -129,4 +129,4 @@ def test_library_kernel_runs_in_its_documented_order(dtype, rows, isa, gen):
         for m in rows:
             x = torch.randn(m, d, generator=gen).to(dtype)
             want = (_documented_order(x, w) + b.float()).to(dtype)
-            assert torch.equal(_with_isa(isa, lambda: _gemv(x, w, b)), want)
+            assert torch.equal(_with_isa(isa, lambda x=x, w=w, b=b: _gemv(x, w, b)), want)

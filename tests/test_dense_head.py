@@ -89,7 +89,8 @@ def test_autocast_casts_like_nn_linear(gen):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y, plain = head(x), lin(x)
     assert y.dtype == plain.dtype == torch.bfloat16
-    assert_parity(y, F.linear(x.bfloat16().double(), lin.weight.bfloat16().double(), lin.bias.bfloat16().double()), plain)
+    ref64 = F.linear(*(t.bfloat16().double() for t in (x, lin.weight, lin.bias)))
+    assert_parity(y, ref64, plain)
 
 
 def test_hf_from_pretrained_gets_the_dense_head(tmp_path):

@@ -62,7 +62,7 @@ def _fast(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         return False
     if bias is not None and (bias.dtype != x.dtype or bias.device.type != "cpu"):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return False
     rows = x.numel() // max(1, x.shape[-1])
     return 0 < rows <= _MAX_ROWS.get(x.dtype, 0)
