@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include <c10/util/Exception.h>
 
@@ -196,21 +197,49 @@ void emit(Isa isa, const T* x, int64_t d, int64_t k, uint32_t thr, int64_t ties,
   emit_scalar(x, d, k, thr, ties, idx);
 }
 
-// Counts the digit (key >> shift) & 0xff of src[0..n) into hist[0..256). Four interleaved tables
-// so that runs of equal digits (common: the top digit is the exponent) do not serialise on one
-// counter's store-to-load latency.
+// The digit (key >> shift) & 0xff of entry i.
+template <typename T>
+inline uint32_t digit_of(const T* p, int64_t i, int shift) {
+  return (key_of(p, i) >> shift) & (kBins - 1);
+}
+// The top digit of a source row's entry (float / bf16 / fp16): there the NaN canonicalisation of
+// key_of changes nothing (every NaN and +-Inf has the top digit 0xff), so it is skipped.
+inline uint32_t top_digit_of(const float* p, int64_t i) {
+  uint32_t u;
+  std::memcpy(&u, p + i, sizeof u);
+  return (u & 0x7fffffffu) >> (kKeyBits<float> - kDigitBits);
+}
+inline uint32_t top_digit_of(const c10::BFloat16* p, int64_t i) {
+  return (p[i].x & 0x7fffu) >> (kKeyBits<c10::BFloat16> - kDigitBits);
+}
+inline uint32_t top_digit_of(const c10::Half* p, int64_t i) {
+  return (p[i].x & 0x7fffu) >> (kKeyBits<c10::Half> - kDigitBits);
+}
+
+// Counts the digits of src[0..n) into hist[0..256), with digit(i) one of the two above. Eight
+// interleaved tables, so that runs of equal digits (common: the top digit is the exponent) do not
+// serialise on one counter's store-to-load latency.
+template <typename Digit>
+void count_digits(int64_t n, const Digit& digit, uint32_t* hist) {
+  constexpr int kTables = 8;
+  uint32_t h[kTables][kBins] = {};
+  int64_t i = 0;
+  for (; i + kTables <= n; i += kTables)
+    for (int j = 0; j < kTables; ++j) ++h[j][digit(i + j)];
+  for (; i < n; ++i) ++h[0][digit(i)];
+  for (int b = 0; b < kBins; ++b) {
+    uint32_t c = 0;
+    for (int j = 0; j < kTables; ++j) c += h[j][b];
+    hist[b] = c;
+  }
+}
+
 template <typename T>
 void digit_histogram(const T* src, int64_t n, int shift, uint32_t* hist) {
-  uint32_t h[4][kBins] = {};
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    ++h[0][(key_of(src, i) >> shift) & (kBins - 1)];
-    ++h[1][(key_of(src, i + 1) >> shift) & (kBins - 1)];
-    ++h[2][(key_of(src, i + 2) >> shift) & (kBins - 1)];
-    ++h[3][(key_of(src, i + 3) >> shift) & (kBins - 1)];
+  if constexpr (!std::is_same_v<T, uint32_t>) {
+    if (shift == kKeyBits<T> - kDigitBits) return count_digits(n, [&](int64_t i) { return top_digit_of(src, i); }, hist);
   }
-  for (; i < n; ++i) ++h[0][(key_of(src, i) >> shift) & (kBins - 1)];
-  for (int b = 0; b < kBins; ++b) hist[b] = h[0][b] + h[1][b] + h[2][b] + h[3][b];
+  count_digits(n, [&](int64_t i) { return digit_of(src, i, shift); }, hist);
 }
 
 // One radix round on the current set src[0..n) whose keys share every bit above shift + 8:
