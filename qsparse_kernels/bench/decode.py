@@ -33,13 +33,13 @@ import time
 import torch
 from torch import nn
 
-from .harness import LLC_FACTOR, llc_bytes, machine_summary
+from .harness import LLC_FACTOR, llc_bytes, machine_summary, read_bandwidth
 from .llama import LlamaDecoder, LlamaShape
 
-# name -> QSparseConfig keyword arguments (None: the dense model as built), plus "fast_head": the
-# dense lm_head as a QSparseLinear at sparsity 0 (the same dense bf16 math through the library's
-# GEMV over the column-major weight), to show what the dense head costs; every other variant keeps
-# lm_head an nn.Linear, as the default conversion filter does.
+# name -> QSparseConfig keyword arguments (None: the dense model as built, lm_head an nn.Linear).
+# Every converted variant's lm_head is a DenseHead (convert's default: dense, row-major, the
+# library's dense GEMV at 1-2 rows); "fast_head" instead makes it a QSparseLinear at sparsity 0
+# (the column-major layout and the sparse kernel at k = d), the other way to run a dense head.
 VARIANTS = {
     "dense": None,
     "qsparse-0.5": dict(sparsity=0.5, weights="dense"),
@@ -119,10 +119,14 @@ def weight_bytes_per_token(model: LlamaDecoder) -> int:
     so a cycled layer counts each time) and the output head."""
     from ..convert_report import weight_bytes_per_token as read
 
-    total = read(model.lm_head)
-    for layer in model.layers:
-        total += sum(read(m) for _, _, m in _projections(layer))
-    return total
+    return read(model.lm_head) + projection_bytes_per_token(model)
+
+
+def projection_bytes_per_token(model: LlamaDecoder) -> int:
+    """The projections' share of :func:`weight_bytes_per_token` (no head)."""
+    from ..convert_report import weight_bytes_per_token as read
+
+    return sum(read(m) for layer in model.layers for _, _, m in _projections(layer))
 
 
 def time_variant(model: LlamaDecoder, prompt: torch.Tensor, n_new: int) -> dict:
@@ -284,8 +288,10 @@ def main(argv=None) -> int:
     bpt = {v: weight_bytes_per_token(m) for v, m in models.items()}
     results = run_rounds(models, prompt, args.new_tokens, args.rounds, f"{label} ")
     if args.breakdown:
+        bw = read_bandwidth(torch.device(args.device))  # the floor's bandwidth, same run
         for v, m in models.items():
             results[v]["split"] = breakdown(m, prompt, args.new_tokens)
+            results[v]["split"]["floor"] = 1e3 * projection_bytes_per_token(m) / bw
     tables.append((label, results, bpt))
     del models
 
@@ -311,10 +317,15 @@ def main(argv=None) -> int:
         if w:
             warnings.append(w)
     if args.breakdown:
-        print(f"\n{'ms per decoded token (one round)':<40}{'total':>9}{'lm_head':>9}{'projections':>13}{'rest':>9}")
+        print(f"\n{'ms per decoded token (one round)':<40}{'total':>9}{'lm_head':>9}{'projections':>13}{'rest':>9}"
+              f"{'proj floor':>12}{'proj/floor':>12}")
         for v, r in tables[0][1].items():
             sp = r["split"]
-            print(f"{v:<40}{sp['total']:>9.1f}{sp['lm_head']:>9.1f}{sp['projections']:>13.1f}{sp['rest']:>9.1f}")
+            print(f"{v:<40}{sp['total']:>9.1f}{sp['lm_head']:>9.1f}{sp['projections']:>13.1f}{sp['rest']:>9.1f}"
+                  f"{sp['floor']:>12.1f}{sp['projections'] / sp['floor']:>11.2f}x")
+        print("# proj floor: the projections' kept weight bytes per token / the read bandwidth measured in this "
+              f"run ({bw / 1e9:.1f} GB/s, amax over a DRAM-sized buffer; a kernel with more loads in flight can "
+              "beat it)")
     for w in warnings:
         print(w, file=sys.stderr)
     if args.out:
