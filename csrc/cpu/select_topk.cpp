@@ -202,8 +202,10 @@ template <typename T>
 inline uint32_t digit_of(const T* p, int64_t i, int shift) {
   return (key_of(p, i) >> shift) & (kBins - 1);
 }
-// The top digit of a source row's entry (float / bf16 / fp16): there the NaN canonicalisation of
-// key_of changes nothing (every NaN and +-Inf has the top digit 0xff), so it is skipped.
+// The top digit of a source row's entry. For float and bf16 it is the exponent field, where the
+// NaN canonicalisation of key_of changes nothing (every NaN and +-Inf has the top digit 0xff), so
+// it is skipped; fp16's top 8 key bits hold 3 mantissa bits too (NaNs span several digits), so
+// fp16 keeps it.
 inline uint32_t top_digit_of(const float* p, int64_t i) {
   uint32_t u;
   std::memcpy(&u, p + i, sizeof u);
@@ -213,7 +215,7 @@ inline uint32_t top_digit_of(const c10::BFloat16* p, int64_t i) {
   return (p[i].x & 0x7fffu) >> (kKeyBits<c10::BFloat16> - kDigitBits);
 }
 inline uint32_t top_digit_of(const c10::Half* p, int64_t i) {
-  return (p[i].x & 0x7fffu) >> (kKeyBits<c10::Half> - kDigitBits);
+  return key_of(p, i) >> (kKeyBits<c10::Half> - kDigitBits);
 }
 
 // Counts the digits of src[0..n) into hist[0..256), with digit(i) one of the two above. Eight
@@ -280,6 +282,8 @@ void kth_key(Isa isa, const T* x, int64_t d, int64_t k, uint32_t* scratch, uint3
     if (in_bin < n) {  // compact the bin; a set already inside it stays where it is
       int64_t gt;
       n = a == nullptr ? band(isa, x, n, lo, hi, buf[cur], &gt) : band(isa, a, n, lo, hi, buf[cur], &gt);
+      // The histogram and the band pass must agree on the keys (else the writes below overrun).
+      TORCH_INTERNAL_ASSERT(n == in_bin && t >= 1 && t <= n, "select_topk: radix round disagrees with its band");
       a = buf[cur];
       cur ^= 1;
     }
