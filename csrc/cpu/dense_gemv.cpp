@@ -124,37 +124,28 @@ QSK_TARGET_AVX512 void rows_avx512(const T* x, int64_t M, int64_t d, const T* w,
 // ---- AVX2: two 8-lane halves = partial sums 0..7 and 8..15 ----
 // out[m * ldo + (n - n0)] for n in [n0, n1), as every path below.
 
+// The last left < 16 entries, zero padded.
+template <typename T>
+QSK_TARGET_AVX2 inline void load_tail_avx2(const T* p, int64_t left, __m256& lo, __m256& hi) {
+  alignas(32) float buf[16];
+  for (int l = 0; l < 16; ++l) buf[l] = l < left ? widen16(p, l) : 0.0f;
+  lo = _mm256_load_ps(buf);
+  hi = _mm256_load_ps(buf + 8);
+}
+
 QSK_TARGET_AVX2 inline void load16_avx2(const c10::BFloat16* p, int64_t left, __m256& lo, __m256& hi) {
-  if (left < 16) {
-    alignas(32) float buf[16];
-    for (int l = 0; l < 16; ++l) buf[l] = l < left ? widen16(p, l) : 0.0f;
-    lo = _mm256_load_ps(buf);
-    hi = _mm256_load_ps(buf + 8);
-    return;
-  }
+  if (left < 16) return load_tail_avx2(p, left, lo, hi);
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
   hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
 }
 QSK_TARGET_AVX2 inline void load16_avx2(const c10::Half* p, int64_t left, __m256& lo, __m256& hi) {
-  if (left < 16) {
-    alignas(32) float buf[16];
-    for (int l = 0; l < 16; ++l) buf[l] = l < left ? widen16(p, l) : 0.0f;
-    lo = _mm256_load_ps(buf);
-    hi = _mm256_load_ps(buf + 8);
-    return;
-  }
+  if (left < 16) return load_tail_avx2(p, left, lo, hi);
   lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
 }
 QSK_TARGET_AVX2 inline void load16_avx2(const float* p, int64_t left, __m256& lo, __m256& hi) {
-  if (left < 16) {
-    alignas(32) float buf[16];
-    for (int l = 0; l < 16; ++l) buf[l] = l < left ? p[l] : 0.0f;
-    lo = _mm256_load_ps(buf);
-    hi = _mm256_load_ps(buf + 8);
-    return;
-  }
+  if (left < 16) return load_tail_avx2(p, left, lo, hi);
   lo = _mm256_loadu_ps(p);
   hi = _mm256_loadu_ps(p + 8);
 }
