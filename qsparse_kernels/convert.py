@@ -359,25 +359,26 @@ def _replace_modules(model: nn.Module, new: dict[int, nn.Module]) -> None:
                 parent._modules[child_name] = new[id(child)]
 
 
-def _to_linear(mod: QSparseLinear | BitLinear) -> nn.Linear:
-    """A plain ``nn.Linear`` sharing ``mod``'s float ``weight`` and ``bias`` Parameters; the weight
-    goes back to the row-major layout in place (same Parameter object)."""
+def _linear_sharing(mod: nn.Module) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``mod``'s ``weight`` and ``bias`` Parameters (no copy)."""
     lin = nn.Linear(mod.in_features, mod.out_features, bias=False, device="meta", dtype=mod.weight.dtype)
-    weight = mod.weight
-    if not weight.is_contiguous():
-        with torch.no_grad():
-            weight.data = weight.data.contiguous()
-    lin.weight = weight
+    lin.weight = mod.weight
     lin.bias = mod.bias
     return lin
 
 
+def _to_linear(mod: QSparseLinear | BitLinear) -> nn.Linear:
+    """A plain ``nn.Linear`` sharing ``mod``'s float ``weight`` and ``bias`` Parameters; the weight
+    goes back to the row-major layout in place (same Parameter object)."""
+    if not mod.weight.is_contiguous():
+        with torch.no_grad():
+            mod.weight.data = mod.weight.data.contiguous()
+    return _linear_sharing(mod)
+
+
 def _plain_head(head: DenseHead) -> nn.Linear:
-    """``head`` as the plain ``nn.Linear`` it was (same Parameters)."""
-    lin = nn.Linear(head.in_features, head.out_features, bias=False, device="meta", dtype=head.weight.dtype)
-    lin.weight = head.weight
-    lin.bias = head.bias
-    return lin.train(head.training)
+    """``head`` as the plain ``nn.Linear`` it was (same Parameters, layout and mode)."""
+    return _linear_sharing(head).train(head.training)
 
 
 def unconvert(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
