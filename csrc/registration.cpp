@@ -7,10 +7,21 @@
 #include "qsk/isa.h"
 #include "qsk/schemas.h"
 
+#include "cpu/dense_gemv.h"
+
 namespace qsk::cpu {
-int64_t sparse_kernel_max_rows(const std::string& dtype);  // csrc/cpu/sparse_linear.cpp
-int64_t row_gemv_max_rows(const std::string& dtype);       // csrc/cpu/dense_gemv.cpp
+int64_t sparse_kernel_max_rows(at::ScalarType dtype);  // csrc/cpu/sparse_linear.cpp
 }
+
+namespace {
+// A float dtype from its torch name without the "torch." prefix.
+at::ScalarType float_dtype(const std::string& name) {
+  if (name == "float32") return at::kFloat;
+  if (name == "float16") return at::kHalf;
+  TORCH_CHECK(name == "bfloat16", "expected 'float32', 'bfloat16' or 'float16', got '", name, "'");
+  return at::kBFloat16;
+}
+}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qsparse, m) { qsk::define_kernel_schemas(m); }
 
@@ -24,10 +35,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_bf16_gemm", [] { return std::string(qsk::cpu::bf16_gemm_name()); },
         "The batched bf16 sparse_linear kernel in use: amx, avx512bf16 or none (under the ISA cap)");
   m.def("cpu_has_amx_int8", &qsk::cpu::has_amx_int8);
-  m.def("cpu_sparse_kernel_max_rows", &qsk::cpu::sparse_kernel_max_rows,
+  m.def("cpu_sparse_kernel_max_rows",
+        [](const std::string& dt) { return qsk::cpu::sparse_kernel_max_rows(float_dtype(dt)); },
         "The largest batch for which CPU sparse_linear on a column-major weight runs the library's kernels "
         "('float32', 'bfloat16' or 'float16'; above it torch's GEMM on the masked activations)");
-  m.def("cpu_row_gemv_max_rows", &qsk::cpu::row_gemv_max_rows,
+  m.def("cpu_row_gemv_max_rows",
+        [](const std::string& dt) { return qsk::cpu::row_gemv_max_rows(float_dtype(dt)); },
         "The largest batch for which CPU sparse_linear at k = d on a row-major weight runs the library's "
         "dense GEMV ('float32', 'bfloat16' or 'float16'; above it torch's GEMM)");
   m.def("set_cpu_isa_cap", &qsk::cpu::set_isa_cap,

@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <string>
 
 // GCC 12 reports its own masked-load / convert intrinsics as reading an uninitialised value (a
 // known false positive in avx512fintrin.h); silence it in this file only.
@@ -208,13 +207,6 @@ void dense_gemv_rowmajor(const T* x, int64_t M, int64_t d, const T* w, int64_t l
         }
     }
   });
-}
-
-int64_t row_gemv_max_rows(const std::string& dtype) {
-  if (dtype == "float32") return row_gemv_max_rows(c10::kFloat);
-  if (dtype == "float16") return row_gemv_max_rows(c10::kHalf);
-  TORCH_CHECK(dtype == "bfloat16", "row_gemv_max_rows: unknown dtype ", dtype);
-  return row_gemv_max_rows(c10::kBFloat16);
 }
 
 template void dense_gemv_rowmajor<float>(const float*, int64_t, int64_t, const float*, int64_t, const float*, float*,

@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <vector>
 
 #include "qsk/checks.h"
@@ -64,12 +63,10 @@ inline int64_t sparse_max_rows(at::ScalarType dtype) {
 constexpr int64_t kBf16BatchMaxRows = 16;
 
 // The largest batch for which a column-major weight runs the library's kernels (above it torch's
-// GEMM on the masked activations), for the dtype named "float32", "bfloat16" or "float16".
-int64_t sparse_kernel_max_rows(const std::string& dtype) {
-  if (dtype == "float16") return sparse_max_rows(at::kHalf);
-  if (dtype == "float32") return sparse_max_rows(at::kFloat);
-  TORCH_CHECK(dtype == "bfloat16", "sparse_kernel_max_rows: unknown dtype ", dtype);
-  return has_avx512_bf16() ? kBf16BatchMaxRows : sparse_max_rows(at::kBFloat16);
+// GEMM on the masked activations).
+int64_t sparse_kernel_max_rows(at::ScalarType dtype) {
+  if (dtype == at::kBFloat16 && has_avx512_bf16()) return kBf16BatchMaxRows;
+  return sparse_max_rows(dtype);
 }
 
 namespace {
