@@ -16,7 +16,7 @@ cd "$SRC"
 echo "[sanitize] building with -fsanitize=address,undefined (CPU only)"
 export QSPARSE_BUILD_CUDA=0
 # The one list of sanitizer flags: setup.py and the emulated CUDA kernels' build (tests/cuda_emu) read it.
-export QSPARSE_SANITIZE_FLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
+export QSPARSE_SANITIZE_FLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g1"
 MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py -q build_ext --inplace > build.log 2>&1 || {
   tail -n 40 build.log; exit 1; }
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
@@ -36,4 +36,4 @@ else
   export QSPARSE_FUZZ_BACKENDS=reference,cpu  # the emulated CUDA kernels: `scripts/sanitize.sh cuda`
 fi
 echo "[sanitize] running $(echo $tests | wc -w) test files under ASan/UBSan"
-"$PY" -m pytest -q -p no:cacheprovider --durations=15 -n "${QSPARSE_TEST_JOBS:-auto}" --dist loadfile $tests
+"$PY" -m pytest -q -p no:cacheprovider --durations=15 -n "${QSPARSE_TEST_JOBS:-auto}" --dist worksteal $tests

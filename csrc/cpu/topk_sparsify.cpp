@@ -70,7 +70,7 @@ at::Tensor topk_sparsify_cpu(const at::Tensor& x, int64_t k) {
   QSK_CHECK_FLOAT(x);
   QSK_CHECK_DIM(x, 2);
   QSK_CHECK_CONTIGUOUS(x);
-  const int64_t M = x.size(0), d = x.size(1);
+  const int64_t d = x.size(1);
   TORCH_CHECK(d <= INT32_MAX, "topk_sparsify_kernel: d = ", d, " exceeds INT32_MAX");
   TORCH_CHECK(0 <= k && k <= d, "topk_sparsify_kernel: k must be in [0, d = ", d, "], got ", k);
   return sparsify_kept(x, select_rows(x, k).data(), k);

@@ -68,13 +68,18 @@ _pool: dict[tuple, list[torch.Tensor]] = {}
 
 
 def _copies(key: tuple, make: Callable[[], torch.Tensor], n: int, bytes_each: int) -> list:
-    """``n`` copies made by ``make`` (at least 2, within :data:`MAX_ROTATION_BYTES`), kept per shape."""
+    """``n`` copies (at least 2, within :data:`MAX_ROTATION_BYTES`), kept per shape: one weight made by
+    ``make``, then clones of it, each its own storage (harness.flush evicts a whole storage). The
+    kernels' speed does not depend on the values, and cloning is a memcpy where drawing fresh
+    random values for the 1 GiB rotation of a tiny shape took ~40 s."""
     n = max(2, min(n, MAX_ROTATION_BYTES // max(1, bytes_each)))
     if _pool and key not in _pool and next(iter(_pool))[:3] != key[:3]:
         _pool.clear()  # a new shape: free the previous one's copies
     pool = _pool.setdefault(key, [])
-    while len(pool) < n:
+    if not pool:
         pool.append(make())
+    while len(pool) < n:
+        pool.append(pool[0].clone())  # keeps the layout (strides) of the weight
     return pool[:n]
 
 
@@ -154,15 +159,11 @@ def sparse_linear(x: torch.Tensor, out_f: int, k: int, backend: str) -> Case:
 
 def random_packed(in_f: int, out_f: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random canonical packed ternary weight, uint8 ``[in_f, ceil(out_f / 4)]`` (SPEC 6): codes
-    0..2, padding codes past ``out_f`` 1 (zero), as a module's checkpoint loader accepts."""
-    codes = torch.randint(0, 256, (in_f, packed_cols(out_f)), dtype=torch.uint8, device=device, generator=generator)
-    for shift in (0, 2, 4, 6):
-        bad = ((codes >> shift) & 3) == 3
-        codes = torch.where(bad, codes ^ (1 << shift), codes)  # the invalid code 3 -> 2
-        if out_f % 4 and shift // 2 >= out_f % 4:  # padding slot s of the last byte: code 1
-            last = codes[:, -1]
-            codes[:, -1] = (last & (0xFF ^ (3 << shift))) | (1 << shift)
-    return codes
+    uniform in 0..2, padding codes past ``out_f`` 1 (zero), as a module's checkpoint loader accepts."""
+    cols = packed_cols(out_f)
+    codes = torch.randint(0, 3, (in_f, 4 * cols), dtype=torch.uint8, device=device, generator=generator)
+    codes[:, out_f:] = 1
+    return codes[:, 0::4] | (codes[:, 1::4] << 2) | (codes[:, 2::4] << 4) | (codes[:, 3::4] << 6)
 
 
 def ternary_linear(x: torch.Tensor, out_f: int, k: int | None, backend: str) -> Case:
