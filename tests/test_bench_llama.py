@@ -83,3 +83,18 @@ def test_llc_model_leaves_the_cache():
         assert shape.num_hidden_layers * params // 4 >= 4 * llc
         assert (shape.num_hidden_layers - 1) * params // 4 < 4 * llc or shape.num_hidden_layers == 2
         assert pool * params * 2 >= 4 * llc and pool <= shape.num_hidden_layers
+
+
+def test_variants_head_is_dense_head_unless_linear_head():
+    """Every converted variant's head is a DenseHead (convert's default, and the LLC row's directly
+    built ternary layers too), except the linear-head variant's, which stays the plain nn.Linear."""
+    from qsparse_kernels.bench import decode
+    from qsparse_kernels.nn import DenseHead
+
+    shape = LlamaShape(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=50)
+    for variant in decode.VARIANTS:
+        for direct in (False, True):
+            head = decode.build(shape, variant, "cpu", direct_ternary=direct).lm_head
+            want = torch.nn.Linear if variant == "dense" or variant.endswith("+linear-head") else DenseHead
+            assert type(head) is want, (variant, direct, type(head))

@@ -103,22 +103,35 @@ inline void store_natural(const int32_t (*acc)[16], int64_t nbytes, int32_t* out
 // better than isolated lines; while strip s runs, line s of the next chunk's rows is prefetched
 // into L2. (Measurements: qsk/cpu_ternary.h, kBlockAvx512.)
 // Row-major prefetch of one chunk (the one after next) for short rows, spread over the strips
-// and quads of the current chunk: item t is line t % lines of plan row t / lines of the chunk.
+// and quads of the current chunk: every (strip, quad) step fetches the next per_step lines of the
+// chunk's rows, row after row, each row's span line after line. A cursor, not an index: deriving
+// (row, line) from a running index took two 64-bit divisions per line, which was half of the
+// kernel's time once the weight was in cache.
 struct RowMajorPrefetch {
   const RowPlan* p;
-  int64_t q0;     // first quad of the chunk to prefetch
-  int64_t rows;   // its plan rows (0: strip-major prefetch instead)
-  int64_t b0;     // block start in each row
-  int64_t nbytes;  // block width
-  int64_t lines;   // lines of one row's block span, at most (a span may start mid-line)
-  int64_t strip;   // the strip now running, of `strips`
-  int64_t strips;
-  inline __attribute__((always_inline)) void fetch(int64_t t) const {
-    const auto row = reinterpret_cast<uintptr_t>(p->packed + static_cast<int64_t>(p->rows[4 * q0 + t / lines]) * p->cols +
-                                                 b0);
-    const auto off = 64 * static_cast<uintptr_t>(t % lines);
-    if (off < (row & 63) + static_cast<uintptr_t>(nbytes))  // a line of this row's span
-      _mm_prefetch(reinterpret_cast<const char*>((row & ~uintptr_t{63}) + off), _MM_HINT_T1);
+  int64_t q0;        // first quad of the chunk to prefetch
+  int64_t rows;      // its plan rows (0: strip-major prefetch instead)
+  int64_t b0;        // block start in each row
+  int64_t nbytes;    // block width
+  int64_t lines;     // lines of one row's block span, at most (a span may start mid-line)
+  int64_t per_step;  // lines fetched per (strip, quad) step
+  int64_t row = 0, line = 0;  // the next line to fetch
+  uintptr_t first = 0, span = 0;  // the row's first line, and its span's end from there
+
+  inline __attribute__((always_inline)) void step() {
+    for (int64_t i = 0; i < per_step && row < rows; ++i) {
+      if (line == 0) {
+        const auto a = reinterpret_cast<uintptr_t>(p->packed + static_cast<int64_t>(p->rows[4 * q0 + row]) * p->cols + b0);
+        first = a & ~uintptr_t{63};
+        span = (a & 63) + static_cast<uintptr_t>(nbytes);
+      }
+      const auto off = 64 * static_cast<uintptr_t>(line);
+      if (off < span) _mm_prefetch(reinterpret_cast<const char*>(first + off), _MM_HINT_T1);
+      if (++line == lines) {
+        line = 0;
+        ++row;
+      }
+    }
   }
 };
 
@@ -126,7 +139,7 @@ template <bool kVnni, bool kTail, bool kScaled>
 QSK_TARGET_AVX512 inline __attribute__((always_inline)) void block_strip(const RowPlan& p, int64_t q0, int64_t nq,
                                                                          int64_t bs, int64_t nbytes,
                                                                          int32_t (*acc_mem)[16],
-                                                                         const RowMajorPrefetch& pf) {
+                                                                         RowMajorPrefetch& pf) {
   const __mmask64 mask = kTail ? _bzhi_u64(~0ull, static_cast<unsigned>(nbytes)) : ~0ull;
   __m512i acc[16];
 #pragma GCC unroll 16
@@ -134,9 +147,7 @@ QSK_TARGET_AVX512 inline __attribute__((always_inline)) void block_strip(const R
   const int64_t next = q0 + nq;
   for (int64_t c = 0; c < nq; ++c) {
     if (pf.rows > 0) {
-      // Row-major: this (strip, quad)'s share of the chunk after next, whole spans in address order.
-      const int64_t total = pf.rows * pf.lines, steps = pf.strips * nq, step = pf.strip * nq + c;
-      for (int64_t t = total * step / steps, te = total * (step + 1) / steps; t < te; ++t) pf.fetch(t);
+      pf.step();  // row-major: this (strip, quad)'s share of the chunk after next
     } else if (next + c < p.n_quads) {  // strip-major: this strip's line of the next chunk's rows, into L2
       for (int r = 0; r < 4; ++r)
         _mm_prefetch(reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * (next + c) + r]) * p.cols +
@@ -184,9 +195,10 @@ QSK_TARGET_AVX512 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, in
     const int64_t nq = std::min(chunk, p.n_quads - q0);
     const int64_t ahead = q0 + 2 * chunk;
     const int64_t pf_rows = row_major && ahead < p.n_quads ? 4 * std::min(chunk, p.n_quads - ahead) : 0;
+    const int64_t lines = (63 + nbytes + 63) / 64;
+    RowMajorPrefetch pf{&p, ahead, pf_rows, b0, nbytes, lines, (pf_rows * lines + ns * nq - 1) / (ns * nq)};
     for (int64_t s = 0; s < ns; ++s) {
       const int64_t nb = std::min(kW, nbytes - kW * s);
-      const RowMajorPrefetch pf{&p, ahead, pf_rows, b0, nbytes, (63 + nbytes + 63) / 64, s, ns};
       if (nb == kW)
         block_strip<kVnni, false, kScaled>(p, q0, nq, b0 + kW * s, nb, acc_mem[s], pf);
       else

@@ -38,16 +38,16 @@ from .llama import LlamaDecoder, LlamaShape
 
 # name -> QSparseConfig keyword arguments (None: the dense model as built, lm_head an nn.Linear).
 # Every converted variant's lm_head is a DenseHead (convert's default: dense, row-major, the
-# library's dense GEMV at 1-2 rows); "fast_head" instead makes it a QSparseLinear at sparsity 0
-# (the column-major layout and the sparse kernel at k = d), the other way to run a dense head.
+# library's dense GEMV at 1-2 rows); "linear_head" keeps it the plain nn.Linear (torch's GEMV),
+# which isolates what the DenseHead does to a token.
 VARIANTS = {
     "dense": None,
     "qsparse-0.5": dict(sparsity=0.5, weights="dense"),
     "bitnet-b1.58": dict(sparsity=0.0, weights="ternary", pack=True),
     "bitnet-b1.58+qsparse-0.6125": dict(sparsity=0.6125, weights="ternary", pack=True),
-    "bitnet-b1.58+qsparse-0.6125+fast-head": dict(sparsity=0.6125, weights="ternary", pack=True, fast_head=True),
+    "bitnet-b1.58+qsparse-0.6125+linear-head": dict(sparsity=0.6125, weights="ternary", pack=True, linear_head=True),
 }
-# The LLC row runs these (the fast-head variant adds nothing there that the TinyLlama row lacks).
+# The LLC row runs these (the linear-head variant adds nothing there that the TinyLlama row lacks).
 LLC_VARIANTS = ["dense", "qsparse-0.5", "bitnet-b1.58", "bitnet-b1.58+qsparse-0.6125"]
 LLAMA2_7B = LlamaShape(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32000)
@@ -106,11 +106,13 @@ def build(shape: LlamaShape, variant: str, device: str, dtype=torch.bfloat16, se
     _random_init(model, torch.Generator(device=device).manual_seed(seed))
     if cfg is not None:
         cfg = dict(cfg)
-        fast_head = cfg.pop("fast_head", False)
+        fast_head = not cfg.pop("linear_head", False)
         if not ternary_direct:
-            qk.convert(model, qk.QSparseConfig(**cfg))
-        if fast_head:  # the head explicitly (the default filter keeps it an nn.Linear)
-            qk.convert(model, qk.QSparseConfig(sparsity=0.0), filter_fn=lambda mod, name: name == "lm_head")
+            qk.convert(model, qk.QSparseConfig(**cfg), fast_head=fast_head)
+        elif fast_head:  # what convert's fast_head does to the head
+            from ..convert import use_dense_head
+
+            use_dense_head(model)
     return model.eval()
 
 

@@ -52,8 +52,9 @@ def hf_model(shape: LlamaShape, variant: str, seed: int = 0):
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # to_empty left its inv_freq unset
     conf = VARIANTS[variant]
     if conf is not None:
-        conf = {k: v for k, v in conf.items() if k != "fast_head"}
-        qk.convert(model, qk.QSparseConfig(**conf))
+        conf = dict(conf)
+        fast_head = not conf.pop("linear_head", False)
+        qk.convert(model, qk.QSparseConfig(**conf), fast_head=fast_head)
     model.generation_config.pad_token_id = 0
     return model.eval()
 
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, nargs="+", default=[16])
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS,
-                   choices=[v for v in VARIANTS if "fast-head" not in v])
+                   choices=list(VARIANTS))
     p.add_argument("--no-compact", action="store_true", help="time HF generate() only")
     args = p.parse_args(argv)
     if args.new_tokens < 2:
