@@ -48,6 +48,8 @@ def variants(d: int, dtype: torch.dtype) -> dict:
         q.weight.data.copy_(m.weight)
         trio.append(q.requires_grad_(False))
     SiblingGroup(trio)
+    for m in (*lins, qs, bl, bl0, *trio):
+        m.eval()  # inference, as a served model (a SiblingGroup never fuses in training mode)
     k = qk.sparsity_to_k(d, 0.5)
     kb = qk.sparsity_to_k(d, 0.6125)
     return {

@@ -395,3 +395,26 @@ def test_tiny_model_trains(kind, gen, one_thread):
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
+def test_pruned_and_parametrized_parameters_are_used(gen):
+    """forward reads its Parameters from the module's dict (fast path), but a pruned weight (a plain
+    attribute recomputed by prune's hook) or a parametrized bias (a property) is what it uses."""
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as prune
+
+    class Double(nn.Module):
+        def forward(self, t):
+            return t * 2
+
+    x = torch.randn(3, 64, generator=gen).to(torch.bfloat16)
+    qs = QSparseLinear.from_linear(nn.Linear(64, 32).to(torch.bfloat16), sparsity=0.5).eval()
+    with torch.no_grad():
+        prune.custom_from_mask(qs, "weight", torch.rand(32, 64, generator=gen) > 0.5)
+        assert torch.equal(qs(x), qk.sparse_linear(x, qs.weight_orig * qs.weight_mask, 32, qs.bias))
+        parametrize.register_parametrization(qs, "bias", Double())
+        assert torch.equal(qs(x), qk.sparse_linear(x, qs.weight, 32, qs.parametrizations.bias.original * 2))
+        bl = BitLinear.from_linear(nn.Linear(64, 32).to(torch.bfloat16), sparsity=0.5).pack().eval()
+        parametrize.register_parametrization(bl, "bias", Double())
+        b2 = bl.parametrizations.bias.original * 2
+        assert torch.equal(bl(x), qk.ternary_linear(x, bl.packed, bl.scale, 32, 32, b2))

@@ -75,6 +75,14 @@ def relayout_(param: torch.Tensor) -> None:
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
+def param(mod: torch.nn.Module, name: str):
+    """``getattr(mod, name)`` for a Parameter (or None) registered under ``name``, without
+    nn.Module.__getattr__'s ~0.8 us; anything else (a parametrized or pruned weight: a property or
+    a plain attribute) through getattr."""
+    params = mod._parameters
+    return params[name] if name in params else getattr(mod, name)
+
+
 def autocast_args(x: torch.Tensor, *tensors):
     """Under ``torch.autocast``, ``x`` and ``tensors`` (None allowed) cast to the autocast dtype, as
     ``nn.Linear`` would be (custom ops are not autocast by PyTorch); unchanged otherwise."""

@@ -126,7 +126,7 @@ class QSparseLinear(nn.Module):
             y = self._siblings.output(self, x)
             if y is not None:
                 return y
-        x, weight, bias = cfg.autocast_args(x, self.weight, self.bias)
+        x, weight, bias = cfg.autocast_args(x, cfg.param(self, "weight"), cfg.param(self, "bias"))
         if self.block is not None:
             # The N:M-sparsified x has at most kept() nonzeros per token, so sparse_linear's top-K
             # keeps all of them and its kernel reads only their weight rows (F.linear on the
