@@ -15,7 +15,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-from qsparse_kernels.triton import autotune, select  # noqa: E402
+from qsparse_kernels.triton import autotune, quantize, select  # noqa: E402
 from qsparse_kernels.triton.sparse_gemv import _sparse_gemv_kernel  # noqa: E402
 from qsparse_kernels.triton.ternary_gemv import _ternary_gemv_kernel  # noqa: E402
 from tests.triton_aot import Ptr, compile_kernel, global_loads, resources  # noqa: E402
@@ -59,7 +59,7 @@ def _ternary_args(d, n, cfg):
         N=n, C=n // 4, d=d, k=d // 2, per_split=d // max(cfg.split_k, 1), split_k=cfg.split_k,
         SELECT=True, HAS_BIAS=False, SPLIT=cfg.split_k > 1, ACC_ONLY=False, BLOCK_C=cfg.block_n // 4,
         BLOCK_K=cfg.block_k, D_BLOCK=select.prologue_block(d, cfg.num_warps), KEY_LOW=16, NBITS=15, RADIX=2,
-        KEY_MIN=select.KEY_MIN_ABSMAX,
+        KEY_MIN=quantize.KEY_MIN_ABSMAX,
     )  # fmt: skip
 
 

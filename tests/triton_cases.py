@@ -20,7 +20,7 @@ from qsparse_kernels import reference as R
 from qsparse_kernels.triton import _compat, autotune
 from qsparse_kernels.triton.autotune import GemvConfig
 from qsparse_kernels.triton.quantize import quantize_rows
-from qsparse_kernels.triton.select import kept_list, kept_list_int8, topk_rows
+from qsparse_kernels.triton.select import topk_rows
 from qsparse_kernels.triton.sparse_gemv import sparse_linear_rows, use_sparse
 from qsparse_kernels.triton.ternary_gemv import ternary_accumulate_rows, ternary_linear_rows
 from tests.numerics import (
@@ -154,24 +154,6 @@ def test_topk_zeros_signs_and_strides(gen):
     assert torch.equal(y.cpu().double(), topk64(x.contiguous(), 20))
     xt = base[:, :, 0, :].transpose(0, 1)  # leading dims transposed
     assert torch.equal(qk.topk_sparsify(xt, 5, backend="triton").cpu().double(), topk64(xt.contiguous(), 5))
-
-
-@pytest.mark.parametrize("d", SIZES)
-def test_kept_lists(d, gen):
-    """The compacted kept lists: indices ascending, values bit-exact, int8 codes == the reference."""
-    m = 3
-    (x,) = to_dev(distinct_magnitudes(m, d, torch.bfloat16, gen))
-    for k in ks(d):
-        idx, val = kept_list(x, k)
-        want = topk64(x, k)
-        want_idx = (want != 0).nonzero()[:, 1].reshape(m, k).to(torch.int32)
-        assert torch.equal(idx.cpu(), want_idx)
-        assert torch.equal(val.cpu(), x.cpu().float().gather(1, want_idx.long()))
-        idx8, q, xscale = kept_list_int8(x, k)
-        q_ref, s_ref = R.quantize_act_int8(R.topk_sparsify(x.cpu(), k))
-        assert torch.equal(idx8.cpu(), want_idx)
-        assert torch.equal(q.cpu(), q_ref.gather(1, want_idx.long()))
-        assert torch.equal(xscale.cpu(), s_ref.reshape(-1))
 
 
 # ---------------------------------------------------------------- quantize_act_int8

@@ -12,13 +12,9 @@ take 4 / 5 passes (``KEY_ZERO_BITS``). A last pass keeps every key > ``thr`` plu
 ``k - count(key > thr)`` keys equal to ``thr`` in index order (ties broken by lowest index, so
 exactly ``k`` are kept), using an exclusive prefix sum of the tie flags carried across chunks.
 
-The same pass can write, per row:
-
-* the dense sparsified row (``topk_sparsify``): kept entries copied, the others +0;
-* the kept list, compacted in index order: feature indices (int32) and values, either as float32
-  (for ``sparse_linear``) or as int8 codes of ``quantize_act_int8(topk_sparsify(x))`` plus the
-  row's ``x_scale`` (for ``ternary_linear``). Those codes need ``max|x|`` over the *kept* entries,
-  which is the row's max when ``k >= 1`` (the max is always kept) and 0 when ``k == 0``.
+That pass writes the dense sparsified row (``topk_sparsify``): kept entries copied, the others
++0. The fused GEMVs (``sparse_gemv``, ``ternary_gemv``) select in their own prologue with the
+same steps (:func:`row_threshold`, :func:`kept_step`), without writing a row or a list.
 
 ``k == 0`` needs no special case: every candidate passes, ``thr`` ends at the largest key value
 and no key is kept. No host synchronisation: ``k`` is a launch argument, never read back.
@@ -35,7 +31,7 @@ import triton.language as tl
 from . import _compat
 from ._compat import wrap
 from .autotune import select_block
-from .quantize import KEY_MIN_ABSMAX, act_scales, mag_key, round_half_even_i32, to_f32
+from .quantize import mag_key
 
 INF_KEY = tl.constexpr(0x7F800000)
 NAN_KEY = tl.constexpr(0x7FC00000)  # every NaN's key (reference.NAN_KEY); low 16 bits 0, as KEY_ZERO_BITS needs
@@ -61,14 +57,8 @@ KEY_ZERO_BITS = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
 @triton.jit(do_not_specialize=["k"])
 def _select_kernel(
     x_ptr, stride_xm, stride_xd,  # x [M, d], any strides
-    y_ptr, stride_ym,  # dense output [M, d] (WRITE_DENSE), unit stride along d
-    idx_ptr, val_ptr, stride_cm,  # kept list [M, k]: int32 indices, float32 values or int8 codes
-    xscale_ptr,  # [M] float32 (QUANT)
+    y_ptr, stride_ym,  # dense output [M, d], unit stride along d
     d, k,
-    WRITE_DENSE: tl.constexpr,
-    WRITE_LIST: tl.constexpr,
-    QUANT: tl.constexpr,
-    KEY_MIN: tl.constexpr,
     BLOCK: tl.constexpr,
     RADIX_BITS: tl.constexpr,
     KEY_LOW: tl.constexpr,
@@ -81,7 +71,6 @@ def _select_kernel(
 
     # ---- radix select: thr = the k-th largest key (invariant: count(key >= prefix) >= k) ----
     prefix = tl.full([], 0, tl.int32)
-    mx = tl.full([BLOCK], -1, tl.int32)
     for p in range(NPASS):
         shift = KEY_LOW + (NPASS - 1 - p) * RADIX_BITS
         cand = prefix.to(tl.int64) + (digits.to(tl.int64) << shift)
@@ -93,8 +82,6 @@ def _select_kernel(
             x = tl.load(x_row + o * stride_xd, mask=o < d, other=0.0)
             key = select_key(x)
             key = tl.where(o < d, key, -1)  # padding is below every candidate
-            if QUANT:
-                mx = tl.maximum(mx, key)
             cnt += (key[None, :] >= cand32[:, None]).to(tl.int32)
         passed = (tl.sum(cnt, axis=1) >= k) & valid  # digit 0 always passes; counts fall as the digit grows
         prefix = prefix + ((tl.sum(passed.to(tl.int32), axis=0) - 1) << shift)
@@ -108,14 +95,8 @@ def _select_kernel(
         n_gt += ((key > thr) & (o < d)).to(tl.int32)
     n_ties = k - tl.sum(n_gt, axis=0)  # how many keys equal to thr are kept, lowest index first
 
-    if QUANT:
-        # max|x| of the kept entries: the row's max if anything is kept, else 0 (then clamped).
-        s, x_scale = act_scales(tl.where(k > 0, tl.max(mx, axis=0), 0), KEY_MIN)
-        tl.store(xscale_ptr + row, x_scale)
-
-    # ---- keep / compact pass ----
+    # ---- keep pass ----
     ties_seen = tl.full([], 0, tl.int32)
-    kept_seen = tl.full([], 0, tl.int32)
     for start in range(0, d, BLOCK):
         o = start + offs
         inb = o < d
@@ -125,18 +106,7 @@ def _select_kernel(
         tie_rank = ties_seen + tl.cumsum(tie, axis=0) - tie  # exclusive prefix count of ties
         kept = ((key > thr) & inb) | ((tie == 1) & (tie_rank < n_ties))
         ties_seen += tl.sum(tie, axis=0)
-        if WRITE_DENSE:
-            tl.store(y_ptr + row * stride_ym + o, tl.where(kept, x, 0.0), mask=inb)
-        if WRITE_LIST:
-            kept_i = kept.to(tl.int32)
-            pos = kept_seen + tl.cumsum(kept_i, axis=0) - kept_i
-            tl.store(idx_ptr + row * stride_cm + pos, o, mask=kept)
-            if QUANT:
-                q = round_half_even_i32(to_f32(x) * s)
-                tl.store(val_ptr + row * stride_cm + pos, q.to(tl.int8), mask=kept)
-            else:
-                tl.store(val_ptr + row * stride_cm + pos, to_f32(x), mask=kept)
-            kept_seen += tl.sum(kept_i, axis=0)
+        tl.store(y_ptr + row * stride_ym + o, tl.where(kept, x, 0.0), mask=inb)
 
 
 @triton.jit
@@ -245,53 +215,20 @@ def key_bits(dtype: torch.dtype) -> tuple[int, int]:
     return low, KEY_BITS - low
 
 
-def _launch(x2, k, y=None, idx=None, val=None, xscale=None):
-    m, d = x2.shape
-    if m == 0 or d == 0:
-        return
-    block, warps = select_block(d)
-    key_low = KEY_ZERO_BITS[x2.dtype]
-    dummy = x2  # never dereferenced: the constexpr flags compile those stores away
-    wrap(_select_kernel)[(m,)](
-        x2, x2.stride(0), x2.stride(1),
-        dummy if y is None else y, 0 if y is None else y.stride(0),
-        dummy if idx is None else idx, dummy if val is None else val, 0 if idx is None else idx.stride(0),
-        dummy if xscale is None else xscale,
-        d, k,
-        WRITE_DENSE=y is not None, WRITE_LIST=idx is not None, QUANT=xscale is not None,
-        KEY_MIN=KEY_MIN_ABSMAX, BLOCK=block, RADIX_BITS=RADIX_BITS, KEY_LOW=key_low,
-        NPASS=triton.cdiv(KEY_BITS - key_low, RADIX_BITS), num_warps=warps,
-    )  # fmt: skip
-
-
 def topk_rows(x2: torch.Tensor, k: int) -> torch.Tensor:
     """``x2 [M, d]`` (any strides) -> contiguous ``[M, d]`` with the k largest |x| per row kept."""
     y = _compat.empty(x2.shape, x2.dtype, x2.device)
-    _launch(x2, k, y=y)
+    m, d = x2.shape
+    if m == 0 or d == 0:
+        return y
+    block, warps = select_block(d)
+    key_low = KEY_ZERO_BITS[x2.dtype]
+    wrap(_select_kernel)[(m,)](
+        x2, x2.stride(0), x2.stride(1), y, y.stride(0), d, k,
+        BLOCK=block, RADIX_BITS=RADIX_BITS, KEY_LOW=key_low,
+        NPASS=triton.cdiv(KEY_BITS - key_low, RADIX_BITS), num_warps=warps,
+    )  # fmt: skip
     return y
-
-
-def kept_list(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x2 [M, d]`` -> ``(idx int32 [M, k], val float32 [M, k])``: kept features in index order."""
-    m = x2.shape[0]
-    # At least one column, so that the GEMV never gets a null data pointer when k == 0.
-    idx = _compat.empty((m, max(k, 1)), torch.int32, x2.device)
-    val = _compat.empty((m, max(k, 1)), torch.float32, x2.device)
-    if k:
-        _launch(x2, k, idx=idx, val=val)
-    return idx[:, :k], val[:, :k]
-
-
-def kept_list_int8(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x2 [M, d]`` -> ``(idx int32 [M, k], q int8 [M, k], x_scale float32 [M])`` where ``q`` and
-    ``x_scale`` are ``quantize_act_int8(topk_sparsify(x2, k))`` restricted to the kept entries."""
-    m = x2.shape[0]
-    # k == 0 still launches (x_scale is needed): keep the list buffers non-empty for the launcher.
-    idx = _compat.empty((m, max(k, 1)), torch.int32, x2.device)
-    q = _compat.empty((m, max(k, 1)), torch.int8, x2.device)
-    xscale = _compat.empty((m,), torch.float32, x2.device)
-    _launch(x2, k, idx=idx, val=q, xscale=xscale)
-    return idx[:, :k], q[:, :k], xscale
 
 
 def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
