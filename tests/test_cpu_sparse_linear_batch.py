@@ -155,3 +155,24 @@ def test_amx_is_used_where_the_cpu_has_it():
         assert _native._C.cpu_bf16_gemm() in ("avx512bf16" if HAS["avx512bf16"] else "none",)
         return
     assert _native._C.cpu_bf16_gemm() == "amx"
+
+
+@pytest.mark.parametrize("scale", ["subnormal_x", "underflowing_products", "subnormal_w"])
+def test_batch_keeps_subnormals(cap, scale):
+    """vdpbf16ps / tdpbf16ps read subnormals as 0 and flush subnormal results; the batched path must
+    still match float64 where every output is tiny (the fuzz case: 5 rows of ~1e-39 activations)."""
+    gen = torch.Generator().manual_seed(5)
+    M, d, n = 5, 33, 17
+    x = torch.randn(M, d, generator=gen) + 1.5
+    w = torch.randn(n, d, generator=gen) + 1.5
+    if scale == "subnormal_x":
+        x = x * 2e-39
+    elif scale == "underflowing_products":
+        x, w = x * 1e-20, w * 1e-20  # normal bf16 values whose products are subnormal in float32
+    else:
+        w = w * 2e-39
+    x, w = x.to(torch.bfloat16), _col(w.to(torch.bfloat16))
+    for k in (1, 7, d):
+        y = qk.sparse_linear(x, w, k)
+        xs = R.topk_sparsify(x, k)
+        assert_parity(y, xs.double() @ w.double().t(), F.linear(xs, w))

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -70,6 +71,42 @@ int64_t sparse_kernel_max_rows(at::ScalarType dtype) {
 }
 
 namespace {
+
+// The batched kernel's dot products (vdpbf16ps, AMX's tdpbf16ps) treat subnormal inputs as zero
+// and flush subnormal results, whatever MXCSR says, where the float32 FMA paths and torch's GEMM
+// keep them. So it runs only on activations without subnormals, and its result is kept only when
+// the flushes cannot show in it: per output and kept feature they change the float32 sum by less
+// than FLT_MIN * (max|x| + 3) (a weight read as 0, a product or a partial sum flushed), so the
+// result is kept when its Frobenius norm is 2^12 x above that bound summed over every output.
+// Real activations and weights never come near; the fuzz tests' tiny inputs do.
+struct Bf16Range {
+  float max_abs = 0.0f;  // NaN when a NaN is present
+  bool subnormal = false;
+};
+
+Bf16Range bf16_range(const c10::BFloat16* x, int64_t n) {
+  Bf16Range r;
+  const uint16_t* b = reinterpret_cast<const uint16_t*>(x);
+  uint16_t top = 0;  // the largest magnitude bits (NaN above Inf above every finite value)
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t m = b[i] & 0x7FFF;
+    top = std::max(top, m);
+    r.subnormal |= m != 0 && m < 0x0080;  // exponent field 0, mantissa not 0
+  }
+  r.max_abs = top > 0x7F80 ? std::numeric_limits<float>::quiet_NaN() : c10::bit_cast<float>(uint32_t{top} << 16);
+  return r;
+}
+
+bool flushes_invisible(const c10::BFloat16* y, int64_t M, int64_t N, int64_t k, float x_max) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < M * N; ++i) {
+    const double v = static_cast<float>(y[i]);
+    ss += v * v;
+  }
+  const double per_output = static_cast<double>(k) * std::numeric_limits<float>::min() * (double{x_max} + 3.0);
+  // Inf / NaN outputs (or activations): flushing cannot matter, and !(a < b) keeps them.
+  return !(std::sqrt(ss) < 4096.0 * per_output * std::sqrt(static_cast<double>(M * N)));
+}
 
 // bf16 -> float by shifting (vectorises in the portable kernel); the others as c10 converts them.
 inline __attribute__((always_inline)) float widen(float v) { return v; }
@@ -232,12 +269,15 @@ at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int
   const bool bf16_batch = colmajor && x.scalar_type() == at::kBFloat16 && M > sparse_max_rows(at::kBFloat16) &&
                           M <= kBf16BatchMaxRows &&
                           has_avx512_bf16() && M > 0 && N > 0;
-  if (bf16_batch) {
-    auto y = at::empty({M, N}, x.options());
-    sparse_linear_bf16_batch(x.data_ptr<c10::BFloat16>(), M, d, k, weight.data_ptr<c10::BFloat16>(),
-                             weight.stride(1), b.defined() ? b.data_ptr<c10::BFloat16>() : nullptr,
-                             y.data_ptr<c10::BFloat16>(), N, has_amx_bf16(), kept);
-    return y;
+  if (bf16_batch) {  // else (subnormals: see Bf16Range) at::linear below, as M > sparse_max_rows
+    const Bf16Range range = bf16_range(x.data_ptr<c10::BFloat16>(), M * d);
+    if (!range.subnormal) {
+      auto y = at::empty({M, N}, x.options());
+      sparse_linear_bf16_batch(x.data_ptr<c10::BFloat16>(), M, d, k, weight.data_ptr<c10::BFloat16>(),
+                               weight.stride(1), b.defined() ? b.data_ptr<c10::BFloat16>() : nullptr,
+                               y.data_ptr<c10::BFloat16>(), N, has_amx_bf16(), kept);
+      if (flushes_invisible(y.data_ptr<c10::BFloat16>(), M, N, k, range.max_abs)) return y;
+    }
   }
   if (k == d && !colmajor && weight.stride(1) == 1 && M <= row_gemv_max_rows(x.scalar_type()) && M > 0) {  // a head
     auto y = at::empty({M, N}, x.options());
