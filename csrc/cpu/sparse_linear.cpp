@@ -85,16 +85,14 @@ struct Bf16Range {
 };
 
 Bf16Range bf16_range(const c10::BFloat16* x, int64_t n) {
-  Bf16Range r;
-  const uint16_t* b = reinterpret_cast<const uint16_t*>(x);
-  uint16_t top = 0;  // the largest magnitude bits (NaN above Inf above every finite value)
+  uint32_t top = 0;  // the largest magnitude key (NaN above Inf, so a NaN gives a NaN max_abs)
+  bool subnormal = false;
   for (int64_t i = 0; i < n; ++i) {
-    const uint16_t m = b[i] & 0x7FFF;
-    top = std::max(top, m);
-    r.subnormal |= m != 0 && m < 0x0080;  // exponent field 0, mantissa not 0
+    const uint32_t key = mag_key(to_f32(x[i]));
+    top = std::max(top, key);
+    subnormal |= key != 0 && key < 0x00800000u;  // below FLT_MIN, not zero
   }
-  r.max_abs = top > 0x7F80 ? std::numeric_limits<float>::quiet_NaN() : c10::bit_cast<float>(uint32_t{top} << 16);
-  return r;
+  return {key_to_float(top), subnormal};
 }
 
 bool flushes_invisible(const c10::BFloat16* y, int64_t M, int64_t N, int64_t k, float x_max) {

@@ -104,16 +104,26 @@ def build(shape: LlamaShape, variant: str, device: str, dtype=torch.bfloat16, se
                 setattr(parent, name, bl)
     model = model.to_empty(device=device).to(dtype)
     _random_init(model, torch.Generator(device=device).manual_seed(seed))
-    if cfg is not None:
-        cfg = dict(cfg)
-        fast_head = not cfg.pop("linear_head", False)
-        if not ternary_direct:
-            qk.convert(model, qk.QSparseConfig(**cfg), fast_head=fast_head)
-        elif fast_head:  # what convert's fast_head does to the head
-            from ..convert import use_dense_head
+    if cfg is not None and not ternary_direct:
+        convert_variant(model, variant)
+    elif cfg is not None and not cfg.get("linear_head"):  # what convert's fast_head does to the head
+        from ..convert import use_dense_head
 
-            use_dense_head(model)
+        use_dense_head(model)
     return model.eval()
+
+
+def convert_variant(model: nn.Module, variant: str) -> None:
+    """``qsparse_kernels.convert`` as :data:`VARIANTS` says (nothing for ``dense``); ``linear_head``
+    keeps the output head an ``nn.Linear``."""
+    import qsparse_kernels as qk
+
+    cfg = VARIANTS[variant]
+    if cfg is None:
+        return
+    cfg = dict(cfg)
+    fast_head = not cfg.pop("linear_head", False)
+    qk.convert(model, qk.QSparseConfig(**cfg), fast_head=fast_head)
 
 
 def weight_bytes_per_token(model: LlamaDecoder) -> int:

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from .decode import VARIANTS, _random_init, build
+from .decode import VARIANTS, _random_init, build, convert_variant
 from .harness import machine_summary
 from .llama import LlamaShape
 
@@ -36,7 +36,6 @@ def hf_model(shape: LlamaShape, variant: str, seed: int = 0):
     """HF ``LlamaForCausalLM`` with ``shape``, random bf16 weights from ``seed``, converted as ``variant``."""
     import transformers
 
-    import qsparse_kernels as qk
 
     cfg = transformers.LlamaConfig(
         hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
@@ -50,11 +49,7 @@ def hf_model(shape: LlamaShape, variant: str, seed: int = 0):
     model = model.to_empty(device="cpu").to(torch.bfloat16)
     _random_init(model, torch.Generator().manual_seed(seed))
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # to_empty left its inv_freq unset
-    conf = VARIANTS[variant]
-    if conf is not None:
-        conf = dict(conf)
-        fast_head = not conf.pop("linear_head", False)
-        qk.convert(model, qk.QSparseConfig(**conf), fast_head=fast_head)
+    convert_variant(model, variant)
     model.generation_config.pad_token_id = 0
     return model.eval()
 
