@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import qsparse_kernels as qk
 from qsparse_kernels import _native
 from qsparse_kernels import reference as R
+from tests.cpu_flags import CPU_FLAGS
 from tests.numerics import FLOAT_DTYPES, assert_elementwise_bound, assert_parity, distinct_magnitudes
 
 pytestmark = pytest.mark.skipif(not qk.backend_info()["cpu"]["usable"], reason="cpu backend not built")
@@ -194,14 +195,19 @@ def _aten_ops_run(fn) -> set[str]:
     return {e.key for e in prof.key_averages()}
 
 
-def test_fp16_never_takes_torch_gemm_on_the_column_major_weight(gen):
-    """torch's CPU fp16 GEMM on a column-major weight is ~100x slower than dense (3.1 s at 4096 ->
-    11008, M = 8), so fp16 stays on the library kernel at every M; bf16 above its crossover does
-    use the GEMM (the check itself can fail)."""
+def test_fp16_takes_torch_gemm_only_where_it_is_fast(gen):
+    """torch's CPU fp16 GEMM is fast only where the CPU has AVX512-FP16. Without it, on a
+    column-major weight it is ~100x slower than dense (3.1 s at 4096 -> 11008, M = 8, Zen 4), so
+    fp16 stays on the library kernel at every M; with it, batches above 16 rows take the GEMM on
+    the masked activations (csrc/cpu/sparse_linear.cpp: sparse_max_rows). bf16 above its
+    crossover always uses the GEMM (the check itself can fail)."""
     w = qk.to_fast_layout(torch.randn(40, 64, generator=gen))
     x = torch.randn(70, 64, generator=gen)
-    ran = _aten_ops_run(lambda: qk.sparse_linear(x.half(), w.half(), 32, backend="cpu"))
+    ran = _aten_ops_run(lambda: qk.sparse_linear(x[:16].half(), w.half(), 32, backend="cpu"))
     assert "qsparse::sparse_linear_kernel" in ran and not TORCH_GEMMS & ran
+    ran = _aten_ops_run(lambda: qk.sparse_linear(x.half(), w.half(), 32, backend="cpu"))
+    assert "qsparse::sparse_linear_kernel" in ran
+    assert bool(TORCH_GEMMS & ran) == ("avx512_fp16" in CPU_FLAGS)
     ran = _aten_ops_run(lambda: qk.sparse_linear(x.bfloat16(), w.bfloat16(), 32, backend="cpu"))
     assert TORCH_GEMMS & ran
 

@@ -15,23 +15,13 @@ import torch.nn.functional as F
 import qsparse_kernels as qk
 from qsparse_kernels import _native
 from qsparse_kernels import reference as R
+from tests.cpu_flags import CPU_FLAGS
 from tests.numerics import FLOAT_DTYPES, assert_parity, distinct_magnitudes
 
 pytestmark = pytest.mark.skipif(not qk.backend_info()["cpu"]["usable"], reason="cpu backend not built")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-FLAGS = _cpu_flags()
+FLAGS = CPU_FLAGS
 HAS = {
     "amx": {"amx_tile", "amx_bf16", "avx512_bf16"} <= FLAGS,
     "avx512bf16": {"avx512_bf16", "avx512bw"} <= FLAGS,

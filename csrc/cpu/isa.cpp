@@ -109,6 +109,11 @@ bool has_amx_int8() {
   return amx;
 }
 
+bool torch_fp16_gemm_fast() {
+  static const bool fp16 = __builtin_cpu_supports("avx512fp16");
+  return fp16;
+}
+
 const char* bf16_gemm_name() { return has_amx_bf16() ? "amx" : has_avx512_bf16() ? "avx512bf16" : "none"; }
 
 bool has_avx512_vnni() {

@@ -39,14 +39,20 @@ namespace qsk::cpu {
 // bf16 crosses at M ~ 6 and fp32 at M ~ 32, hence 4 and 16. With 16 for fp32, `python -m
 // qsparse_kernels.bench --shapes llama2-7b.up --batches 4 8 16 64 --sparsities 0.5 --dtypes fp32`
 // gives vs dense F.linear: M=8 1.95x, M=16 1.22x (both 0.65-0.7x through the dense path before).
-// fp16 never takes the dense path: torch's CPU fp16 GEMM on the column-major weight has no fast
-// kernel (4096 -> 11008, M = 8: 3.1 s, ~100x slower than on the row-major weight), and even on the
-// row-major weight it is slower than the sparse path at every M (chunks of 4 rows, both threads,
-// s = 0 / 0.5: M = 8 2.2x / 2.4x, M = 64 2.8x / 3.0x faster than F.linear row-major).
+// fp16 depends on torch's fp16 GEMM, which is fast only where the CPU has AVX512-FP16 (oneDNN's
+// kernels). Without it (Zen 4) torch has no fast kernel for the column-major weight (4096 ->
+// 11008, M = 8: 3.1 s, ~100x slower than on the row-major weight), and even on the row-major
+// weight it is slower than the sparse path at every M (s = 0 / 0.5: M = 8 2.2x / 2.4x, M = 64
+// 2.8x / 3.0x faster than F.linear), so fp16 never takes the dense path there. With AVX512-FP16
+// (Sapphire Rapids, torch 2.14, both threads, s = 0.5, TinyLlama's 2048 -> 2560 / 2048 / 11264 and
+// 5632 -> 2048 with DRAM-resident weights, F.linear time on the row-major weight / time):
+//   sparse path  M = 4: 1.71-1.91, 8: 1.06-1.22, 12: 0.89-1.02, 16: 0.81-0.90, 32: 0.67-0.75
+//   dense path   M = 4: 0.74-0.82, 8: 0.73-0.83, 12: 0.75-0.84, 16: 0.77-0.82, 32: 0.82-0.88
+// (at M = 64 / 128 the sparse path was 0.50x / 0.51x of F.linear on 2560 -> 6912), hence 16.
 // Re-measure with `benchmarks/bench_cpu_sparse.py --batch` after changing the kernels. The one
 // place that decides it.
 inline int64_t sparse_max_rows(at::ScalarType dtype) {
-  if (dtype == at::kHalf) return std::numeric_limits<int64_t>::max();
+  if (dtype == at::kHalf) return torch_fp16_gemm_fast() ? 16 : std::numeric_limits<int64_t>::max();
   return dtype == at::kFloat ? 16 : 4;
 }
 
