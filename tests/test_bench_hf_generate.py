@@ -8,18 +8,32 @@ import pytest
 
 pytest.importorskip("transformers")
 
+import torch  # noqa: E402
+
 from qsparse_kernels.bench import hf_generate  # noqa: E402
+from qsparse_kernels.bench.llama import LlamaShape  # noqa: E402
 
 
-def test_hf_generate_cli_tiny(tmp_path, capsys):
+@pytest.mark.parametrize("dtype", [None, "fp16", "fp32"])
+def test_hf_generate_cli_tiny(tmp_path, capsys, dtype):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96}))
     assert hf_generate.main(["--hf-config", str(cfg), "--rounds", "2", "--new-tokens", "3",
-                             "--prompt-len", "4", "9"]) == 0
+                             "--prompt-len", "4", "9"] + (["--dtype", dtype] if dtype else [])) == 0
     out = capsys.readouterr().out
+    assert out.count(f"layers, {dtype or 'bf16'};") == 2
     rows = [line.split()[:2] for line in out.splitlines() if line.split()[:1] in (["hf"], ["compact"])]
     for v in hf_generate.DEFAULT_VARIANTS:  # HF and compact rows, two prompt lengths
         assert rows.count(["hf", v]) == 2 and rows.count(["compact", v]) == 2
     assert out.count("## prompt") == 2
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_hf_model_has_the_requested_dtype(dtype):
+    shape = LlamaShape(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=96)
+    model = hf_generate.hf_model(shape, "qsparse-0.5", dtype=dtype)
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    assert floats and all(p.dtype == dtype for p in floats)

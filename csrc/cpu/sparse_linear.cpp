@@ -39,6 +39,11 @@ namespace qsk::cpu {
 // bf16 crosses at M ~ 6 and fp32 at M ~ 32, hence 4 and 16. With 16 for fp32, `python -m
 // qsparse_kernels.bench --shapes llama2-7b.up --batches 4 8 16 64 --sparsities 0.5 --dtypes fp32`
 // gives vs dense F.linear: M=8 1.95x, M=16 1.22x (both 0.65-0.7x through the dense path before).
+// Re-measured for fp32 on the 2-core Sapphire Rapids (both threads, s = 0.5, TinyLlama's 2048 ->
+// 2560 / 2048 / 11264 and 5632 -> 2048, DRAM-resident, F.linear time on the row-major weight /
+// time): sparse path M = 8: 1.33-1.62, 12: 1.09-1.44, 16: 0.70-0.76; dense path 0.77-0.95,
+// 0.83-1.15, 0.64-0.70. Both lose at 16, where MKL's row-major kernel is at its best; the sparse
+// path still loses less, so 16 stays.
 // fp16 depends on torch's fp16 GEMM, which is fast only where the CPU has AVX512-FP16 (oneDNN's
 // kernels). Without it (Zen 4) torch has no fast kernel for the column-major weight (4096 ->
 // 11008, M = 8: 3.1 s, ~100x slower than on the row-major weight), and even on the row-major

@@ -1,13 +1,14 @@
 """Hugging Face ``LlamaForCausalLM.generate()`` beside the compact Llama: is the converted model as
 fast in the framework users run as in the lean decoder the decode benchmark times?
 
-    python -m qsparse_kernels.bench.hf_generate [--layers N] [--rounds 5] [--prompt-len 16 128]
+    python -m qsparse_kernels.bench.hf_generate [--layers N] [--rounds 5] [--prompt-len 16 128] [--dtype fp16]
 
 Builds, per variant (``dense``, ``qsparse-0.5``, ``bitnet-b1.58``, ``bitnet-b1.58+qsparse-0.6125``),
 an HF ``LlamaForCausalLM`` and the compact :class:`.llama.LlamaDecoder` with TinyLlama-1.1B shapes
-(``--layers`` fewer for a quick run), random bf16 weights, converted by :func:`qsparse_kernels.convert`
-(sibling projections fused, the default). Every (model, variant) pair decodes once per round,
-round-robin, ``--rounds`` rounds after a warm-up; each prompt length is its own set of rounds.
+(``--layers`` fewer for a quick run), random weights (bf16, or ``--dtype``), converted by
+:func:`qsparse_kernels.convert` (sibling projections fused, the default). Every (model, variant)
+pair decodes once per round, round-robin, ``--rounds`` rounds after a warm-up; each prompt length
+is its own set of rounds.
 
 Per model and variant: decode ms/token and prefill ms (median [min, max] over rounds), and the
 ratio to that model's dense run of the same round (median [min, max]). The last column is the HF
@@ -25,6 +26,7 @@ import time
 
 import torch
 
+from .cases import DTYPES
 from .decode import VARIANTS, _random_init, build, convert_variant
 from .harness import machine_summary
 from .llama import LlamaShape
@@ -32,8 +34,8 @@ from .llama import LlamaShape
 DEFAULT_VARIANTS = ["dense", "qsparse-0.5", "bitnet-b1.58", "bitnet-b1.58+qsparse-0.6125"]
 
 
-def hf_model(shape: LlamaShape, variant: str, seed: int = 0):
-    """HF ``LlamaForCausalLM`` with ``shape``, random bf16 weights from ``seed``, converted as ``variant``."""
+def hf_model(shape: LlamaShape, variant: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+    """HF ``LlamaForCausalLM`` with ``shape``, random ``dtype`` weights from ``seed``, converted as ``variant``."""
     import transformers
 
 
@@ -46,7 +48,7 @@ def hf_model(shape: LlamaShape, variant: str, seed: int = 0):
     )
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model = model.to_empty(device="cpu").to(dtype)
     _random_init(model, torch.Generator().manual_seed(seed))
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # to_empty left its inv_freq unset
     convert_variant(model, variant)
@@ -96,6 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS,
                    choices=list(VARIANTS))
     p.add_argument("--no-compact", action="store_true", help="time HF generate() only")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="the models' weights and activations")
     args = p.parse_args(argv)
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2")
@@ -106,12 +109,13 @@ def main(argv=None) -> int:
     kinds = ["hf"] + ([] if args.no_compact else ["compact"])
     mach = machine_summary(torch.device("cpu"))
     print(f"# HF generate() vs compact Llama on {mach['device']} ({mach['isa']}, {mach['threads']} threads); "
-          f"{shape}", file=sys.stderr)
+          f"{args.dtype}; {shape}", file=sys.stderr)
     models = {}
     for kind in kinds:
         for v in variants:
             t0 = time.perf_counter()
-            models[kind, v] = hf_model(shape, v) if kind == "hf" else build(shape, v, "cpu")
+            dt = DTYPES[args.dtype]
+            models[kind, v] = hf_model(shape, v, dtype=dt) if kind == "hf" else build(shape, v, "cpu", dtype=dt)
             print(f"#   built {kind} {v} in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     timers = {"hf": time_hf, "compact": time_compact}
     gen = torch.Generator().manual_seed(1)
@@ -127,7 +131,7 @@ def main(argv=None) -> int:
                 print(f"#   prompt {plen} round {r + 1}/{args.rounds}: "
                       + ", ".join(f"{k}/{v} {runs[k, v][-1]['ms_per_token']:.1f}" for k, v in models),
                       file=sys.stderr, flush=True)
-            print(f"\n## prompt {plen}, {args.new_tokens} new tokens, {shape.num_hidden_layers} layers; "
+            print(f"\n## prompt {plen}, {args.new_tokens} new tokens, {shape.num_hidden_layers} layers, {args.dtype}; "
                   f"median [min, max] of {args.rounds} interleaved rounds")
             print(f"{'model':>8} {'variant':<30}| {'decode ms/token':>24} | {'x dense':>24} |"
                   f" {'prefill ms':>24} | {'x dense':>24} | {'HF/compact':>24}")
