@@ -54,6 +54,16 @@ def test_topk_large_rows_all_ranks(isa, d, gen):
         assert torch.equal(qk.topk_sparsify(x, k, backend="cpu"), R.topk_sparsify(x, k)), k
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [63, 64, 65, 2048, 5001])
+def test_topk_half_rows_all_ranks(isa, dtype, d, gen):
+    """Half-type rows from 64 entries take the bisection on the key value on AVX-512 (63: the radix
+    rounds); every rank, both ends included, against the reference."""
+    x = distinct_magnitudes(3, d, dtype, gen)
+    for k in sorted({1, 2, 17, d // 10, d // 2, d - 17, d - 2, d - 1} - {0}):
+        assert torch.equal(qk.topk_sparsify(x, k, backend="cpu"), R.topk_sparsify(x, k)), k
+
+
 def _hard_rows(d: int, dtype: torch.dtype, gen) -> torch.Tensor:
     """Rows that stress the sampling bracket: heavy ties, sorted, heavy-tailed, a few outliers."""
     sign = torch.randint(0, 2, (6, d), generator=gen) * 2 - 1

@@ -181,6 +181,55 @@ QSK_TARGET_AVX512 void emit_avx512(const T* x, int64_t d, uint32_t thr, int64_t 
   }
 }
 
+// ---- AVX-512, half types: bisection on the key value ----
+
+// Rows at least this long take the bisection (shorter ones the radix rounds below).
+constexpr int64_t kBisectMin = 64;
+
+inline __mmask32 tail_mask32(int64_t left) {
+  return left >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << left) - 1);
+}
+
+// How many of keys[0 .. 32 steps) are >= t.
+QSK_TARGET_AVX512 inline int64_t count_keys_ge(const uint16_t* keys, int64_t steps, uint32_t t) {
+  const __m512i vt = _mm512_set1_epi16(static_cast<int16_t>(t));
+  int64_t c = 0;
+  for (int64_t j = 0; j < steps; ++j)
+    c += __builtin_popcount(_mm512_cmpge_epu16_mask(_mm512_loadu_si512(keys + 32 * j), vt));
+  return c;
+}
+
+// The k-th largest key of the d >= kBisectMin half-type entries of x (0 < k < d) and how many
+// keys are above it. The 15-bit keys (NaNs canonical, as key_of) go once into `keys` (uint16,
+// zero padded to a multiple of 32: 2 * d + 62 bytes at most, inside the 8 * d bytes of scratch);
+// then a bisection on the key value, each step one count of the keys >= t, 32 per compare over
+// the L1-resident keys: 17 passes of d / 32 vector steps, where the scalar radix histogram costs
+// ~3 cycles per key and a band pass and a second round follow it.
+template <typename T>
+QSK_TARGET_AVX512 void kth_key_bisect(const T* x, int64_t d, int64_t k, uint16_t* keys, uint32_t* thr,
+                                      int64_t* n_above) {
+  const __m512i mag = _mm512_set1_epi16(0x7fff);
+  const __m512i inf = _mm512_set1_epi16(static_cast<int16_t>(KeyBits<T>::kInf));
+  const __m512i nan = _mm512_set1_epi16(static_cast<int16_t>(KeyBits<T>::kNan));
+  const int64_t steps = (d + 31) / 32;
+  for (int64_t j = 0; j < steps; ++j) {
+    __m512i v = _mm512_and_si512(_mm512_maskz_loadu_epi16(tail_mask32(d - 32 * j), x + 32 * j), mag);
+    v = _mm512_mask_mov_epi16(v, _mm512_cmpgt_epu16_mask(v, inf), nan);
+    _mm512_storeu_si512(keys + 32 * j, v);  // the padding lanes are 0: never counted (t >= 1)
+  }
+  auto count_ge = [&](uint32_t t) { return count_keys_ge(keys, steps, t); };
+  uint32_t lo = 0, hi = KeyBits<T>::kNan;  // count_ge(lo) >= k throughout; the answer is in [lo, hi]
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo + 1) / 2;
+    if (count_ge(mid) >= k)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  *thr = lo;
+  *n_above = lo == KeyBits<T>::kNan ? 0 : count_ge(lo + 1);
+}
+
 // ---- the driver: bracketing rounds, then nth_element ----
 
 template <typename T>
@@ -317,6 +366,12 @@ void select_impl(const T* x, int64_t d, int64_t k, int32_t* idx, uint32_t* scrat
   }
   uint32_t thr;
   int64_t above;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (isa == Isa::Avx512 && d >= kBisectMin) {
+      kth_key_bisect(x, d, k, reinterpret_cast<uint16_t*>(scratch), &thr, &above);
+      return emit(isa, x, d, k, thr, k - above, idx);
+    }
+  }
   kth_key(isa, x, d, k, scratch, &thr, &above);
   emit(isa, x, d, k, thr, k - above, idx);
 }
