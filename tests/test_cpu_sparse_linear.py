@@ -196,18 +196,21 @@ def _aten_ops_run(fn) -> set[str]:
 
 
 def test_fp16_takes_torch_gemm_only_where_it_is_fast(gen):
-    """torch's CPU fp16 GEMM is fast only where the CPU has AVX512-FP16. Without it, on a
-    column-major weight it is ~100x slower than dense (3.1 s at 4096 -> 11008, M = 8, Zen 4), so
-    fp16 stays on the library kernel at every M; with it, batches above 16 rows take the GEMM on
-    the masked activations (csrc/cpu/sparse_linear.cpp: sparse_max_rows). bf16 above its
-    crossover always uses the GEMM (the check itself can fail)."""
+    """torch's CPU fp16 GEMM is fast only where the CPU has AVX512-FP16 and torch runs oneDNN.
+    Elsewhere, on a column-major weight it is ~100x slower than dense (3.1 s at 4096 -> 11008,
+    M = 8, Zen 4), so fp16 stays on the library kernel at every M; there, batches above 16 rows
+    take the GEMM on the masked activations (csrc/cpu/sparse_linear.cpp: sparse_max_rows). bf16
+    above its crossover always uses the GEMM (the check itself can fail)."""
     w = qk.to_fast_layout(torch.randn(40, 64, generator=gen))
     x = torch.randn(70, 64, generator=gen)
     ran = _aten_ops_run(lambda: qk.sparse_linear(x[:16].half(), w.half(), 32, backend="cpu"))
     assert "qsparse::sparse_linear_kernel" in ran and not TORCH_GEMMS & ran
     ran = _aten_ops_run(lambda: qk.sparse_linear(x.half(), w.half(), 32, backend="cpu"))
     assert "qsparse::sparse_linear_kernel" in ran
-    assert bool(TORCH_GEMMS & ran) == ("avx512_fp16" in CPU_FLAGS)
+    assert bool(TORCH_GEMMS & ran) == ("avx512_fp16" in CPU_FLAGS and torch.backends.mkldnn.is_available())
+    with torch.backends.mkldnn.flags(enabled=False):  # torch's own fp16 GEMM then: slow everywhere
+        ran = _aten_ops_run(lambda: qk.sparse_linear(x.half(), w.half(), 32, backend="cpu"))
+    assert "qsparse::sparse_linear_kernel" in ran and not TORCH_GEMMS & ran
     ran = _aten_ops_run(lambda: qk.sparse_linear(x.bfloat16(), w.bfloat16(), 32, backend="cpu"))
     assert TORCH_GEMMS & ran
 

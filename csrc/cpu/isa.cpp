@@ -109,7 +109,7 @@ bool has_amx_int8() {
   return amx;
 }
 
-bool torch_fp16_gemm_fast() {
+bool cpu_has_avx512_fp16() {
   static const bool fp16 = __builtin_cpu_supports("avx512fp16");
   return fp16;
 }

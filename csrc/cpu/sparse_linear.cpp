@@ -6,6 +6,7 @@
 // Larger batches, or other weight layouts, take the dense path: the top-K-masked activations
 // through at::linear (oneDNN / BLAS), so a sparse layer is never much slower than a dense one;
 // except a row-major weight at k = d and M <= 2 or 4 (a dense head): dense_gemv.cpp.
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -44,8 +45,8 @@ namespace qsk::cpu {
 // time): sparse path M = 8: 1.33-1.62, 12: 1.09-1.44, 16: 0.70-0.76; dense path 0.77-0.95,
 // 0.83-1.15, 0.64-0.70. Both lose at 16, where MKL's row-major kernel is at its best; the sparse
 // path still loses less, so 16 stays.
-// fp16 depends on torch's fp16 GEMM, which is fast only where the CPU has AVX512-FP16 (oneDNN's
-// kernels). Without it (Zen 4) torch has no fast kernel for the column-major weight (4096 ->
+// fp16 depends on torch's fp16 GEMM, which is fast only where the CPU has AVX512-FP16 and torch
+// runs oneDNN (torch.backends.mkldnn enabled, the default). Without them (Zen 4) torch has no fast kernel for the column-major weight (4096 ->
 // 11008, M = 8: 3.1 s, ~100x slower than on the row-major weight), and even on the row-major
 // weight it is slower than the sparse path at every M (s = 0 / 0.5: M = 8 2.2x / 2.4x, M = 64
 // 2.8x / 3.0x faster than F.linear), so fp16 never takes the dense path there. With AVX512-FP16
@@ -56,6 +57,9 @@ namespace qsk::cpu {
 // (at M = 64 / 128 the sparse path was 0.50x / 0.51x of F.linear on 2560 -> 6912), hence 16.
 // Re-measure with `benchmarks/bench_cpu_sparse.py --batch` after changing the kernels. The one
 // place that decides it.
+inline bool torch_fp16_gemm_fast() {  // oneDNN's AVX512-FP16 kernels: the CPU has them, torch uses oneDNN
+  return cpu_has_avx512_fp16() && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+}
 inline int64_t sparse_max_rows(at::ScalarType dtype) {
   if (dtype == at::kHalf) return torch_fp16_gemm_fast() ? 16 : std::numeric_limits<int64_t>::max();
   return dtype == at::kFloat ? 16 : 4;

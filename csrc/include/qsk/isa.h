@@ -25,9 +25,9 @@ const char* bf16_gemm_name();
 // Whether the AMX-INT8 kernels can run: the CPU has AMX-TILE and AMX-INT8, Linux granted the tile
 // state (requested once), and the cap is "amx" (the default).
 bool has_amx_int8();
-// Whether the CPU has AVX512-FP16, where torch's (oneDNN's) fp16 GEMM is fast; not capped (it
-// says which of torch's kernels is fast, not which of the library's may run).
-bool torch_fp16_gemm_fast();
+// Whether the CPU has AVX512-FP16 (and the OS its state). Not capped: it says which of torch's
+// kernels are fast (oneDNN's fp16 GEMM), not which of the library's may run.
+bool cpu_has_avx512_fp16();
 const char* isa_name(Isa isa);
 // Caps the ISA; "" restores the detected one. Throws on an unknown name.
 void set_isa_cap(const std::string& name);
