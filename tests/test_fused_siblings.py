@@ -71,18 +71,20 @@ def test_sparse_multi_equals_single(isa, threads, dtype, d, outs, rows):
             assert_identical(g, SPARSE_ONE(x, w, k, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cap", ["amx", "avx512bf16", "avx512"])
 @pytest.mark.parametrize("rows", [2, 9, 16, 20])
-def test_sparse_multi_rows_share_one_selection(cap, threads, rows):
+def test_sparse_multi_rows_share_one_selection(cap, threads, rows, dtype):
     """Several rows: one top-K for every segment, then each segment's own path (the batched bf16
-    kernel up to its row limit, torch's GEMM on the masked rows above it or for a row-major
-    weight): bit-identical to the single op per segment."""
+    kernel up to its row limit, torch's GEMM on the masked rows above it, for fp16 above 16 rows
+    where torch's fp16 GEMM is fast, or for a row-major weight): bit-identical to the single op
+    per segment."""
     _native._C.set_cpu_isa_cap(cap)
     try:
         d = 300
-        x = torch.randn(1, rows, d).to(torch.bfloat16)
-        ws = [qk.to_fast_layout(torch.randn(70, d).to(torch.bfloat16)), torch.randn(33, d).to(torch.bfloat16)]
-        bs = [torch.randn(70).to(torch.bfloat16), None]
+        x = torch.randn(1, rows, d).to(dtype)
+        ws = [qk.to_fast_layout(torch.randn(70, d).to(dtype)), torch.randn(33, d).to(dtype)]
+        bs = [torch.randn(70).to(dtype), None]
         for k in (1, 100, d - 1):
             got = SPARSE_MULTI(x, ws, k, bs)
             for g, w, b in zip(got, ws, bs, strict=True):
