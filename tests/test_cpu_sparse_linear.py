@@ -197,8 +197,8 @@ def _aten_ops_run(fn) -> set[str]:
 
 def test_fp16_takes_torch_gemm_only_where_it_is_fast(gen):
     """torch's CPU fp16 GEMM is fast only where the CPU has AVX512-FP16 and torch runs oneDNN.
-    Elsewhere, on a column-major weight it is ~100x slower than dense (3.1 s at 4096 -> 11008,
-    M = 8, Zen 4), so fp16 stays on the library kernel at every M; there, batches above 16 rows
+    Elsewhere it was measured ~100x slower than dense on a column-major weight (3.1 s at 4096 ->
+    11008, M = 8), so fp16 stays on the library kernel at every M; there, batches above 16 rows
     take the GEMM on the masked activations (csrc/cpu/sparse_linear.cpp: sparse_max_rows). bf16
     above its crossover always uses the GEMM (the check itself can fail)."""
     w = qk.to_fast_layout(torch.randn(40, 64, generator=gen))

@@ -46,10 +46,12 @@ namespace qsk::cpu {
 // 0.83-1.15, 0.64-0.70. Both lose at 16, where MKL's row-major kernel is at its best; the sparse
 // path still loses less, so 16 stays.
 // fp16 depends on torch's fp16 GEMM, which is fast only where the CPU has AVX512-FP16 and torch
-// runs oneDNN (torch.backends.mkldnn enabled, the default). Without them (Zen 4) torch has no fast kernel for the column-major weight (4096 ->
-// 11008, M = 8: 3.1 s, ~100x slower than on the row-major weight), and even on the row-major
-// weight it is slower than the sparse path at every M (s = 0 / 0.5: M = 8 2.2x / 2.4x, M = 64
-// 2.8x / 3.0x faster than F.linear), so fp16 never takes the dense path there. With AVX512-FP16
+// runs oneDNN (torch.backends.mkldnn enabled, the default). An earlier stop (2026-11-29; the CPU
+// is not on record, and Zen 4 has no AVX512-FP16) measured torch's fp16 GEMM on the column-major
+// weight at 3.1 s for 4096 -> 11008, M = 8 (~100x the row-major one), and the sparse path faster
+// than F.linear at every M (s = 0 / 0.5: M = 8 2.2x / 2.4x, M = 64 2.8x / 3.0x), so without them
+// fp16 never takes the dense path. On this AVX512-FP16 machine with torch 2.14 the same GEMM
+// takes 16 ms (row-major: 12 ms). With AVX512-FP16
 // (Sapphire Rapids, torch 2.14, both threads, s = 0.5, TinyLlama's 2048 -> 2560 / 2048 / 11264 and
 // 5632 -> 2048 with DRAM-resident weights, F.linear time on the row-major weight / time):
 //   sparse path  M = 4: 1.71-1.91, 8: 1.06-1.22, 12: 0.89-1.02, 16: 0.81-0.90, 32: 0.67-0.75
