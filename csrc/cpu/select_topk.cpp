@@ -1,6 +1,8 @@
 // Per-row top-k by magnitude without a sort: see csrc/include/qsk/cpu_select.h for the contract.
 #include "qsk/cpu_select.h"
 
+#include "qsk/cpu_common.h"
+
 #include <immintrin.h>
 
 // GCC 12 reports its own 16-bit masked-load intrinsics (_mm*_maskz_loadu_epi16) as reading an
@@ -186,10 +188,6 @@ QSK_TARGET_AVX512 void emit_avx512(const T* x, int64_t d, uint32_t thr, int64_t 
 // Rows at least this long take the bisection (shorter ones the radix rounds below).
 constexpr int64_t kBisectMin = 64;
 
-inline __mmask32 tail_mask32(int64_t left) {
-  return left >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << left) - 1);
-}
-
 // How many of keys[0 .. 32 steps) are >= t.
 QSK_TARGET_AVX512 inline int64_t count_keys_ge(const uint16_t* keys, int64_t steps, uint32_t t) {
   const __m512i vt = _mm512_set1_epi16(static_cast<int16_t>(t));
@@ -203,7 +201,7 @@ QSK_TARGET_AVX512 inline int64_t count_keys_ge(const uint16_t* keys, int64_t ste
 // keys are above it. The 15-bit keys (NaNs canonical, as key_of) go once into `keys` (uint16,
 // zero padded to a multiple of 32: 2 * d + 62 bytes at most, inside the 8 * d bytes of scratch);
 // then a bisection on the key value, each step one count of the keys >= t, 32 per compare over
-// the L1-resident keys: 17 passes of d / 32 vector steps, where the scalar radix histogram costs
+// the L1-resident keys: ~16 passes of d / 32 vector steps, where the scalar radix histogram costs
 // ~3 cycles per key and a band pass and a second round follow it.
 template <typename T>
 QSK_TARGET_AVX512 void kth_key_bisect(const T* x, int64_t d, int64_t k, uint16_t* keys, uint32_t* thr,
@@ -217,17 +215,16 @@ QSK_TARGET_AVX512 void kth_key_bisect(const T* x, int64_t d, int64_t k, uint16_t
     v = _mm512_mask_mov_epi16(v, _mm512_cmpgt_epu16_mask(v, inf), nan);
     _mm512_storeu_si512(keys + 32 * j, v);  // the padding lanes are 0: never counted (t >= 1)
   }
-  auto count_ge = [&](uint32_t t) { return count_keys_ge(keys, steps, t); };
   uint32_t lo = 0, hi = KeyBits<T>::kNan;  // count_ge(lo) >= k throughout; the answer is in [lo, hi]
   while (lo < hi) {
     const uint32_t mid = lo + (hi - lo + 1) / 2;
-    if (count_ge(mid) >= k)
+    if (count_keys_ge(keys, steps, mid) >= k)
       lo = mid;
     else
       hi = mid - 1;
   }
   *thr = lo;
-  *n_above = lo == KeyBits<T>::kNan ? 0 : count_ge(lo + 1);
+  *n_above = lo == KeyBits<T>::kNan ? 0 : count_keys_ge(keys, steps, lo + 1);
 }
 
 // ---- the driver: bracketing rounds, then nth_element ----

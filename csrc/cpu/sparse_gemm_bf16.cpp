@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "qsk/cpu_common.h"
 #include "qsk/cpu_select.h"
 #include "qsk/isa.h"
 #include "sparse_gemv.h"
@@ -52,10 +53,6 @@ inline Blocking blocking(int64_t N, int64_t threads) {
   return {cols, depth, 2 * cols + 32};
 }
 
-inline __mmask32 mask32(int64_t left) {
-  return left >= 32 ? static_cast<__mmask32>(0xffffffffu) : left <= 0 ? 0u : static_cast<__mmask32>((1u << left) - 1);
-}
-
 // packed[p][g][2 c + h] = weight row idx[u0 + 2 p + h], column j0 + 16 g + c (0 past n or N);
 // for p < kc / 2, g < bk.cols / 16, c < 16, h < 2 (groups past the last 64 columns of N are left
 // unwritten and never read). Reads no weight element outside [j0, N). Pair-major, so the stores
@@ -82,7 +79,7 @@ QSK_TARGET_AVX512 void pack_block(const uint16_t* wt, int64_t ld, const int32_t*
       }
     }
     for (int64_t q = 0; q < nchunks; ++q) {
-      const __mmask32 m = mask32(N - j0 - 32 * q);
+      const __mmask32 m = tail_mask32(N - j0 - 32 * q);
       const __m512i a = r0 ? _mm512_maskz_loadu_epi16(m, r0 + 32 * q) : _mm512_setzero_si512();
       const __m512i b = r1 ? _mm512_maskz_loadu_epi16(m, r1 + 32 * q) : _mm512_setzero_si512();
       _mm512_storeu_si512(dst + 64 * q, _mm512_permutex2var_epi16(a, even, b));

@@ -15,6 +15,7 @@
 // uninitialised value (a known false positive in avx512bwintrin.h); silence it in this file only.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "qsk/cpu_common.h"
 #include "qsk/isa.h"
 #include "sparse_gemv.h"
 
@@ -26,10 +27,6 @@ namespace {
 constexpr int64_t kPrefetchRows = 4;
 // Listed rows accumulated per pass over the panel (the accumulators stay in registers meanwhile).
 constexpr int kGroup = 4;
-
-inline __mmask32 cols_mask(int64_t left) {
-  return left >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << left) - 1);
-}
 
 // ---- 32 columns <-> two float32 vectors, per weight dtype ----
 
@@ -119,7 +116,7 @@ template <typename T, int MB>
 QSK_TARGET_AVX512 void panel(const T* wt, int64_t ld, const SparseRows& r, int64_t j0, int64_t ncols, float* out,
                              int64_t os) {
   const int64_t nfull = ncols / 32;
-  const __mmask32 tail = cols_mask(ncols - 32 * nfull);  // 0 when ncols % 32 == 0
+  const __mmask32 tail = tail_mask32(ncols - 32 * nfull);  // 0 when ncols % 32 == 0
   const int64_t nblocks = nfull + (tail != 0);
   for (int m = 0; m < MB; ++m) std::memset(out + m * os, 0, nblocks * 32 * sizeof(float));
 

@@ -38,7 +38,6 @@ def hf_model(shape: LlamaShape, variant: str, seed: int = 0, dtype: torch.dtype 
     """HF ``LlamaForCausalLM`` with ``shape``, random ``dtype`` weights from ``seed``, converted as ``variant``."""
     import transformers
 
-
     cfg = transformers.LlamaConfig(
         hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
@@ -110,11 +109,10 @@ def main(argv=None) -> int:
     mach = machine_summary(torch.device("cpu"))
     print(f"# HF generate() vs compact Llama on {mach['device']} ({mach['isa']}, {mach['threads']} threads); "
           f"{args.dtype}; {shape}", file=sys.stderr)
-    models = {}
+    models, dt = {}, DTYPES[args.dtype]
     for kind in kinds:
         for v in variants:
             t0 = time.perf_counter()
-            dt = DTYPES[args.dtype]
             models[kind, v] = hf_model(shape, v, dtype=dt) if kind == "hf" else build(shape, v, "cpu", dtype=dt)
             print(f"#   built {kind} {v} in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     timers = {"hf": time_hf, "compact": time_compact}

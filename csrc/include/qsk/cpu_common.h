@@ -3,6 +3,7 @@
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
@@ -14,6 +15,11 @@ namespace qsk::cpu {
 // Fewest weight bytes one parallel task should read: below it a second thread costs more (an
 // OpenMP fork / join, several us) than it saves, so tiny layers run on the calling thread.
 constexpr int64_t kMinTaskBytes = 64 * 1024;
+
+// The first `left` of 32 lanes (all for left >= 32, none for left <= 0): a 16-bit-element tail mask.
+inline __mmask32 tail_mask32(int64_t left) {
+  return left >= 32 ? static_cast<__mmask32>(0xffffffffu) : left <= 0 ? 0u : static_cast<__mmask32>((1u << left) - 1);
+}
 
 template <typename T>
 inline __attribute__((always_inline)) float to_f32(T v) {
