@@ -239,11 +239,12 @@ def test_kernel_checks_arguments():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape", [(301, 16403), (140001, 9)])
+@pytest.mark.parametrize("shape", [(301, 16403), (140001, 9), (1001, 5003)])
 def test_row_split_wide_rows_and_many_rows(isa, shape, threads):
     """Batch 1 on AVX-512 splits the kept rows across threads: packed rows wider than one block
-    (4101 bytes > 4096, several blocks per row), and more rows than the in-place code scaling
-    allows (140001 > 132100: the shifted-code fallback), against the reference."""
+    (4101 bytes > 4096, several blocks per row), more rows than the in-place code scaling
+    allows (140001 > 132100: the shifted-code fallback), and rows of 1024-2047 bytes (1251: the
+    short-row chunks of 4 quads, ~60 chunks and a partial last one), against the reference."""
     d, out_f = shape
     packed, _ = random_packed(out_f, d)
     ref = Expected(packed, out_f)

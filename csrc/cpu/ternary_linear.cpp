@@ -340,8 +340,7 @@ void row_split_m1(const RowPlan& plan, const Segment* segs, int64_t nseg, bool v
         sub.n_quads = q1 - q0;
         int32_t* out = partial.get() + part * width + off[s];
         const int64_t blk = std::min<int64_t>(cols, kMaxBlockAvx512);
-        // Chunks of about kRowSplitChunkBytes, whatever the row length (short rows: more rows in flight).
-        const int64_t chunk = std::clamp<int64_t>(kRowSplitChunkBytes / (4 * std::max<int64_t>(1, blk)), 4, 64);
+        const int64_t chunk = row_split_chunk_quads(blk);
         for (int64_t b0 = 0; b0 < cols; b0 += blk)
           block_avx512_m1(sub, b0, std::min(blk, cols - b0), vnni, out + 4 * b0, chunk, blk < kRowMajorBelow);
       }

@@ -55,8 +55,23 @@ constexpr int64_t kBlockRowQuads = 16;
 // dense / s = 0.5 / s = 0.6125): 16-quad chunks 690 / 429 / 428, 8 quads 665 / 392 / 319,
 // 4 quads 681 / 425 / 322, 32 quads 1424 / 806 / 603; and against the column-split blocks
 // (1024 B, 16 quads) 756 / 625 / 499 -> 603 / 534 / 443 with 16-quad whole-row chunks.
-// Chunks of about this many bytes (8 quads of 2752-byte rows), whatever the row length.
+// Chunks of about this many bytes (8 quads of 2752-byte rows) for rows of kRowSplitShortRow bytes
+// and more; narrower rows take chunks of kRowSplitShortChunk quads (row_split_chunk_quads).
 constexpr int64_t kRowSplitChunkBytes = 8 * 4 * 2752;
+// The byte rule gave rows of 1408 B (TinyLlama's gate / up) 15-quad chunks, which read them
+// slowly. Measured 2026-12-03 (Intel Xeon AMX, AVX-512 VNNI, 2 threads, weights rotated past the
+// LLC, 7-9 interleaved rounds in one process, median time ratio to the byte rule [min, max]):
+//   2048 x 5632 (1408 B rows): 4 quads 0.82-0.91 dense, 0.76-0.81 at s = 0.6125 (2 or 3: alike);
+//   2560 x 6912 (1728 B rows, the rule's 12): 4 quads 0.97 / 0.90;
+//   4096 x 11008 (2752 B rows, the rule's 8): 4 quads 1.03-1.10, so these keep the rule;
+//   2048 x 2048 (512 B rows, row-major prefetch, the rule's 43): 1-4 quads 0.94-1.05, alike.
+constexpr int64_t kRowSplitShortRow = 2048;
+constexpr int64_t kRowSplitShortChunk = 4;
+// Quads per chunk of the row-split path for blocks of blk bytes per row.
+inline int64_t row_split_chunk_quads(int64_t blk) {
+  if (blk < kRowSplitShortRow) return kRowSplitShortChunk;
+  return std::clamp<int64_t>(kRowSplitChunkBytes / (4 * blk), 4, 64);
+}
 // Whole rows narrower than this (row-split path) prefetch the chunk after next row by row (whole spans in address
 // order) instead of one line of each row of the next chunk per strip: bitnet-2b.down (640-byte
 // rows), DRAM-resident, interleaved A/B, dense / s = 0.5 / s = 0.6125: 439-457 / 285-288 /
