@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import qsparse_kernels as qk
-from qsparse_kernels.bench.harness import Timing, copies_needed
+from qsparse_kernels.bench.harness import Timing, copies_needed, round_order
 
 CPU = torch.device("cpu")
 N_X = 7  # activation variants
@@ -34,10 +34,12 @@ def _q(xs, q):
 
 
 def time_interleaved(fns: dict, reps: int, warmup: int = 3, clock=time.perf_counter) -> dict[str, Timing]:
-    """Calls every ``fn(i)`` once per round, ``warmup + reps`` rounds; per-function median, p20, p80."""
+    """Calls every ``fn(i)`` once per round (in :func:`round_order`), ``warmup + reps`` rounds;
+    per-function median, p20, p80."""
     samples = {name: [] for name in fns}
     for i in range(warmup + reps):
-        for name, fn in fns.items():
+        for name in round_order(fns, i):
+            fn = fns[name]
             t0 = clock()
             fn(i)
             if i >= warmup:

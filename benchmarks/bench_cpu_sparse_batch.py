@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import qsparse_kernels as qk
 from qsparse_kernels import _native
+from qsparse_kernels.bench.harness import round_order
 
 SHAPES = ("2048x2048", "2048x256", "2048x5632", "5632x2048", "2048x32000", "4096x11008")
 BATCHES = (1, 2, 4, 8, 16, 64, 128, 512)
@@ -30,10 +31,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def time_interleaved(fns: dict, reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per function over ``reps`` rounds, each round calling every function once."""
+    """Median seconds per function over ``reps`` rounds, each round calling every function once
+    (in :func:`round_order`)."""
     samples = {name: [] for name in fns}
     for i in range(warmup + reps):
-        for name, fn in fns.items():
+        for name in round_order(fns, i):
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             if i >= warmup:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import qsparse_kernels as qk
 from qsparse_kernels import _native
 from qsparse_kernels import reference as R
+from qsparse_kernels.bench.harness import round_order
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -54,7 +55,8 @@ def bench_shape(d: int, out_f: int, batches: list[int], dtypes: list[str], isas:
         idx = [0] * len(cases)
         times: list[list[float]] = [[] for _ in cases]
         for r in range(reps + 1):
-            for c, (isa, _, k, x) in enumerate(cases):
+            for c in round_order(range(len(cases)), r):
+                isa, _, k, x = cases[c]
                 if isa != "dense":
                     _native._C.set_cpu_isa_cap(isa)
                 i = idx[c]

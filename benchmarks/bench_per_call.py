@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import qsparse_kernels as qk
+from qsparse_kernels.bench.harness import round_order
 from qsparse_kernels.nn import BitLinear, QSparseLinear
 from qsparse_kernels.nn._siblings import SiblingGroup
 
@@ -67,7 +68,8 @@ def variants(d: int, dtype: torch.dtype) -> dict:
 def measure(fns: dict, rounds: int, calls: int) -> dict[str, list[float]]:
     per = {name: [] for name in fns}
     for r in range(rounds + 1):  # round 0 warms up
-        for name, (fn, _) in fns.items():
+        for name in round_order(fns, r):
+            fn = fns[name][0]
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()

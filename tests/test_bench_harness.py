@@ -75,3 +75,18 @@ def test_flush_cache_leaves_values_alone():
     assert torch.equal(t, before)
     with pytest.raises(RuntimeError, match="CPU tensor"):
         _native._C.flush_cache(torch.empty(4, device="meta"))
+
+
+def test_round_order_rotates_so_no_variant_always_follows_the_same_one():
+    names = ["dense", "a", "b", "c"]
+    orders = [harness.round_order(names, r) for r in range(8)]
+    for o in orders:
+        assert sorted(o) == sorted(names)  # every variant once per round
+    # over len(names) rounds every variant runs in every position, and right after dense's
+    # fixed neighbour changes
+    assert {o[0] for o in orders[:4]} == set(names)
+    after_first = {o[1] for o in orders[:4]}
+    assert len(after_first) == 4
+    assert orders[4] == orders[0]
+    assert harness.round_order({"x": 1, "y": 2}, 1) == ["y", "x"]  # a dict gives its keys
+    assert harness.round_order([], 3) == []

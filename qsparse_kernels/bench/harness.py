@@ -129,6 +129,20 @@ def quantile(xs: Sequence[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
+def round_order(items: Sequence, r: int) -> list:
+    """The order in which interleaved round ``r`` calls ``items``: rotated by ``r``.
+
+    A fixed order makes each variant always follow the same neighbour, and the call that follows a
+    heavy one can be slow for reasons of its own: on a 2-core Sapphire Rapids, whichever ternary
+    case ran right after torch's AMX bf16 GEMM took ~1.6x the time of the same call later in the
+    round (2026-12-03, both case orders tried). Rotating spreads that over every variant."""
+    items = list(items)
+    if not items:
+        return items
+    r %= len(items)
+    return items[r:] + items[:r]
+
+
 def _samples(fn, n_variants, device, reps, warmup, before) -> list[float]:
     for i in range(warmup):
         if before:
