@@ -243,20 +243,25 @@ void build_plan(const int8_t* xq, int64_t M, int64_t d, const uint8_t* packed, i
   const int64_t n_quads = (n + 3) / 4;
   for (int64_t i = n; i < 4 * n_quads; ++i) rows[i] = rows[0];  // n > 0 here, so rows[0] is valid
   rows.resize(4 * n_quads);
+  // Byte r of dword q is the activation of plan row 4q + r (0 for padding): on a little-endian
+  // CPU the dwords of batch row m are the bytes xm[rows[i]] in plan order, a byte gather (a copy
+  // when every feature is a plan row). Building each dword from four shifted bytes took ~100 us
+  // of a 16-row call at d = 5632, serially.
   auto& x4 = plan.x4;
   x4.assign(M * n_quads, 0);
   for (int64_t m = 0; m < M; ++m) {
     const int8_t* xm = xq + m * d;
-    for (int64_t q = 0; q < n_quads; ++q) {
-      uint32_t w = 0;
-      for (int r = 0; r < 4; ++r) {
-        const int64_t i = 4 * q + r;
-        // Byte r of the dword is the activation of plan row 4q + r (0 for padding).
-        const uint8_t v = i < n ? static_cast<uint8_t>(xm[rows[i]]) : 0;
-        w |= static_cast<uint32_t>(v) << (8 * r);
-      }
-      x4[m * n_quads + q] = static_cast<int32_t>(w);
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    auto* dst = reinterpret_cast<int8_t*>(x4.data() + m * n_quads);  // char-type access: no aliasing issue
+    if (n == d) {
+      std::memcpy(dst, xm, d);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i] = xm[rows[i]];
     }
+#else
+    for (int64_t i = 0; i < n; ++i)
+      x4[m * n_quads + i / 4] |= static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint8_t>(xm[rows[i]])) << (8 * (i % 4)));
+#endif
   }
   plan.view = RowPlan{packed, cols, rows.data(), n_quads, x4.data(), M};
 }
