@@ -18,7 +18,9 @@ from tests.test_cpu_ternary import KERNEL, Expected, _ks, assert_same, distinct_
 pytestmark = pytest.mark.skipif(not _native.loaded(), reason="qsparse_kernels._C is not built")
 
 ISAS = ["amx", "avx512", "avx2", "scalar"]
-SHAPES = [(1, 7), (7, 1), (63, 63), (4097, 7), (7, 4097), (63, 4097), (4097, 63), (130, 1029)]
+# (130, 1423): 356 packed bytes per row, so the AMX kernel's 2-strip blocks end in one of 100 bytes
+# (a full strip and a 36-byte tail) at 2 threads.
+SHAPES = [(1, 7), (7, 1), (63, 63), (4097, 7), (7, 4097), (63, 4097), (4097, 63), (130, 1029), (130, 1423)]
 BATCHES = [2, 5, 8, 17, 64, 130]  # AMX from M = 8 (dense) / 16 (sparse), ternary_linear.cpp
 
 

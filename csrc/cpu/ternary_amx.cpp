@@ -13,8 +13,10 @@
 // load_quad): vector 4g + s (code s of v[g]) has in dword 4L + t the 4 codes of output 4p + s,
 // p = 16L + 4g + t, over the quad's rows; minus 1 it is row c of B tile j = 4g + s. So a strip
 // is 16 B tiles per 16 quads, and tile column 4L + t of tile 4g + s is output 4p + s.
-// Each chunk of kAmxChunkBlocks x 16 quads is decoded once into scratch, then every batch row
-// block runs its tile products over it: the decode is shared by the whole batch.
+// A call covers a block of up to kAmxBlockStrips strips. Each chunk of kAmxChunkBlocks x 16 quads
+// is decoded once into scratch, every quad across the whole block (each row read as one run),
+// then every batch row block runs its tile products over it, strip by strip: the decode is shared
+// by the whole batch.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -108,51 +110,74 @@ QSK_TARGET_AMX_INT8 inline __attribute__((always_inline)) void tile_block(const 
   }
 }
 
-template <bool kTail>
-QSK_TARGET_AMX_INT8 void strip(const AmxOperands& o, int64_t mb0, int64_t nmb, int64_t b0, int64_t nbytes,
-                               int32_t* out, int64_t ld, int8_t* scratch) {
+// The block runs [b0, b0 + nbytes) of the 4 rows of quad q, into L1.
+QSK_TARGET_AMX_INT8 inline __attribute__((always_inline)) void prefetch_runs(const RowPlan& p, int64_t q, int64_t b0,
+                                                                             int64_t nbytes) {
+  for (int r = 0; r < 4; ++r) {
+    const auto a = reinterpret_cast<uintptr_t>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0);
+    for (uintptr_t l = a & ~uintptr_t{63}; l < a + static_cast<uintptr_t>(nbytes); l += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(l), _MM_HINT_T0);
+  }
+}
+
+// Blocks of up to kAmxBlockStrips strips: every chunk decodes each quad's rows across the whole
+// block (runs of up to kAmxBlockStrips x 64 contiguous bytes per row), prefetching the runs of the
+// quad kPrefetchQuads ahead, then each strip of the block runs its tile products over the chunk.
+QSK_TARGET_AMX_INT8 void block(const AmxOperands& o, int64_t mb0, int64_t nmb, int64_t b0, int64_t nbytes, int32_t* out,
+                               int64_t ld, int8_t* scratch) {
   const RowPlan& p = o.plan;
-  const __mmask64 mask = kTail ? _bzhi_u64(~0ull, static_cast<unsigned>(nbytes)) : ~0ull;
+  const int64_t ns = (nbytes + kW - 1) / kW;
+  const int64_t tail = nbytes - kW * (ns - 1);  // bytes of the last strip, 1..64
+  const __mmask64 tail_mask = _bzhi_u64(~0ull, static_cast<unsigned>(tail));
   const auto base = (reinterpret_cast<uintptr_t>(scratch) + 63) & ~static_cast<uintptr_t>(63);
-  int8_t* bt = reinterpret_cast<int8_t*>(base);                            // [kAmxChunkBlocks][16 tiles]
-  int32_t* cbuf = reinterpret_cast<int32_t*>(bt + kAmxChunkBlocks * 16 * kTile);  // [nmb][16 tiles]
+  int8_t* bt = reinterpret_cast<int8_t*>(base);  // [ns][kAmxChunkBlocks][16 tiles]
+  int32_t* cbuf = reinterpret_cast<int32_t*>(bt + kAmxBlockStrips * kAmxChunkBlocks * 16 * kTile);  // [ns][nmb][16 tiles]
+  const int64_t bt_strip = kAmxChunkBlocks * 16 * kTile, c_strip = nmb * 16 * 256;
   const int8_t* xa = o.xa + mb0 * 16 * o.lda;
-  const Prefetch pf = strip_prefetch(p, b0, kW);
-  for (int64_t q = 0; q < kPrefetchQuads; ++q) prefetch_quad(p, q, b0, pf);
   const int64_t nkb_all = p.n_quads / 16;
-  if (nkb_all == 0) std::memset(cbuf, 0, sizeof(int32_t) * 256 * 16 * nmb);  // no kept rows: acc = 0
+  if (nkb_all == 0) std::memset(cbuf, 0, sizeof(int32_t) * c_strip * ns);  // no kept rows: acc = 0
   for (int64_t kb0 = 0; kb0 < nkb_all; kb0 += kAmxChunkBlocks) {
     const int64_t nkb = std::min(kAmxChunkBlocks, nkb_all - kb0);
     for (int64_t c = 0; c < 16 * nkb; ++c) {
       const int64_t q = 16 * kb0 + c;
-      prefetch_quad(p, q + kPrefetchQuads, b0, pf);
-      decode_quad<kTail>(p, q, b0, mask, bt + (c / 16) * 16 * kTile, c % 16);
+      if (q + kPrefetchQuads < p.n_quads) prefetch_runs(p, q + kPrefetchQuads, b0, nbytes);
+      int8_t* dst = bt + (c / 16) * 16 * kTile;
+      for (int64_t s = 0; s + 1 < ns; ++s) decode_quad<false>(p, q, b0 + kW * s, ~0ull, dst + s * bt_strip, c % 16);
+      if (tail == kW) decode_quad<false>(p, q, b0 + kW * (ns - 1), ~0ull, dst + (ns - 1) * bt_strip, c % 16);
+      else decode_quad<true>(p, q, b0 + kW * (ns - 1), tail_mask, dst + (ns - 1) * bt_strip, c % 16);
     }
-    int64_t mb = 0;
-    for (; mb + 2 <= nmb; mb += 2)
-      for (int64_t j = 0; j < 16; j += 2) tile_block<2>(xa, o.lda, mb, kb0, nkb, bt, cbuf, j, kb0 == 0);
-    if (mb < nmb)
-      for (int64_t j = 0; j < 16; j += 2) tile_block<1>(xa, o.lda, mb, kb0, nkb, bt, cbuf, j, kb0 == 0);
+    for (int64_t s = 0; s < ns; ++s) {
+      const int8_t* bs = bt + s * bt_strip;
+      int32_t* cs = cbuf + s * c_strip;
+      int64_t mb = 0;
+      for (; mb + 2 <= nmb; mb += 2)
+        for (int64_t j = 0; j < 16; j += 2) tile_block<2>(xa, o.lda, mb, kb0, nkb, bs, cs, j, kb0 == 0);
+      if (mb < nmb)
+        for (int64_t j = 0; j < 16; j += 2) tile_block<1>(xa, o.lda, mb, kb0, nkb, bs, cs, j, kb0 == 0);
+    }
   }
   // Tile column 4L + t of tile 4g + s -> output 4p + s, p = 16L + 4g + t; only bytes p < nbytes.
-  for (int64_t mb = 0; mb < nmb; ++mb)
-    for (int g = 0; g < 4; ++g)
-      for (int s = 0; s < 4; ++s) {
-        const int32_t* c = cbuf + (mb * 16 + 4 * g + s) * 256;
-        for (int r = 0; r < 16; ++r) {
-          int32_t* o_row = out + (mb * 16 + r) * ld;
-          for (int L = 0; L < 4; ++L)
-            for (int t = 0; t < 4; ++t) {
-              const int64_t pb = 16 * L + 4 * g + t;
-              if (pb < nbytes) o_row[4 * pb + s] = c[16 * r + 4 * L + t];
-            }
+  for (int64_t st = 0; st < ns; ++st) {
+    const int64_t nb = st + 1 < ns ? kW : tail;
+    for (int64_t mb = 0; mb < nmb; ++mb)
+      for (int g = 0; g < 4; ++g)
+        for (int s = 0; s < 4; ++s) {
+          const int32_t* c = cbuf + st * c_strip + (mb * 16 + 4 * g + s) * 256;
+          for (int r = 0; r < 16; ++r) {
+            int32_t* o_row = out + (mb * 16 + r) * ld + 4 * kW * st;
+            for (int L = 0; L < 4; ++L)
+              for (int t = 0; t < 4; ++t) {
+                const int64_t pb = 16 * L + 4 * g + t;
+                if (pb < nb) o_row[4 * pb + s] = c[16 * r + 4 * L + t];
+              }
+          }
         }
-      }
+  }
 }
 
 }  // namespace
 
-int64_t amx_scratch_bytes(int64_t nmb) { return (kAmxChunkBlocks * 16 + nmb * 16) * kTile + 64; }
+int64_t amx_scratch_bytes(int64_t nmb) { return kAmxBlockStrips * (kAmxChunkBlocks * 16 + nmb * 16) * kTile + 64; }
 
 QSK_TARGET_AMX_INT8 void tiles_amx(const AmxOperands& o, int64_t mb0, int64_t nmb, int64_t b0, int64_t nbytes, int32_t* out, int64_t ld,
                int8_t* scratch) {
@@ -162,8 +187,7 @@ QSK_TARGET_AMX_INT8 void tiles_amx(const AmxOperands& o, int64_t mb0, int64_t nm
     cfg.rows[i] = 16;
   }
   _tile_loadconfig(&cfg);
-  nbytes < kW ? strip<true>(o, mb0, nmb, b0, nbytes, out, ld, scratch)
-              : strip<false>(o, mb0, nmb, b0, nbytes, out, ld, scratch);
+  block(o, mb0, nmb, b0, nbytes, out, ld, scratch);
   _tile_release();
 }
 

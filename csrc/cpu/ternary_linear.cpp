@@ -293,21 +293,24 @@ void batch_amx(const RowPlan& plan, int64_t cols, const Epilogue& epi) {
   o.plan.rows = rows.data();
   o.plan.n_quads = nq;
   const int64_t T = std::max<int64_t>(1, at::get_num_threads());
+  // Blocks of up to kAmxBlockStrips strips, at least T of them where the columns allow.
   const int64_t strips = (cols + kStripAvx512 - 1) / kStripAvx512;
-  // Few strips: split the batch too (in pairs of row blocks, the tile kernel's unit), so every
-  // thread has work; each extra group decodes the strip again.
-  const int64_t groups = std::clamp<int64_t>((2 * T + strips - 1) / strips, 1, (Mb + 1) / 2);
+  const int64_t bw = kStripAvx512 * std::clamp<int64_t>(strips / T, 1, kAmxBlockStrips);  // block bytes
+  const int64_t blocks = (cols + bw - 1) / bw;
+  // Few blocks: split the batch too (in pairs of row blocks, the tile kernel's unit), so every
+  // thread has work; each extra group decodes the block again.
+  const int64_t groups = std::clamp<int64_t>((2 * T + blocks - 1) / blocks, 1, (Mb + 1) / 2);
   const int64_t max_nmb = (Mb + groups - 1) / groups;
-  at::parallel_for(0, strips * groups, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, blocks * groups, 1, [&](int64_t t0, int64_t t1) {
     std::vector<int8_t> scratch(amx_scratch_bytes(max_nmb));
-    std::vector<int32_t> acc(16 * max_nmb * 4 * kStripAvx512);
+    std::vector<int32_t> acc(16 * max_nmb * 4 * bw);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t s = task / groups, g = task % groups;
       const int64_t mb0 = Mb * g / groups, mb1 = Mb * (g + 1) / groups;
-      const int64_t b0 = s * kStripAvx512, nb = std::min(kStripAvx512, cols - b0);
+      const int64_t b0 = s * bw, nb = std::min(bw, cols - b0);
       if (mb1 == mb0) continue;
-      tiles_amx(o, mb0, mb1 - mb0, b0, nb, acc.data(), 4 * kStripAvx512, scratch.data());
-      epi(acc.data(), 4 * kStripAvx512, 16 * mb0, std::min(M, 16 * mb1), 4 * b0, 4 * nb);
+      tiles_amx(o, mb0, mb1 - mb0, b0, nb, acc.data(), 4 * bw, scratch.data());
+      epi(acc.data(), 4 * bw, 16 * mb0, std::min(M, 16 * mb1), 4 * b0, 4 * nb);
     }
   });
 }

@@ -145,8 +145,17 @@ void block_avx512_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, bool vnni,
                      int64_t chunk_quads = kBlockRowQuads, bool row_major_prefetch = false);
 // ---- AMX-INT8 (csrc/cpu/ternary_amx.cpp): batch rows in blocks of 16, one strip at a time ----
 
-// K-blocks (16 quads = 64 plan rows each) decoded per chunk: kAmxChunkBlocks x 16 KB of B tiles.
+// K-blocks (16 quads = 64 plan rows each) decoded per chunk: kAmxChunkBlocks x 16 KB of B tiles
+// per strip.
 constexpr int64_t kAmxChunkBlocks = 4;
+// Strips per block of tiles_amx (rows read as runs of up to 64 x this many bytes). Measured
+// 2026-12-03 against one strip at a time with the group prefetch into L2 (Intel Xeon AMX, 2
+// threads, weights rotated past the LLC, 7 interleaved rounds in one process, time ratio median
+// [min, max]), 2048 x 5632 / 5632 x 2048: M = 8 2 strips 0.93 [0.79, 1.19] / 0.85 [0.79, 0.86],
+// 4 strips 0.90 / 0.83; M = 16 2 strips 0.93 / 0.80, 4 strips 0.94 / 0.83; M = 64 2 strips
+// 1.00 / 0.91, 4 strips 1.04 / 1.01; one strip with only this prefetch 1.20-1.26 at 2048 x 5632.
+// With the weight in the LLC, 2 strips are 0.97-1.11.
+constexpr int64_t kAmxBlockStrips = 2;
 
 struct AmxOperands {
   // plan.n_quads a multiple of 16 (padding quads repeat a valid row; their activations are 0).
@@ -160,7 +169,8 @@ struct AmxOperands {
 int64_t amx_scratch_bytes(int64_t nmb);
 // acc[m][j] = (x_q @ t^T)[m][j] exactly (t = code - 1: not code_dot, nothing to subtract), for
 // batch rows [16 * mb0, 16 * (mb0 + nmb)) (padding rows included) and packed bytes
-// [b0, b0 + nbytes), 1 <= nbytes <= kStripAvx512, written to out + (m - 16 * mb0) * ld + (j - 4 * b0).
+// [b0, b0 + nbytes), 1 <= nbytes <= kAmxBlockStrips * kStripAvx512, written to
+// out + (m - 16 * mb0) * ld + (j - 4 * b0).
 // Needs has_amx_int8(); loads its tile configuration and releases the tiles before returning.
 void tiles_amx(const AmxOperands& o, int64_t mb0, int64_t nmb, int64_t b0, int64_t nbytes, int32_t* out, int64_t ld,
                int8_t* scratch);
