@@ -11,6 +11,7 @@
 
 namespace qsk::cpu {
 int64_t sparse_kernel_max_rows(at::ScalarType dtype);  // csrc/cpu/sparse_linear.cpp
+int64_t sparse_max_rows(at::ScalarType dtype);         // csrc/cpu/sparse_linear.cpp
 }
 
 namespace {
@@ -39,6 +40,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](const std::string& dt) { return qsk::cpu::sparse_kernel_max_rows(float_dtype(dt)); },
         "The largest batch for which CPU sparse_linear on a column-major weight runs the library's kernels "
         "('float32', 'bfloat16' or 'float16'; above it torch's GEMM on the masked activations)");
+  m.def("cpu_sparse_max_rows",
+        [](const std::string& dt) { return qsk::cpu::sparse_max_rows(float_dtype(dt)); },
+        "The largest batch for which CPU sparse_linear on a column-major weight streams the kept rows "
+        "(blocks of up to 8 rows sharing their union); bf16 above it takes the batched kernel up to "
+        "cpu_sparse_kernel_max_rows");
   m.def("cpu_row_gemv_max_rows",
         [](const std::string& dt) { return qsk::cpu::row_gemv_max_rows(float_dtype(dt)); },
         "The largest batch for which CPU sparse_linear at k = d on a row-major weight runs the library's "

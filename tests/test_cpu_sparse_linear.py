@@ -78,10 +78,13 @@ def test_parity_sizes(isa, dtype, in_f, out_f, gen):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("lead", [(0,), (1,), (2,), (3,), (4,), (5,), (9,), (16,), (17,), (70,), (2, 2), (2, 3)])
+@pytest.mark.parametrize(
+    "lead", [(0,), (1,), (2,), (3,), (4,), (5,), (6,), (7,), (8,), (9,), (13,), (16,), (17,), (70,), (2, 2), (2, 3)]
+)
 def test_parity_batch(isa, dtype, lead, gen):
-    """M = 1 (one row), blocks of rows sharing the union of kept rows (bf16 M <= 4, fp32 M <= 16,
-    fp16 every M), the dense path above that (bf16 5, 9, 16, 17, 70; fp32 17, 70), 3-D input."""
+    """M = 1 (one row), blocks of up to 8 rows sharing the union of kept rows (bf16 M <= 8, fp32
+    M <= 16 in blocks of 8 + 1, 4 + 5, 6 + 7 and 8 + 8, fp16 likewise or every M), the dense path or the
+    bf16 batched kernel above that (bf16 9, 13, 16, 17, 70; fp32 17, 70), 3-D input."""
     in_f, out_f = 300, 1100
     w = _weight(out_f, in_f, dtype, "col", gen)
     b = torch.randn(out_f, generator=gen).to(dtype)

@@ -62,7 +62,7 @@ def _check(x, w, k, b):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("in_f,out_f", [(1, 7), (7, 63), (63, 1), (64, 65), (4097, 63), (63, 4097)])
-@pytest.mark.parametrize("m", [1, 2, 5, 16, 17, 64, 130])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 16, 17, 64, 130])
 def test_parity_batch_sizes(cap, dtype, in_f, out_f, m, gen):
     w = _col(torch.randn(out_f, in_f, generator=gen).to(dtype))
     b = torch.randn(out_f, generator=gen).to(dtype)
@@ -150,19 +150,22 @@ def test_amx_is_used_where_the_cpu_has_it():
 @pytest.mark.parametrize("scale", ["subnormal_x", "underflowing_products", "subnormal_w"])
 def test_batch_keeps_subnormals(cap, scale):
     """vdpbf16ps / tdpbf16ps read subnormals as 0 and flush subnormal results; the batched path must
-    still match float64 where every output is tiny (the fuzz case: 5 rows of ~1e-39 activations)."""
+    still match float64 where every output is tiny (the fuzz case: 5 rows of ~1e-39 activations,
+    now on the 8-row GEMV; 9 rows take the batched kernel)."""
     gen = torch.Generator().manual_seed(5)
-    M, d, n = 5, 33, 17
-    x = torch.randn(M, d, generator=gen) + 1.5
-    w = torch.randn(n, d, generator=gen) + 1.5
-    if scale == "subnormal_x":
-        x = x * 2e-39
-    elif scale == "underflowing_products":
-        x, w = x * 1e-20, w * 1e-20  # normal bf16 values whose products are subnormal in float32
-    else:
-        w = w * 2e-39
-    x, w = x.to(torch.bfloat16), _col(w.to(torch.bfloat16))
-    for k in (1, 7, d):
-        y = qk.sparse_linear(x, w, k)
-        xs = R.topk_sparsify(x, k)
-        assert_parity(y, xs.double() @ w.double().t(), F.linear(xs, w))
+    d, n = 33, 17
+    for M in (5, 9):
+        assert (M > _native._C.cpu_sparse_max_rows("bfloat16")) == (M == 9)
+        x = torch.randn(M, d, generator=gen) + 1.5
+        w = torch.randn(n, d, generator=gen) + 1.5
+        if scale == "subnormal_x":
+            x = x * 2e-39
+        elif scale == "underflowing_products":
+            x, w = x * 1e-20, w * 1e-20  # normal bf16 values whose products are subnormal in float32
+        else:
+            w = w * 2e-39
+        x, w = x.to(torch.bfloat16), _col(w.to(torch.bfloat16))
+        for k in (1, 7, d):
+            y = qk.sparse_linear(x, w, k)
+            xs = R.topk_sparsify(x, k)
+            assert_parity(y, xs.double() @ w.double().t(), F.linear(xs, w))

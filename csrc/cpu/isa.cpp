@@ -114,6 +114,14 @@ bool cpu_has_avx512_fp16() {
   return fp16;
 }
 
+int64_t l1d_bytes() {
+  static const int64_t bytes = [] {
+    const long v = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+    return v > 0 ? static_cast<int64_t>(v) : int64_t{32 * 1024};
+  }();
+  return bytes;
+}
+
 const char* bf16_gemm_name() { return has_amx_bf16() ? "amx" : has_avx512_bf16() ? "avx512bf16" : "none"; }
 
 bool has_avx512_vnni() {

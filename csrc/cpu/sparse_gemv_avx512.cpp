@@ -14,6 +14,7 @@
 // GCC 12 reports its own 16-bit masked-load intrinsics (_mm*_maskz_loadu_epi16) as reading an
 // uninitialised value (a known false positive in avx512bwintrin.h); silence it in this file only.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"  // the same false positive, seen from fma_block_mem
 
 #include "qsk/cpu_common.h"
 #include "qsk/isa.h"
@@ -88,6 +89,36 @@ QSK_TARGET_AVX512 inline void fma_block(const T* const* rows, int64_t off, __mma
   }
 }
 
+// fma_block for MB > 4 rows: the MB x 2 accumulators take half the registers, so each activation
+// is broadcast from memory (xv[g * MB + m]) next to its two FMAs instead of being held in a
+// register across the panel. The same float32 operations in the same order as fma_block.
+template <typename T, int MB, int G>
+QSK_TARGET_AVX512 inline void fma_block_mem(const T* const* rows, int64_t off, __mmask32 cols, const float* xv,
+                                            float* acc, int64_t os) {
+  __m512 a[MB][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) {
+    a[m][0] = _mm512_loadu_ps(acc + m * os);
+    a[m][1] = _mm512_loadu_ps(acc + m * os + 16);
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) {
+    __m512 w0, w1;
+    load_pair(rows[g] + off, cols, w0, w1);
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      const __m512 x = _mm512_set1_ps(xv[g * MB + m]);
+      a[m][0] = _mm512_fmadd_ps(x, w0, a[m][0]);
+      a[m][1] = _mm512_fmadd_ps(x, w1, a[m][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MB; ++m) {
+    _mm512_storeu_ps(acc + m * os, a[m][0]);
+    _mm512_storeu_ps(acc + m * os + 16, a[m][1]);
+  }
+}
+
 // Listed rows u0 .. u0 + G - 1 into the panel; prefetches rows pf[0 .. G) meanwhile.
 template <typename T, int MB, int G>
 QSK_TARGET_AVX512 inline void rows_into_panel(const T* base, int64_t ld, const SparseRows& r, int64_t u0,
@@ -95,21 +126,33 @@ QSK_TARGET_AVX512 inline void rows_into_panel(const T* base, int64_t ld, const S
                                               int64_t os) {
   constexpr int kLinesPerBlock = 32 * sizeof(T) / 64;  // 1 for the half types, 2 for float32
   const T* rows[G];
-  __m512 xb[G][MB];
 #pragma GCC unroll 4
-  for (int g = 0; g < G; ++g) {
-    rows[g] = base + static_cast<int64_t>(r.idx[u0 + g]) * ld;
-#pragma GCC unroll 4
-    for (int m = 0; m < MB; ++m) xb[g][m] = _mm512_set1_ps(r.vals[(u0 + g) * MB + m]);
-  }
-  for (int64_t c = 0; c < nfull; ++c) {
+  for (int g = 0; g < G; ++g) rows[g] = base + static_cast<int64_t>(r.idx[u0 + g]) * ld;
+  auto prefetch = [&](int64_t c) {
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g)
 #pragma GCC unroll 2
       for (int l = 0; l < kLinesPerBlock; ++l) _mm_prefetch(pf[g] + (c * kLinesPerBlock + l) * 64, _MM_HINT_T1);
-    fma_block<T, MB, G>(rows, 32 * c, static_cast<__mmask32>(0xffffffffu), xb, out + 32 * c, os);
+  };
+  if constexpr (MB > 4) {
+    const float* xv = r.vals + u0 * MB;
+    for (int64_t c = 0; c < nfull; ++c) {
+      prefetch(c);
+      fma_block_mem<T, MB, G>(rows, 32 * c, static_cast<__mmask32>(0xffffffffu), xv, out + 32 * c, os);
+    }
+    if (tail) fma_block_mem<T, MB, G>(rows, 32 * nfull, tail, xv, out + 32 * nfull, os);
+  } else {
+    __m512 xb[G][MB];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) xb[g][m] = _mm512_set1_ps(r.vals[(u0 + g) * MB + m]);
+    for (int64_t c = 0; c < nfull; ++c) {
+      prefetch(c);
+      fma_block<T, MB, G>(rows, 32 * c, static_cast<__mmask32>(0xffffffffu), xb, out + 32 * c, os);
+    }
+    if (tail) fma_block<T, MB, G>(rows, 32 * nfull, tail, xb, out + 32 * nfull, os);
   }
-  if (tail) fma_block<T, MB, G>(rows, 32 * nfull, tail, xb, out + 32 * nfull, os);
 }
 
 template <typename T, int MB>
@@ -152,7 +195,11 @@ void sparse_gemv_panel_avx512(const T* wt, int64_t ld, const SparseRows& r, int6
     case 1: return panel<T, 1>(wt, ld, r, j0, ncols, out, os);
     case 2: return panel<T, 2>(wt, ld, r, j0, ncols, out, os);
     case 3: return panel<T, 3>(wt, ld, r, j0, ncols, out, os);
-    default: return panel<T, 4>(wt, ld, r, j0, ncols, out, os);
+    case 4: return panel<T, 4>(wt, ld, r, j0, ncols, out, os);
+    case 5: return panel<T, 5>(wt, ld, r, j0, ncols, out, os);
+    case 6: return panel<T, 6>(wt, ld, r, j0, ncols, out, os);
+    case 7: return panel<T, 7>(wt, ld, r, j0, ncols, out, os);
+    default: return panel<T, 8>(wt, ld, r, j0, ncols, out, os);
   }
 }
 

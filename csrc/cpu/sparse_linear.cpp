@@ -1,7 +1,7 @@
 // SPEC 3: sparse_linear(x, weight, k, bias) = linear(topk_sparsify(x, k), weight, bias) on the CPU.
 //
 // Small batches with a column-major weight (weight.stride(0) == 1) take the sparse path: select
-// each row's k features, group the rows in blocks of <= 4 that share the union of their kept
+// each row's k features, group the rows in blocks of <= 8 that share the union of their kept
 // features, and stream only those weight rows (sparse_gemv.h), parallel over output columns.
 // Larger batches, or other weight layouts, take the dense path: the top-K-masked activations
 // through at::linear (oneDNN / BLAS), so a sparse layer is never much slower than a dense one;
@@ -37,7 +37,11 @@ namespace qsk::cpu {
 //   bf16  M = 1: 0.33x, 2: 0.61x, 4: 0.89x, 6: 1.01x, 8: 1.31x, 16: 1.69x (sparse / dense time)
 //   fp32  M = 1: 0.47x, 2: 0.37x, 4: 0.29x, 8: 0.50x, 16: 0.75x, 32: 1.03x (torch's fp32 GEMM is
 //         slow at 2 <= M <= 16 here)
-// bf16 crosses at M ~ 6 and fp32 at M ~ 32, hence 4 and 16. With 16 for fp32, `python -m
+// bf16 crosses at M ~ 6 and fp32 at M ~ 32, hence 4 and 16. With blocks of 8 rows (sparse_gemv.h,
+// kMaxBlockRows) bf16 takes the sparse path up to 8 rows: at M = 8 it ran at 0.70-0.80x of F.linear
+// against the batched AMX kernel's 0.48-0.59x; at 12 rows 0.47-0.56x against 0.50-0.62x, at 16
+// rows 0.40-0.49x against 0.55-0.62x (2026-12-03, Sapphire Rapids, both threads, s = 0.5,
+// TinyLlama's 2048 -> 2048 / 5632 and 5632 -> 2048, DRAM-resident, interleaved), so AMX from 9. With 16 for fp32, `python -m
 // qsparse_kernels.bench --shapes llama2-7b.up --batches 4 8 16 64 --sparsities 0.5 --dtypes fp32`
 // gives vs dense F.linear: M=8 1.95x, M=16 1.22x (both 0.65-0.7x through the dense path before).
 // Re-measured for fp32 on the 2-core Sapphire Rapids (both threads, s = 0.5, TinyLlama's 2048 ->
@@ -62,9 +66,9 @@ namespace qsk::cpu {
 inline bool torch_fp16_gemm_fast() {  // oneDNN's AVX512-FP16 kernels: the CPU has them, torch uses oneDNN
   return cpu_has_avx512_fp16() && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
 }
-inline int64_t sparse_max_rows(at::ScalarType dtype) {
+int64_t sparse_max_rows(at::ScalarType dtype) {
   if (dtype == at::kHalf) return torch_fp16_gemm_fast() ? 16 : std::numeric_limits<int64_t>::max();
-  return dtype == at::kFloat ? 16 : 4;
+  return dtype == at::kFloat ? 16 : 8;
 }
 
 // bf16 rows above sparse_max_rows take the batched kernel (sparse_gemm_bf16.cpp) up to this many
@@ -171,7 +175,7 @@ struct Block {
   SparseRows rows() const { return {idx.data(), vals.data(), static_cast<int64_t>(idx.size()), mb}; }
 };
 
-// Builds the blocks from each row's k kept features (select_rows): ceil(M / 4) blocks of
+// Builds the blocks from each row's k kept features (select_rows): ceil(M / kMaxBlockRows) blocks of
 // near-equal size.
 template <typename T>
 std::vector<Block> build_blocks(const T* x, int64_t M, int64_t d, int64_t k, const int32_t* kept) {
@@ -232,7 +236,7 @@ void sparse_path(const T* x, const T* wt, int64_t ld, const T* bias, T* y, int64
   for (const Block& blk : blocks) span_bytes += static_cast<int64_t>(blk.idx.size()) * span * sizeof(T);
   const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, span_bytes));
   at::parallel_for(0, nspans, grain, [&](int64_t s0, int64_t s1) {
-    std::vector<float> acc(kPanelFloats);  // [mb][panel_cols(mb)] accumulators, L1-resident
+    std::vector<float> acc(kMaxPanelFloats);  // [mb][panel_cols(mb)] accumulators, L1-resident
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t end = std::min(N, (s + 1) * span);
       // Every block over this span: the span's weight rows are re-read from cache, not DRAM.

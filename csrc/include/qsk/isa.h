@@ -2,6 +2,7 @@
 // AVX2 or AVX-512 carry __attribute__((target(...))) and are chosen here at run time.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace qsk::cpu {
@@ -28,6 +29,9 @@ bool has_amx_int8();
 // Whether the CPU has AVX512-FP16 (and the OS its state). Not capped: it says which of torch's
 // kernels are fast (oneDNN's fp16 GEMM), not which of the library's may run.
 bool cpu_has_avx512_fp16();
+// The L1 data cache of one core in bytes (sysconf; 32 KB when the OS does not say). A CPU fact,
+// not capped: it sizes the sparse GEMV's accumulator panels (sparse_gemv.h, panel_cols).
+int64_t l1d_bytes();
 const char* isa_name(Isa isa);
 // Caps the ISA; "" restores the detected one. Throws on an unknown name.
 void set_isa_cap(const std::string& name);
