@@ -93,7 +93,7 @@ QSK_TARGET_AVX512 inline void fma_block(const T* const* rows, int64_t off, __mma
 // is broadcast from memory (xv[g * MB + m]) next to its two FMAs instead of being held in a
 // register across the panel. The same float32 operations in the same order as fma_block.
 template <typename T, int MB, int G>
-QSK_TARGET_AVX512 inline void fma_block_mem(const T* const* rows, int64_t off, __mmask32 cols, const float* xv,
+QSK_TARGET_AVX512 inline __attribute__((always_inline)) void fma_block_mem(const T* const* rows, int64_t off, __mmask32 cols, const float* xv,
                                             float* acc, int64_t os) {
   __m512 a[MB][2];
 #pragma GCC unroll 8
