@@ -14,7 +14,7 @@
 // GCC 12 reports its own 16-bit masked-load intrinsics (_mm*_maskz_loadu_epi16) as reading an
 // uninitialised value (a known false positive in avx512bwintrin.h); silence it in this file only.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"  // the same false positive, seen from fma_block_mem
+#pragma GCC diagnostic ignored "-Wuninitialized"  // the same false positive, seen through 8-row fma_blocks
 
 #include "qsk/cpu_common.h"
 #include "qsk/isa.h"
@@ -61,40 +61,28 @@ QSK_TARGET_AVX512 inline void unpermute_block(float* acc) {
   _mm512_storeu_ps(acc + 16, _mm512_permutex2var_ps(a, hi, b));
 }
 
-// acc[m][32 columns] += sum over g < G of xb[g][m] * (32 weights at rows[g] + off), in g order.
-// The accumulators stay in registers across the G rows: one load and one store per G rows.
-template <typename T, int MB, int G>
-QSK_TARGET_AVX512 inline void fma_block(const T* const* rows, int64_t off, __mmask32 cols, const __m512 (*xb)[MB],
-                                        float* acc, int64_t os) {
-  __m512 a[MB][2];
-#pragma GCC unroll 4
-  for (int m = 0; m < MB; ++m) {
-    a[m][0] = _mm512_loadu_ps(acc + m * os);
-    a[m][1] = _mm512_loadu_ps(acc + m * os + 16);
+// The activation x[g][m] of fma_block: MB <= 4 rows hold them in registers across the panel;
+// more rows broadcast each from memory next to its two FMAs, since their MB x 2 accumulators
+// take half the registers.
+template <int MB>
+struct XRegs {
+  const __m512 (*xb)[MB];
+  QSK_TARGET_AVX512 inline __attribute__((always_inline)) __m512 operator()(int g, int m) const { return xb[g][m]; }
+};
+template <int MB>
+struct XMem {
+  const float* xv;  // [G][MB]
+  QSK_TARGET_AVX512 inline __attribute__((always_inline)) __m512 operator()(int g, int m) const {
+    return _mm512_set1_ps(xv[g * MB + m]);
   }
-#pragma GCC unroll 4
-  for (int g = 0; g < G; ++g) {
-    __m512 w0, w1;
-    load_pair(rows[g] + off, cols, w0, w1);
-#pragma GCC unroll 4
-    for (int m = 0; m < MB; ++m) {
-      a[m][0] = _mm512_fmadd_ps(xb[g][m], w0, a[m][0]);
-      a[m][1] = _mm512_fmadd_ps(xb[g][m], w1, a[m][1]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int m = 0; m < MB; ++m) {
-    _mm512_storeu_ps(acc + m * os, a[m][0]);
-    _mm512_storeu_ps(acc + m * os + 16, a[m][1]);
-  }
-}
+};
 
-// fma_block for MB > 4 rows: the MB x 2 accumulators take half the registers, so each activation
-// is broadcast from memory (xv[g * MB + m]) next to its two FMAs instead of being held in a
-// register across the panel. The same float32 operations in the same order as fma_block.
-template <typename T, int MB, int G>
-QSK_TARGET_AVX512 inline __attribute__((always_inline)) void fma_block_mem(const T* const* rows, int64_t off, __mmask32 cols, const float* xv,
-                                            float* acc, int64_t os) {
+// acc[m][32 columns] += sum over g < G of x(g, m) * (32 weights at rows[g] + off), in g order.
+// The accumulators stay in registers across the G rows: one load and one store per G rows.
+template <typename T, int MB, int G, typename X>
+QSK_TARGET_AVX512 inline __attribute__((always_inline)) void fma_block(const T* const* rows, int64_t off,
+                                                                       __mmask32 cols, const X& x, float* acc,
+                                                                       int64_t os) {
   __m512 a[MB][2];
 #pragma GCC unroll 8
   for (int m = 0; m < MB; ++m) {
@@ -107,9 +95,9 @@ QSK_TARGET_AVX512 inline __attribute__((always_inline)) void fma_block_mem(const
     load_pair(rows[g] + off, cols, w0, w1);
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
-      const __m512 x = _mm512_set1_ps(xv[g * MB + m]);
-      a[m][0] = _mm512_fmadd_ps(x, w0, a[m][0]);
-      a[m][1] = _mm512_fmadd_ps(x, w1, a[m][1]);
+      const __m512 xg = x(g, m);
+      a[m][0] = _mm512_fmadd_ps(xg, w0, a[m][0]);
+      a[m][1] = _mm512_fmadd_ps(xg, w1, a[m][1]);
     }
   }
 #pragma GCC unroll 8
@@ -134,24 +122,22 @@ QSK_TARGET_AVX512 inline void rows_into_panel(const T* base, int64_t ld, const S
 #pragma GCC unroll 2
       for (int l = 0; l < kLinesPerBlock; ++l) _mm_prefetch(pf[g] + (c * kLinesPerBlock + l) * 64, _MM_HINT_T1);
   };
-  if constexpr (MB > 4) {
-    const float* xv = r.vals + u0 * MB;
+  auto run = [&](const auto& x) QSK_TARGET_AVX512 {
     for (int64_t c = 0; c < nfull; ++c) {
       prefetch(c);
-      fma_block_mem<T, MB, G>(rows, 32 * c, static_cast<__mmask32>(0xffffffffu), xv, out + 32 * c, os);
+      fma_block<T, MB, G>(rows, 32 * c, static_cast<__mmask32>(0xffffffffu), x, out + 32 * c, os);
     }
-    if (tail) fma_block_mem<T, MB, G>(rows, 32 * nfull, tail, xv, out + 32 * nfull, os);
+    if (tail) fma_block<T, MB, G>(rows, 32 * nfull, tail, x, out + 32 * nfull, os);
+  };
+  if constexpr (MB > 4) {
+    run(XMem<MB>{r.vals + u0 * MB});
   } else {
     __m512 xb[G][MB];
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g)
 #pragma GCC unroll 4
       for (int m = 0; m < MB; ++m) xb[g][m] = _mm512_set1_ps(r.vals[(u0 + g) * MB + m]);
-    for (int64_t c = 0; c < nfull; ++c) {
-      prefetch(c);
-      fma_block<T, MB, G>(rows, 32 * c, static_cast<__mmask32>(0xffffffffu), xb, out + 32 * c, os);
-    }
-    if (tail) fma_block<T, MB, G>(rows, 32 * nfull, tail, xb, out + 32 * nfull, os);
+    run(XRegs<MB>{xb});
   }
 }
 
