@@ -249,7 +249,7 @@ void build_plan(const int8_t* xq, int64_t M, int64_t d, const uint8_t* packed, i
   // of a 16-row call at d = 5632, serially.
   auto& x4 = plan.x4;
   x4.assign(M * n_quads, 0);
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = 0; m < M && n > 0; ++m) {  // n == 0: no plan rows, x4 is empty (and may be null)
     const int8_t* xm = xq + m * d;
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
     auto* dst = reinterpret_cast<int8_t*>(x4.data() + m * n_quads);  // char-type access: no aliasing issue
