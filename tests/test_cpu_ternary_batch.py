@@ -18,9 +18,7 @@ from tests.test_cpu_ternary import KERNEL, Expected, _ks, assert_same, distinct_
 pytestmark = pytest.mark.skipif(not _native.loaded(), reason="qsparse_kernels._C is not built")
 
 ISAS = ["amx", "avx512", "avx2", "scalar"]
-# (130, 1423): 356 packed bytes per row, so the AMX kernel's 2-strip blocks end in one of 100 bytes
-# (a full strip and a 36-byte tail) at 2 threads.
-SHAPES = [(1, 7), (7, 1), (63, 63), (4097, 7), (7, 4097), (63, 4097), (4097, 63), (130, 1029), (130, 1423)]
+SHAPES = [(1, 7), (7, 1), (63, 63), (4097, 7), (7, 4097), (63, 4097), (4097, 63), (130, 1029)]
 BATCHES = [2, 5, 8, 17, 64, 130]  # AMX from M = 8 (dense) / 16 (sparse), ternary_linear.cpp
 
 
@@ -55,6 +53,27 @@ def test_batch_matches_reference(isa, dtype, shape):
         for j, k in enumerate(_ks(d)):
             bias = torch.randn(out_f).to(dtype) if (i + j) % 2 else None
             assert_same(KERNEL(x, packed, scale, out_f, k, bias), ref(x, scale, k, bias))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_blocks_ending_in_a_partial_strip(threads):
+    """356 packed bytes per row: the AMX kernel's 2-strip blocks (128 bytes) end in one of 100
+    bytes, a full strip and a 36-byte tail, at 2 threads (one block of 356 at 1 thread)."""
+    if not has_amx():
+        pytest.skip("no AMX-INT8 on this CPU (or the kernel did not grant the tile state)")
+    d, out_f = 33, 1423
+    packed, _ = random_packed(out_f, d)
+    ref = Expected(packed, out_f)
+    x = distinct_x(17, d, torch.float32)
+    scale, bias = torch.tensor(0.0371), torch.randn(out_f)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for M in (8, 16, 17):
+            for k in (None, d // 2):
+                assert_same(KERNEL(x[:M], packed, scale, out_f, k, bias), ref(x[:M], scale, k, bias))
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("k", [None, 1229, 0])
