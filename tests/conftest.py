@@ -15,6 +15,15 @@ def cpu_backends() -> list[str]:
     return ["reference"] + (["cpu"] if info["cpu"]["usable"] else [])
 
 
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    """Runs the test with torch at 1 and at 2 threads, restoring the count afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    request.addfinalizer(lambda: torch.set_num_threads(n))
+    return request.param
+
+
 @pytest.fixture
 def gen():
     """A fresh, seeded generator per test: reproducible, different draws per call."""

@@ -78,6 +78,18 @@ def assert_same(y: torch.Tensor, ref: torch.Tensor) -> None:
     assert torch.equal(yf, rf), f"max |diff| {(yf - rf).abs().max().item():.3e} (not bit-identical)"
 
 
+def check_float32_rows(d: int, out_f: int, rows, ks, scale: float) -> None:
+    """A random packed [d, out_f] weight, float32 activations with a bias: KERNEL on the first M
+    rows for every M in rows and k in ks, bit-identical to the reference."""
+    packed, _ = random_packed(out_f, d)
+    ref = Expected(packed, out_f)
+    x = distinct_x(max(rows), d, torch.float32)
+    s, bias = torch.tensor(scale), torch.randn(out_f)
+    for M in rows:
+        for k in ks:
+            assert_same(KERNEL(x[:M], packed, s, out_f, k, bias), ref(x[:M], s, k, bias))
+
+
 def _ks(d: int) -> list:
     return sorted({None, 0, 1, d // 2, d}, key=lambda v: -1 if v is None else v)
 
@@ -110,14 +122,7 @@ def test_accumulator_exact(isa, k):
 
 
 def test_large_shape_fp32(isa):
-    d, out_f = 4097, 4097
-    packed, _ = random_packed(out_f, d)
-    ref = Expected(packed, out_f)
-    x = distinct_x(17, d, torch.float32)
-    scale, bias = torch.tensor(0.02), torch.randn(out_f)
-    for M in (1, 2, 17):
-        for k in (None, 1600):
-            assert_same(KERNEL(x[:M], packed, scale, out_f, k, bias), ref(x[:M], scale, k, bias))
+    check_float32_rows(4097, 4097, (1, 2, 17), (None, 1600), 0.02)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -238,7 +243,6 @@ def test_kernel_checks_arguments():
             KERNEL(*args)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(301, 16403), (140001, 9), (1001, 5003)])
 def test_row_split_wide_rows_and_many_rows(isa, shape, threads):
     """Batch 1 on AVX-512 splits the kept rows across threads: packed rows wider than one block
@@ -246,15 +250,4 @@ def test_row_split_wide_rows_and_many_rows(isa, shape, threads):
     allows (140001 > 132100: the shifted-code fallback), and rows of 1024-2047 bytes (1251: the
     short-row chunks of 4 quads, ~60 chunks and a partial last one), against the reference."""
     d, out_f = shape
-    packed, _ = random_packed(out_f, d)
-    ref = Expected(packed, out_f)
-    x = distinct_x(2, d, torch.float32)
-    scale, bias = torch.tensor(0.02), torch.randn(out_f)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for M in (1, 2):
-            for k in (None, d // 2 + 1):
-                assert_same(KERNEL(x[:M], packed, scale, out_f, k, bias), ref(x[:M], scale, k, bias))
-    finally:
-        torch.set_num_threads(old)
+    check_float32_rows(d, out_f, (1, 2), (None, d // 2 + 1), 0.02)

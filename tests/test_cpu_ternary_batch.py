@@ -13,7 +13,7 @@ import torch
 
 from qsparse_kernels import _native
 from tests.numerics import FLOAT_DTYPES
-from tests.test_cpu_ternary import KERNEL, Expected, _ks, assert_same, distinct_x, random_packed
+from tests.test_cpu_ternary import KERNEL, Expected, _ks, assert_same, check_float32_rows, distinct_x, random_packed
 
 pytestmark = pytest.mark.skipif(not _native.loaded(), reason="qsparse_kernels._C is not built")
 
@@ -55,25 +55,12 @@ def test_batch_matches_reference(isa, dtype, shape):
             assert_same(KERNEL(x, packed, scale, out_f, k, bias), ref(x, scale, k, bias))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
 def test_amx_blocks_ending_in_a_partial_strip(threads):
     """356 packed bytes per row: the AMX kernel's 2-strip blocks (128 bytes) end in one of 100
     bytes, a full strip and a 36-byte tail, at 2 threads (one block of 356 at 1 thread)."""
     if not has_amx():
         pytest.skip("no AMX-INT8 on this CPU (or the kernel did not grant the tile state)")
-    d, out_f = 33, 1423
-    packed, _ = random_packed(out_f, d)
-    ref = Expected(packed, out_f)
-    x = distinct_x(17, d, torch.float32)
-    scale, bias = torch.tensor(0.0371), torch.randn(out_f)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for M in (8, 16, 17):
-            for k in (None, d // 2):
-                assert_same(KERNEL(x[:M], packed, scale, out_f, k, bias), ref(x[:M], scale, k, bias))
-    finally:
-        torch.set_num_threads(old)
+    check_float32_rows(33, 1423, (8, 16, 17), (None, 33 // 2), 0.0371)
 
 
 @pytest.mark.parametrize("k", [None, 1229, 0])

@@ -33,14 +33,6 @@ def isa(request):
     return request.param
 
 
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    n = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    request.addfinalizer(lambda: torch.set_num_threads(n))
-    return request.param
-
-
 def assert_identical(got, want):
     assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
