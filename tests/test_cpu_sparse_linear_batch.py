@@ -62,7 +62,7 @@ def _check(x, w, k, b):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("in_f,out_f", [(1, 7), (7, 63), (63, 1), (64, 65), (4097, 63), (63, 4097)])
-@pytest.mark.parametrize("m", [1, 2, 5, 8, 13, 16, 17, 64, 130])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 12, 13, 16, 17, 64, 130])
 def test_parity_batch_sizes(cap, dtype, in_f, out_f, m, gen):
     w = _col(torch.randn(out_f, in_f, generator=gen).to(dtype))
     b = torch.randn(out_f, generator=gen).to(dtype)
@@ -102,7 +102,7 @@ def _library_kernel_runs(dtype, m: int) -> bool:
 def test_column_results_do_not_depend_on_out_features(cap, dtype, m, gen):
     """Fused siblings concatenate weights along out_features: each column's result is bit-identical
     whether it is computed alone, in a slice, or at another position of a wider weight. Holds for
-    the library's kernels; torch's GEMM (fp32 above 16 rows, bf16 above 16 or 4 without a bf16
+    the library's kernels; torch's GEMM (fp32 above 16 rows, bf16 above 16 or 8 without a bf16
     kernel) gives no such promise (MKL's fp32 result for a column changes with N)."""
     in_f = 515
     ws = [torch.randn(n, in_f, generator=gen).to(dtype) for n in (70, 33, 130)]
@@ -151,11 +151,12 @@ def test_amx_is_used_where_the_cpu_has_it():
 def test_batch_keeps_subnormals(cap, scale):
     """vdpbf16ps / tdpbf16ps read subnormals as 0 and flush subnormal results; the batched path must
     still match float64 where every output is tiny (the fuzz case: 5 rows of ~1e-39 activations,
-    now on the 8-row GEMV; 9 rows take the batched kernel)."""
+    now on the GEMV; one row more than the GEMV takes runs the batched kernel)."""
     gen = torch.Generator().manual_seed(5)
     d, n = 33, 17
-    for M in (5, 9):
-        assert (M > _native._C.cpu_sparse_max_rows("bfloat16")) == (M == 9)
+    batched = _native._C.cpu_sparse_max_rows("bfloat16") + 1
+    for M in (5, batched):
+        assert (M > _native._C.cpu_sparse_max_rows("bfloat16")) == (M == batched)
         x = torch.randn(M, d, generator=gen) + 1.5
         w = torch.randn(n, d, generator=gen) + 1.5
         if scale == "subnormal_x":

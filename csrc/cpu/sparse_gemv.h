@@ -26,11 +26,13 @@ at::Tensor sparsify_kept(const at::Tensor& x, const int32_t* kept, int64_t k);
 
 // Up to kMaxBlockRows activation rows that share one list of weight rows: the union of the
 // features they kept, ascending. vals holds each row's value for each listed feature (0 where
-// that row dropped it), so every listed weight row is read once and feeds all the rows. 8 rather
-// than 4 (2026-12-03, Sapphire Rapids, 2 threads, s = 0.5, DRAM-resident, F.linear time / time):
-// fp32 M = 8 1.41-1.90 -> 1.81-2.87, M = 16 0.69-0.76 -> 0.90-1.06; fp16 M = 16 0.84-0.85 ->
-// 0.87-0.91; bf16 M = 8 (4 + 4 vs one block of 8) 0.55-0.67 -> 0.70-0.80.
-constexpr int kMaxBlockRows = 8;
+// that row dropped it), so every listed weight row is read once and feeds all the rows (Sapphire
+// Rapids, 2 threads, s = 0.5, TinyLlama shapes, DRAM-resident, F.linear time / time). 8 rather
+// than 4: fp32 M = 8 1.41-1.90 -> 1.81-2.87, M = 16 0.69-0.76 -> 0.90-1.06; fp16 M = 16
+// 0.84-0.85 -> 0.87-0.91; bf16 M = 8 0.55-0.67 -> 0.70-0.80. 16 rather than 8 (one pass over
+// the weight instead of two, the second from L3, which streams no faster than DRAM here), time
+// ratio old / new: fp32 1.12-1.33 at 12 and 16 rows, fp16 1.09-1.25.
+constexpr int kMaxBlockRows = 16;
 struct SparseRows {
   const int32_t* idx;  // [n] input-feature indices, ascending
   const float* vals;   // [n][mb] activations in float32

@@ -77,33 +77,71 @@ struct XMem {
   }
 };
 
+// Rows M0 .. M0 + R - 1 of fma_block from weights already in registers (w[g] = 32 columns of
+// weight row g as two float32 vectors).
+template <int M0, int R, int G, typename X>
+QSK_TARGET_AVX512 inline __attribute__((always_inline)) void fma_rows(const __m512 (&w)[G][2], const X& x, float* acc,
+                                                                      int64_t os) {
+  __m512 a[R][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m) {
+    a[m][0] = _mm512_loadu_ps(acc + (M0 + m) * os);
+    a[m][1] = _mm512_loadu_ps(acc + (M0 + m) * os + 16);
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) {
+#pragma GCC unroll 8
+    for (int m = 0; m < R; ++m) {
+      const __m512 xg = x(g, M0 + m);
+      a[m][0] = _mm512_fmadd_ps(xg, w[g][0], a[m][0]);
+      a[m][1] = _mm512_fmadd_ps(xg, w[g][1], a[m][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < R; ++m) {
+    _mm512_storeu_ps(acc + (M0 + m) * os, a[m][0]);
+    _mm512_storeu_ps(acc + (M0 + m) * os + 16, a[m][1]);
+  }
+}
+
 // acc[m][32 columns] += sum over g < G of x(g, m) * (32 weights at rows[g] + off), in g order.
-// The accumulators stay in registers across the G rows: one load and one store per G rows.
+// The accumulators stay in registers across the G rows: one load and one store per G rows. Up to
+// 8 rows each weight row is converted just before its FMAs; more rows (2 x 8 x 2 accumulators
+// would take every register) convert the G weight rows first and then take the accumulators in
+// two chunks of rows, each reusing the converted weights.
 template <typename T, int MB, int G, typename X>
 QSK_TARGET_AVX512 inline __attribute__((always_inline)) void fma_block(const T* const* rows, int64_t off,
                                                                        __mmask32 cols, const X& x, float* acc,
                                                                        int64_t os) {
-  __m512 a[MB][2];
-#pragma GCC unroll 8
-  for (int m = 0; m < MB; ++m) {
-    a[m][0] = _mm512_loadu_ps(acc + m * os);
-    a[m][1] = _mm512_loadu_ps(acc + m * os + 16);
-  }
+  if constexpr (MB > 8) {
+    __m512 w[G][2];
 #pragma GCC unroll 4
-  for (int g = 0; g < G; ++g) {
-    __m512 w0, w1;
-    load_pair(rows[g] + off, cols, w0, w1);
+    for (int g = 0; g < G; ++g) load_pair(rows[g] + off, cols, w[g][0], w[g][1]);
+    fma_rows<0, 8, G>(w, x, acc, os);
+    fma_rows<8, MB - 8, G>(w, x, acc, os);
+  } else {
+    __m512 a[MB][2];
 #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
-      const __m512 xg = x(g, m);
-      a[m][0] = _mm512_fmadd_ps(xg, w0, a[m][0]);
-      a[m][1] = _mm512_fmadd_ps(xg, w1, a[m][1]);
+      a[m][0] = _mm512_loadu_ps(acc + m * os);
+      a[m][1] = _mm512_loadu_ps(acc + m * os + 16);
     }
-  }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      __m512 w0, w1;
+      load_pair(rows[g] + off, cols, w0, w1);
 #pragma GCC unroll 8
-  for (int m = 0; m < MB; ++m) {
-    _mm512_storeu_ps(acc + m * os, a[m][0]);
-    _mm512_storeu_ps(acc + m * os + 16, a[m][1]);
+      for (int m = 0; m < MB; ++m) {
+        const __m512 xg = x(g, m);
+        a[m][0] = _mm512_fmadd_ps(xg, w0, a[m][0]);
+        a[m][1] = _mm512_fmadd_ps(xg, w1, a[m][1]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MB; ++m) {
+      _mm512_storeu_ps(acc + m * os, a[m][0]);
+      _mm512_storeu_ps(acc + m * os + 16, a[m][1]);
+    }
   }
 }
 
@@ -185,7 +223,15 @@ void sparse_gemv_panel_avx512(const T* wt, int64_t ld, const SparseRows& r, int6
     case 5: return panel<T, 5>(wt, ld, r, j0, ncols, out, os);
     case 6: return panel<T, 6>(wt, ld, r, j0, ncols, out, os);
     case 7: return panel<T, 7>(wt, ld, r, j0, ncols, out, os);
-    default: return panel<T, 8>(wt, ld, r, j0, ncols, out, os);
+    case 8: return panel<T, 8>(wt, ld, r, j0, ncols, out, os);
+    case 9: return panel<T, 9>(wt, ld, r, j0, ncols, out, os);
+    case 10: return panel<T, 10>(wt, ld, r, j0, ncols, out, os);
+    case 11: return panel<T, 11>(wt, ld, r, j0, ncols, out, os);
+    case 12: return panel<T, 12>(wt, ld, r, j0, ncols, out, os);
+    case 13: return panel<T, 13>(wt, ld, r, j0, ncols, out, os);
+    case 14: return panel<T, 14>(wt, ld, r, j0, ncols, out, os);
+    case 15: return panel<T, 15>(wt, ld, r, j0, ncols, out, os);
+    default: return panel<T, 16>(wt, ld, r, j0, ncols, out, os);
   }
 }
 

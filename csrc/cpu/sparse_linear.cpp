@@ -1,7 +1,7 @@
 // SPEC 3: sparse_linear(x, weight, k, bias) = linear(topk_sparsify(x, k), weight, bias) on the CPU.
 //
 // Small batches with a column-major weight (weight.stride(0) == 1) take the sparse path: select
-// each row's k features, group the rows in blocks of <= 8 that share the union of their kept
+// each row's k features, group the rows in blocks of <= 16 that share the union of their kept
 // features, and stream only those weight rows (sparse_gemv.h), parallel over output columns.
 // Larger batches, or other weight layouts, take the dense path: the top-K-masked activations
 // through at::linear (oneDNN / BLAS), so a sparse layer is never much slower than a dense one;
@@ -37,11 +37,14 @@ namespace qsk::cpu {
 //   bf16  M = 1: 0.33x, 2: 0.61x, 4: 0.89x, 6: 1.01x, 8: 1.31x, 16: 1.69x (sparse / dense time)
 //   fp32  M = 1: 0.47x, 2: 0.37x, 4: 0.29x, 8: 0.50x, 16: 0.75x, 32: 1.03x (torch's fp32 GEMM is
 //         slow at 2 <= M <= 16 here)
-// bf16 crosses at M ~ 6 and fp32 at M ~ 32, hence 4 and 16. With blocks of 8 rows (sparse_gemv.h,
-// kMaxBlockRows) bf16 takes the sparse path up to 8 rows: at M = 8 it ran at 0.70-0.80x of F.linear
-// against the batched AMX kernel's 0.48-0.59x; at 12 rows 0.47-0.56x against 0.50-0.62x, at 16
-// rows 0.40-0.49x against 0.55-0.62x (2026-12-03, Sapphire Rapids, both threads, s = 0.5,
-// TinyLlama's 2048 -> 2048 / 5632 and 5632 -> 2048, DRAM-resident, interleaved), so AMX from 9. With 16 for fp32, `python -m
+// bf16 crosses at M ~ 6 and fp32 at M ~ 32, hence 4 and 16. Since blocks of up to 16 rows share
+// one pass over the weight (sparse_gemv.h, kMaxBlockRows), bf16 takes the sparse path up to 12
+// rows where the CPU has AMX-BF16: against the batched AMX kernel (F.linear time / time) 0.63-0.92x
+// vs 0.54-0.68x at 9 rows, 0.63-0.88x vs 0.55-0.72x at 12, even at 13-14, and 0.46-0.67x vs
+// 0.56-0.81x at 16, where the 16 x 2 FMAs per weight element cost more than AMX's tiles
+// (2026-12-03, Sapphire Rapids, both threads, s = 0.5, TinyLlama's 2048 -> 2048 / 5632 and
+// 5632 -> 2048, DRAM-resident, interleaved). Without AMX the AVX512-BF16 batched kernel takes
+// over from 9 rows as before (not re-measured on Zen 4). With 16 for fp32, `python -m
 // qsparse_kernels.bench --shapes llama2-7b.up --batches 4 8 16 64 --sparsities 0.5 --dtypes fp32`
 // gives vs dense F.linear: M=8 1.95x, M=16 1.22x (both 0.65-0.7x through the dense path before).
 // Re-measured for fp32 on the 2-core Sapphire Rapids (both threads, s = 0.5, TinyLlama's 2048 ->
@@ -68,7 +71,8 @@ inline bool torch_fp16_gemm_fast() {  // oneDNN's AVX512-FP16 kernels: the CPU h
 }
 int64_t sparse_max_rows(at::ScalarType dtype) {
   if (dtype == at::kHalf) return torch_fp16_gemm_fast() ? 16 : std::numeric_limits<int64_t>::max();
-  return dtype == at::kFloat ? 16 : 8;
+  if (dtype == at::kBFloat16) return has_amx_bf16() ? 12 : 8;
+  return 16;
 }
 
 // bf16 rows above sparse_max_rows take the batched kernel (sparse_gemm_bf16.cpp) up to this many
