@@ -83,27 +83,10 @@ class Attention(nn.Module):
         cache_k[:, :, pos : pos + T] = k
         cache_v[:, :, pos : pos + T] = v
         keys, values = cache_k[:, :, : pos + T], cache_v[:, :, : pos + T]
-        if T == 1:
-            out = _decode_attention(q, keys, values)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
+        # As Hugging Face's Llama (sdpa): one query (decode) attends to every cached key, so the
+        # causal mask is for prefill only (SDPA's is_causal aligns the mask top-left).
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-
-
-def _decode_attention(q, keys, values):
-    """Attention of one query per head, q [B, H, 1, hd], over keys/values [B, KV, L, hd], in float32.
-
-    The same result as ``scaled_dot_product_attention(..., enable_gqa=True)``: query heads
-    ``j * H / KV ... (j + 1) * H / KV - 1`` attend to KV head ``j``. Two small matmuls: PyTorch's
-    CPU flash-attention kernel has a fixed cost of ~0.3 ms per call at T = 1 (measured on the
-    2-core machine, TinyLlama shapes), which would otherwise be 30% of a sparse decode step.
-    """
-    B, H, _, hd = q.shape
-    kv = keys.shape[1]
-    qg = q.reshape(B, kv, H // kv, hd).float()
-    scores = (qg @ keys.float().transpose(-1, -2)) * hd**-0.5  # [B, KV, H / KV, L]
-    out = scores.softmax(-1) @ values.float()  # [B, KV, H / KV, hd]
-    return out.reshape(B, H, 1, hd).to(q.dtype)
 
 
 class MLP(nn.Module):
