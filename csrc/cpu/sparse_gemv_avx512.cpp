@@ -77,10 +77,30 @@ struct XMem {
   }
 };
 
-// Rows M0 .. M0 + R - 1 of fma_block from weights already in registers (w[g] = 32 columns of
-// weight row g as two float32 vectors).
-template <int M0, int R, int G, typename X>
-QSK_TARGET_AVX512 inline __attribute__((always_inline)) void fma_rows(const __m512 (&w)[G][2], const X& x, float* acc,
+// The 32 weight columns of listed row g of fma_block, as two float32 vectors: WLoad converts them
+// from the weight row when asked (just before their FMAs), WRegs hands out rows converted earlier.
+template <typename T>
+struct WLoad {
+  const T* const* rows;
+  int64_t off;
+  __mmask32 cols;
+  QSK_TARGET_AVX512 inline __attribute__((always_inline)) void operator()(int g, __m512& w0, __m512& w1) const {
+    load_pair(rows[g] + off, cols, w0, w1);
+  }
+};
+template <int G>
+struct WRegs {
+  const __m512 (&w)[G][2];
+  QSK_TARGET_AVX512 inline __attribute__((always_inline)) void operator()(int g, __m512& w0, __m512& w1) const {
+    w0 = w[g][0];
+    w1 = w[g][1];
+  }
+};
+
+// Rows M0 .. M0 + R - 1 of fma_block: acc[m][32 columns] += sum over g < G of x(g, m) * W(g), in
+// g order, the accumulators in registers across the G rows (one load and one store per G rows).
+template <int M0, int R, int G, typename W, typename X>
+QSK_TARGET_AVX512 inline __attribute__((always_inline)) void fma_rows(const W& wrow, const X& x, float* acc,
                                                                       int64_t os) {
   __m512 a[R][2];
 #pragma GCC unroll 8
@@ -90,11 +110,13 @@ QSK_TARGET_AVX512 inline __attribute__((always_inline)) void fma_rows(const __m5
   }
 #pragma GCC unroll 4
   for (int g = 0; g < G; ++g) {
+    __m512 w0, w1;
+    wrow(g, w0, w1);
 #pragma GCC unroll 8
     for (int m = 0; m < R; ++m) {
       const __m512 xg = x(g, M0 + m);
-      a[m][0] = _mm512_fmadd_ps(xg, w[g][0], a[m][0]);
-      a[m][1] = _mm512_fmadd_ps(xg, w[g][1], a[m][1]);
+      a[m][0] = _mm512_fmadd_ps(xg, w0, a[m][0]);
+      a[m][1] = _mm512_fmadd_ps(xg, w1, a[m][1]);
     }
   }
 #pragma GCC unroll 8
@@ -105,43 +127,22 @@ QSK_TARGET_AVX512 inline __attribute__((always_inline)) void fma_rows(const __m5
 }
 
 // acc[m][32 columns] += sum over g < G of x(g, m) * (32 weights at rows[g] + off), in g order.
-// The accumulators stay in registers across the G rows: one load and one store per G rows. Up to
-// 8 rows each weight row is converted just before its FMAs; more rows (2 x 8 x 2 accumulators
-// would take every register) convert the G weight rows first and then take the accumulators in
-// two chunks of rows, each reusing the converted weights.
+// Up to 8 rows each weight row is converted just before its FMAs; more rows (2 x 8 x 2
+// accumulators would take every register) convert the G weight rows first and then take the
+// accumulators in two chunks of rows, each reusing the converted weights.
 template <typename T, int MB, int G, typename X>
 QSK_TARGET_AVX512 inline __attribute__((always_inline)) void fma_block(const T* const* rows, int64_t off,
                                                                        __mmask32 cols, const X& x, float* acc,
                                                                        int64_t os) {
+  const WLoad<T> load{rows, off, cols};
   if constexpr (MB > 8) {
     __m512 w[G][2];
 #pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) load_pair(rows[g] + off, cols, w[g][0], w[g][1]);
-    fma_rows<0, 8, G>(w, x, acc, os);
-    fma_rows<8, MB - 8, G>(w, x, acc, os);
+    for (int g = 0; g < G; ++g) load(g, w[g][0], w[g][1]);
+    fma_rows<0, 8, G>(WRegs<G>{w}, x, acc, os);
+    fma_rows<8, MB - 8, G>(WRegs<G>{w}, x, acc, os);
   } else {
-    __m512 a[MB][2];
-#pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) {
-      a[m][0] = _mm512_loadu_ps(acc + m * os);
-      a[m][1] = _mm512_loadu_ps(acc + m * os + 16);
-    }
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) {
-      __m512 w0, w1;
-      load_pair(rows[g] + off, cols, w0, w1);
-#pragma GCC unroll 8
-      for (int m = 0; m < MB; ++m) {
-        const __m512 xg = x(g, m);
-        a[m][0] = _mm512_fmadd_ps(xg, w0, a[m][0]);
-        a[m][1] = _mm512_fmadd_ps(xg, w1, a[m][1]);
-      }
-    }
-#pragma GCC unroll 8
-    for (int m = 0; m < MB; ++m) {
-      _mm512_storeu_ps(acc + m * os, a[m][0]);
-      _mm512_storeu_ps(acc + m * os + 16, a[m][1]);
-    }
+    fma_rows<0, MB, G>(load, x, acc, os);
   }
 }
 
