@@ -29,16 +29,11 @@ import torch.nn.functional as F
 
 import qsparse_kernels as qk
 from qsparse_kernels import _native
-from qsparse_kernels.bench.harness import dram_bytes, round_order
+from qsparse_kernels.bench.harness import copies_needed, dram_bytes, round_order
 
 SHAPES = ("2048x2048", "2048x256", "2048x5632", "5632x2048", "2048x32000", "4096x11008")
 BATCHES = (1, 2, 4, 8, 16, 64, 128, 512)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def n_copies(nbytes: int, rotate_bytes: int) -> int:
-    """Copies of an ``nbytes`` weight whose rotation reads at least ``rotate_bytes`` (1 when 0)."""
-    return 1 if rotate_bytes <= 0 else max(2, -(-rotate_bytes // max(1, nbytes)))
 
 
 def time_rounds(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -87,7 +82,7 @@ def main() -> None:
         for shape in args.shapes:
             d, n = (int(v) for v in shape.split("x"))
             w = torch.randn(n, d, generator=gen).to(dtype)
-            copies = n_copies(w.numel() * w.element_size(), rotate)
+            copies = 1 if rotate <= 0 else copies_needed(w.numel() * w.element_size(), "cpu", rotate)
             ws = [w] + [w.clone() for _ in range(copies - 1)]
             wcs = [v.t().contiguous().t() for v in ws]
             del w

@@ -8,7 +8,7 @@ For every shape and batch M: the dense baseline is bf16 F.linear on a standard r
 [out, in] weight; the ternary cases are qk.ternary_linear(backend="cpu") with dense activations
 (k = None) and with Q-Sparse k = sparsity_to_k(d, 0.6125), for x in each --dtypes, on each ISA cap
 in --isas ("amx": the AMX-INT8 kernel where the CPU has it, "avx512": AMX off, the AVX-512 VNNI
-kernels that AMD Zen 4 runs). Every case rotates over distinct weight copies summing > --rotate-mb
+kernels that AMD Zen 4 runs). Every case rotates over distinct weight copies summing >= --rotate-mb
 (default 450 MB, > 4x this machine's 105 MiB L3), so the weights come from DRAM. The cases run
 interleaved (one call of each per round, --reps rounds after a warm-up round) and the table gives
 median(dense) / median(case): > 1 means faster than dense.
@@ -26,13 +26,9 @@ import torch.nn.functional as F
 import qsparse_kernels as qk
 from qsparse_kernels import _native
 from qsparse_kernels import reference as R
-from qsparse_kernels.bench.harness import round_order
+from qsparse_kernels.bench.harness import copies_needed, round_order
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def copies(nbytes: int, total_mb: float) -> int:
-    return max(2, int(total_mb * 2**20 // max(1, nbytes)) + 1)
 
 
 def bench_shape(d: int, out_f: int, batches: list[int], dtypes: list[str], isas: list[str], reps: int,
@@ -40,8 +36,9 @@ def bench_shape(d: int, out_f: int, batches: list[int], dtypes: list[str], isas:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(out_f, d, generator=g).to(torch.bfloat16)
     packed, scale = R.quantize_weight_ternary(w)
-    ws = [w.clone() for _ in range(copies(w.numel() * 2, total_mb))]
-    ps = [packed.clone() for _ in range(copies(packed.numel(), total_mb))]
+    total = int(total_mb * 2**20)
+    ws = [w.clone() for _ in range(copies_needed(w.numel() * 2, "cpu", total))]
+    ps = [packed.clone() for _ in range(copies_needed(packed.numel(), "cpu", total))]
     del w
     k6 = qk.sparsity_to_k(d, 0.6125)
     rows = []

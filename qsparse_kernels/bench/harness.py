@@ -86,9 +86,11 @@ def dram_bytes(device: torch.device | str = "cpu") -> int:
     return max(LLC_FACTOR * llc_bytes(device), MIN_DRAM_BYTES.get(device.type, MIN_DRAM_BYTES["cpu"]))
 
 
-def copies_needed(bytes_per_copy: int, device: torch.device) -> int:
-    """How many copies of a weight make one rotation read :func:`dram_bytes`, at least 2."""
-    return max(2, -(-dram_bytes(device) // max(1, bytes_per_copy)))
+def copies_needed(bytes_per_copy: int, device: torch.device, rotate_bytes: int | None = None) -> int:
+    """How many copies of a weight make one rotation read ``rotate_bytes`` (default
+    :func:`dram_bytes`), at least 2."""
+    total = dram_bytes(device) if rotate_bytes is None else rotate_bytes
+    return max(2, -(-total // max(1, bytes_per_copy)))
 
 
 def flush(tensors: Sequence[torch.Tensor]) -> None:
