@@ -201,12 +201,13 @@ def _aten_ops_run(fn) -> set[str]:
     return {e.key for e in prof.key_averages()}
 
 
-def test_fp16_takes_torch_gemm_only_where_it_is_fast(gen):
-    """torch's CPU fp16 GEMM is fast only where the CPU has AVX512-FP16 and torch runs oneDNN.
-    Elsewhere it was measured ~100x slower than dense on a column-major weight (3.1 s at 4096 ->
-    11008, M = 8), so fp16 stays on the library kernel at every M; there, batches above 16 rows
-    take the GEMM on the masked activations (csrc/cpu/sparse_linear.cpp: sparse_max_rows). bf16
-    above its crossover always uses the GEMM (the check itself can fail)."""
+def test_half_types_take_torch_gemm_only_where_it_is_fast(gen):
+    """torch's CPU fp16 GEMM is fast only where the CPU has AVX512-FP16 and torch runs oneDNN, its
+    bf16 GEMM only where the CPU has AVX512-BF16 (AMX implies it). Elsewhere they were measured
+    ~100x slower than dense on a column-major weight (fp16: 3.1 s at 4096 -> 11008, M = 8; bf16
+    on an AVX2 Zen 3: 0.01-0.04x of F.linear at M = 16), so those dtypes stay on the library
+    kernel at every M; where torch's GEMM is fast, batches above the crossover take it on the
+    masked activations (csrc/cpu/sparse_linear.cpp: sparse_max_rows)."""
     w = qk.to_fast_layout(torch.randn(40, 64, generator=gen))
     x = torch.randn(70, 64, generator=gen)
     ran = _aten_ops_run(lambda: qk.sparse_linear(x[:16].half(), w.half(), 32, backend="cpu"))
@@ -218,7 +219,11 @@ def test_fp16_takes_torch_gemm_only_where_it_is_fast(gen):
         ran = _aten_ops_run(lambda: qk.sparse_linear(x.half(), w.half(), 32, backend="cpu"))
     assert "qsparse::sparse_linear_kernel" in ran and not TORCH_GEMMS & ran
     ran = _aten_ops_run(lambda: qk.sparse_linear(x.bfloat16(), w.bfloat16(), 32, backend="cpu"))
-    assert TORCH_GEMMS & ran
+    assert "qsparse::sparse_linear_kernel" in ran
+    assert bool(TORCH_GEMMS & ran) == ("avx512_bf16" in CPU_FLAGS and torch.backends.mkldnn.is_available())
+    with torch.backends.mkldnn.flags(enabled=False):
+        ran = _aten_ops_run(lambda: qk.sparse_linear(x.bfloat16(), w.bfloat16(), 32, backend="cpu"))
+    assert "qsparse::sparse_linear_kernel" in ran and not TORCH_GEMMS & ran
 
 
 def test_block_qsparse_reads_only_kept_rows(gen):

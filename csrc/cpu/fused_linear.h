@@ -15,8 +15,8 @@
 
 namespace qsk::cpu {
 
-// sparse_linear's panel for the run-time ISA `level` (the AVX-512 kernel, or the portable one
-// compiled for AVX2 / baseline): the contract of sparse_gemv_panel_avx512 (sparse_gemv.h). A
+// sparse_linear's panel for the run-time ISA `level` (the AVX-512 or AVX2 kernel, or the portable
+// one): the contract of sparse_gemv_panel_avx512 (sparse_gemv.h). A
 // column's result depends only on its own weights and `rows`, never on j0, ncols or the panel.
 template <typename T>
 void sparse_gemv_panel(Isa level, const T* wt, int64_t ld, const SparseRows& rows, int64_t j0, int64_t ncols,

@@ -114,6 +114,11 @@ bool cpu_has_avx512_fp16() {
   return fp16;
 }
 
+bool cpu_has_avx512_bf16() {
+  static const bool bf16 = __builtin_cpu_supports("avx512bf16");
+  return bf16;
+}
+
 int64_t l1d_bytes() {
   static const int64_t bytes = [] {
     const long v = sysconf(_SC_LEVEL1_DCACHE_SIZE);

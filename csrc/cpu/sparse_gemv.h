@@ -58,10 +58,14 @@ inline int64_t panel_cols(int mb) {
 // out[m * out_stride + j] = sum_u vals[u][m] * wt[idx[u] * ld + j0 + j]  for m < mb, j < ncols,
 // summed in float32 in ascending u (the same order for every panel, thread count and call).
 // Requires 0 < ncols <= panel_cols(mb); reads no weight element outside columns [j0, j0 + ncols).
-// T is float, c10::BFloat16 or c10::Half. Implemented with AVX-512 (sparse_gemv_avx512.cpp).
+// T is float, c10::BFloat16 or c10::Half. Implemented with AVX-512 (sparse_gemv_avx512.cpp) and
+// with AVX2 + FMA + F16C (sparse_gemv_avx2.cpp).
 template <typename T>
 void sparse_gemv_panel_avx512(const T* wt, int64_t ld, const SparseRows& rows, int64_t j0, int64_t ncols,
                               float* out, int64_t out_stride);
+template <typename T>
+void sparse_gemv_panel_avx2(const T* wt, int64_t ld, const SparseRows& rows, int64_t j0, int64_t ncols,
+                            float* out, int64_t out_stride);
 
 // The batched bf16 path of sparse_linear (sparse_gemm_bf16.cpp): y[M, N] = linear(topk(x, k), W)
 // + bias for bf16 x [M, d] contiguous and the column-major weight wt = W^T as [d][ld] rows, over

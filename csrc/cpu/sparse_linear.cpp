@@ -64,14 +64,26 @@ namespace qsk::cpu {
 //   sparse path  M = 4: 1.71-1.91, 8: 1.06-1.22, 12: 0.89-1.02, 16: 0.81-0.90, 32: 0.67-0.75
 //   dense path   M = 4: 0.74-0.82, 8: 0.73-0.83, 12: 0.75-0.84, 16: 0.77-0.82, 32: 0.82-0.88
 // (at M = 64 / 128 the sparse path was 0.50x / 0.51x of F.linear on 2560 -> 6912), hence 16.
-// Re-measure with `benchmarks/bench_cpu_sparse.py --batch` after changing the kernels. The one
+// bf16 likewise depends on torch's bf16 GEMM, which has native kernels only where the CPU has
+// AVX512-BF16 (or AMX). On an AVX2-only Zen 3 (2026-12-03, torch 2.14, both threads, s = 0.5,
+// TinyLlama's 2048 -> 5632 and 5632 -> 2048, DRAM-resident) F.linear in bf16 and fp16 costs
+// ~1.1 ms per row at every M (a GEMV per row), the GEMM on the column-major weight 0.01-0.04x of
+// that, and the sparse path (AVX2 GEMV, blocks of 16 rows) is 1.9-3.7x faster than F.linear from
+// M = 1 to 512 in both dtypes; so without those kernels bf16 never takes the dense path either.
+// fp32 there (MKL): sparse path at M = 16 1.02-3.48x, at 32 0.82-1.79x vs the dense path's
+// 0.92-2.28x, so 16 holds there too.
+// Re-measure with `benchmarks/bench_cpu_sparse_batch.py` after changing the kernels. The one
 // place that decides it.
 inline bool torch_fp16_gemm_fast() {  // oneDNN's AVX512-FP16 kernels: the CPU has them, torch uses oneDNN
   return cpu_has_avx512_fp16() && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
 }
+inline bool torch_bf16_gemm_fast() {  // oneDNN's AVX512-BF16 / AMX kernels
+  return cpu_has_avx512_bf16() && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
+}
 int64_t sparse_max_rows(at::ScalarType dtype) {
-  if (dtype == at::kHalf) return torch_fp16_gemm_fast() ? 16 : std::numeric_limits<int64_t>::max();
-  if (dtype == at::kBFloat16) return has_amx_bf16() ? 12 : 8;
+  constexpr int64_t kAlways = std::numeric_limits<int64_t>::max();
+  if (dtype == at::kHalf) return torch_fp16_gemm_fast() ? 16 : kAlways;
+  if (dtype == at::kBFloat16) return !torch_bf16_gemm_fast() ? kAlways : has_amx_bf16() ? 12 : 8;
   return 16;
 }
 
@@ -141,10 +153,9 @@ inline __attribute__((always_inline)) float widen(c10::BFloat16 v) {
   return f;
 }
 
-// Portable panel (scalar build, or compiled for AVX2 below): same contract as the AVX-512 one.
+// Portable panel (CPUs without AVX2): same contract as the vector ones.
 template <typename T>
-inline __attribute__((always_inline)) void panel_portable(const T* wt, int64_t ld, const SparseRows& r, int64_t j0,
-                                                           int64_t ncols, float* out, int64_t os) {
+void panel_portable(const T* wt, int64_t ld, const SparseRows& r, int64_t j0, int64_t ncols, float* out, int64_t os) {
   for (int m = 0; m < r.mb; ++m) std::memset(out + m * os, 0, ncols * sizeof(float));
   for (int64_t u = 0; u < r.n; ++u) {
     const T* row = wt + static_cast<int64_t>(r.idx[u]) * ld + j0;
@@ -157,16 +168,10 @@ inline __attribute__((always_inline)) void panel_portable(const T* wt, int64_t l
 }
 
 template <typename T>
-QSK_TARGET_AVX2 void panel_avx2(const T* wt, int64_t ld, const SparseRows& r, int64_t j0, int64_t ncols, float* out,
-                                int64_t os) {
-  panel_portable(wt, ld, r, j0, ncols, out, os);
-}
-
-template <typename T>
 void gemv_panel(Isa level, const T* wt, int64_t ld, const SparseRows& r, int64_t j0, int64_t ncols, float* out,
                 int64_t os) {
   if (level == Isa::Avx512) return sparse_gemv_panel_avx512(wt, ld, r, j0, ncols, out, os);
-  if (level == Isa::Avx2) return panel_avx2(wt, ld, r, j0, ncols, out, os);
+  if (level == Isa::Avx2) return sparse_gemv_panel_avx2(wt, ld, r, j0, ncols, out, os);
   panel_portable(wt, ld, r, j0, ncols, out, os);
 }
 

@@ -29,6 +29,9 @@ bool has_amx_int8();
 // Whether the CPU has AVX512-FP16 (and the OS its state). Not capped: it says which of torch's
 // kernels are fast (oneDNN's fp16 GEMM), not which of the library's may run.
 bool cpu_has_avx512_fp16();
+// Whether the CPU has AVX512-BF16 (vdpbf16ps). Not capped, as cpu_has_avx512_fp16: whether torch's
+// bf16 GEMM (oneDNN) is fast.
+bool cpu_has_avx512_bf16();
 // The L1 data cache of one core in bytes (sysconf; 32 KB when the OS does not say). A CPU fact,
 // not capped: it sizes the sparse GEMV's accumulator panels (sparse_gemv.h, panel_cols).
 int64_t l1d_bytes();
