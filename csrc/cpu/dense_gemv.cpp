@@ -1,8 +1,9 @@
 // Dense GEMV over a row-major weight (nn.Linear's own layout): y[M, N] = x[M, d] W[N, d]^T + b
-// for M <= kRowGemvMaxRows, the path sparse_linear takes at k = d on a row-major weight (the
-// model's dense output head, qsparse_kernels.nn.DenseHead). torch's CPU GEMV streams such a
-// weight at about half the machine's read bandwidth; this one reads every weight row once, as one
-// contiguous run, for all M rows of x (which stay in L1 / L2), split over the threads by output.
+// for M <= row_gemv_max_rows (dense_gemv.h), the path sparse_linear takes at k = d on a row-major
+// weight (the model's dense output head, qsparse_kernels.nn.DenseHead). torch's CPU GEMV streams
+// such a weight at about half the machine's read bandwidth; this one reads every weight row once,
+// as one contiguous run, for up to kMaxRowGemvRows rows of x (which stay in L1 / L2), split over
+// the threads by output; more rows take further passes over each task's weight rows.
 //
 // Sum order (the same on every ISA path, thread count, N and output position): 16 partial sums
 // s[l] = fma(x[16 c + l], w[16 c + l], s[l]) over c = 0, 1, ... (zero padded past d), then
@@ -16,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 // GCC 12 reports its own masked-load / convert intrinsics as reading an uninitialised value (a
 // known false positive in avx512fintrin.h); silence it in this file only.
@@ -157,24 +159,53 @@ QSK_TARGET_AVX2 inline float tree16_avx2(__m256 lo, __m256 hi) {
   return _mm_cvtss_f32(e);
 }
 
+// NR weight rows x MR batch rows of outputs n .. n + NR - 1: xf is x in float32, zero padded to
+// dp (a multiple of 16) columns, so each FMA takes its x operand from memory (L1) and the
+// registers hold the 2 x NR x MR accumulators and one weight row's 16 values.
+template <typename T, int MR, int NR>
+QSK_TARGET_AVX2 inline void step_avx2(const float* xf, int64_t dp, int64_t d, const T* w, int64_t ldw, int64_t n,
+                                      float* out, int64_t ldo) {
+  __m256 lo[NR][MR], hi[NR][MR];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) lo[r][m] = hi[r][m] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < d; c += 16) {
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; ++r) {
+      __m256 wl, wh;
+      load16_avx2(w + (n + r) * ldw + c, d - c, wl, wh);
+#pragma GCC unroll 4
+      for (int m = 0; m < MR; ++m) {
+        lo[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xf + m * dp + c), wl, lo[r][m]);
+        hi[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xf + m * dp + c + 8), wh, hi[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MR; ++m) out[m * ldo + r] = tree16_avx2(lo[r][m], hi[r][m]);
+}
+
+// Weight rows 4 (1 batch row), 2 (2-3 rows) or 1 (4 rows) at a time: at most 12 accumulators.
+template <typename T, int MR>
+QSK_TARGET_AVX2 void rows_mr_avx2(const float* xf, int64_t dp, int64_t d, const T* w, int64_t ldw, int64_t n0,
+                                  int64_t n1, float* out, int64_t ldo) {
+  constexpr int NR = MR == 1 ? 4 : MR < 4 ? 2 : 1;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) step_avx2<T, MR, NR>(xf, dp, d, w, ldw, n, out + (n - n0), ldo);
+  for (; n < n1; ++n) step_avx2<T, MR, 1>(xf, dp, d, w, ldw, n, out + (n - n0), ldo);
+}
+
 template <typename T>
 QSK_TARGET_AVX2 void rows_avx2(const T* x, int64_t M, int64_t d, const T* w, int64_t ldw, int64_t n0, int64_t n1,
                                float* out, int64_t ldo) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const T* wr = w + n * ldw;
-    __m256 lo[kMaxRowGemvRows], hi[kMaxRowGemvRows];
-    for (int64_t m = 0; m < M; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < d; c += 16) {
-      __m256 wl, wh;
-      load16_avx2(wr + c, d - c, wl, wh);
-      for (int64_t m = 0; m < M; ++m) {
-        __m256 xl, xh;
-        load16_avx2(x + m * d + c, d - c, xl, xh);
-        lo[m] = _mm256_fmadd_ps(xl, wl, lo[m]);
-        hi[m] = _mm256_fmadd_ps(xh, wh, hi[m]);
-      }
-    }
-    for (int64_t m = 0; m < M; ++m) out[m * ldo + (n - n0)] = tree16_avx2(lo[m], hi[m]);
+  const int64_t dp = (d + 15) / 16 * 16;
+  std::vector<float> xf(M * dp, 0.0f);  // exact: every T widens to float32 without rounding
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < d; ++i) xf[m * dp + i] = widen16(x + m * d, i);
+  switch (M) {
+    case 1: return rows_mr_avx2<T, 1>(xf.data(), dp, d, w, ldw, n0, n1, out, ldo);
+    case 2: return rows_mr_avx2<T, 2>(xf.data(), dp, d, w, ldw, n0, n1, out, ldo);
+    case 3: return rows_mr_avx2<T, 3>(xf.data(), dp, d, w, ldw, n0, n1, out, ldo);
+    default: return rows_mr_avx2<T, 4>(xf.data(), dp, d, w, ldw, n0, n1, out, ldo);
   }
 }
 
@@ -190,7 +221,7 @@ void rows(Isa level, const T* x, int64_t M, int64_t d, const T* w, int64_t ldw, 
 
 template <typename T>
 void dense_gemv_rowmajor(const T* x, int64_t M, int64_t d, const T* w, int64_t ldw, const T* bias, T* y, int64_t N) {
-  TORCH_INTERNAL_ASSERT(M >= 1 && M <= kMaxRowGemvRows && d >= 0 && N >= 0);
+  TORCH_INTERNAL_ASSERT(M >= 1 && d >= 0 && N >= 0);
   const Isa level = isa();
   constexpr int64_t kOuts = 256;  // outputs per task (a multiple of kRowsPerStep)
   const int64_t tasks = (N + kOuts - 1) / kOuts;
@@ -199,12 +230,16 @@ void dense_gemv_rowmajor(const T* x, int64_t M, int64_t d, const T* w, int64_t l
     float acc[kMaxRowGemvRows * kOuts];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kOuts, n1 = std::min(N, n0 + kOuts);
-      rows(level, x, M, d, w, ldw, n0, n1, acc, kOuts);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = n0; n < n1; ++n) {
-          const float s = acc[m * kOuts + n - n0];
-          y[m * N + n] = static_cast<T>(bias ? s + static_cast<float>(bias[n]) : s);
-        }
+      // kMaxRowGemvRows batch rows per pass over the task's weight rows (later passes from cache).
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRowGemvRows) {
+        const int64_t mg = std::min(kMaxRowGemvRows, M - m0);
+        rows(level, x + m0 * d, mg, d, w, ldw, n0, n1, acc, kOuts);
+        for (int64_t m = 0; m < mg; ++m)
+          for (int64_t n = n0; n < n1; ++n) {
+            const float s = acc[m * kOuts + n - n0];
+            y[(m0 + m) * N + n] = static_cast<T>(bias ? s + static_cast<float>(bias[n]) : s);
+          }
+      }
     }
   });
 }

@@ -74,12 +74,7 @@ namespace qsk::cpu {
 // 0.92-2.28x, so 16 holds there too.
 // Re-measure with `benchmarks/bench_cpu_sparse_batch.py` after changing the kernels. The one
 // place that decides it.
-inline bool torch_fp16_gemm_fast() {  // oneDNN's AVX512-FP16 kernels: the CPU has them, torch uses oneDNN
-  return cpu_has_avx512_fp16() && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
-}
-inline bool torch_bf16_gemm_fast() {  // oneDNN's AVX512-BF16 / AMX kernels
-  return cpu_has_avx512_bf16() && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
-}
+// (torch_fp16_gemm_fast, torch_bf16_gemm_fast: dense_gemv.h.)
 int64_t sparse_max_rows(at::ScalarType dtype) {
   constexpr int64_t kAlways = std::numeric_limits<int64_t>::max();
   if (dtype == at::kHalf) return torch_fp16_gemm_fast() ? 16 : kAlways;
