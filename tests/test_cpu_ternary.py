@@ -109,16 +109,31 @@ def test_matches_reference(isa, dtype, shape):
             assert_same(y, ref(x, scale, k, bias))
 
 
+@pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("k", [None, "d"])
-def test_accumulator_exact(isa, k):
+def test_accumulator_exact(isa, k, M):
     """x_scale = scale = 1: y is the int32 accumulator itself, compared with ternary_accumulate."""
-    d, out_f, M = 4097, 1029, 3
+    d, out_f = 4097, 1029
     packed, _ = random_packed(out_f, d)
     x = torch.randint(-127, 128, (M, d)).float()
     x[:, 5] = 127.0  # absmax 127 -> x_scale = 1 and x_q == x
     y = KERNEL(x, packed, torch.tensor(1.0), out_f, None if k is None else d, None)
     acc = R.ternary_accumulate(x.to(torch.int8), packed, out_f)
     assert torch.equal(y, acc.float())
+
+
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("t", [1, -1])
+def test_accumulator_extremes(isa, t, M):
+    """Every product at its largest (|x_q| = 127, every weight t): the accumulator is +-127 * d,
+    far past int16, so a kernel that sums in narrow integers (the AVX2 M == 1 kernel's int16
+    partial sums) must widen them in time."""
+    d, out_f = 4097, 259
+    packed = R.pack_ternary(torch.full((out_f, d), t, dtype=torch.int8))
+    for sign in (1.0, -1.0):
+        x = torch.full((M, d), 127.0 * sign)
+        y = KERNEL(x, packed, torch.tensor(1.0), out_f, None, None)
+        assert torch.equal(y, torch.full((M, out_f), 127.0 * sign * t * d))
 
 
 def test_large_shape_fp32(isa):

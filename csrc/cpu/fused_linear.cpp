@@ -10,7 +10,7 @@
 // the split, so the outputs are identical. Several rows (prefill, batches) with 0 < k < d: the
 // rows' top-K runs once and each segment takes the single op's own path over that selection
 // (sparse_linear_rows, ternary_linear_multi_rows), with the single op's checks; so does one
-// ternary row on an ISA without the fused row-split pass (AVX2, scalar). Anything else (a
+// ternary row on an ISA without the fused row-split pass (scalar). Anything else (a
 // row-major weight at M = 1, arguments the single op would reject) calls the single op per
 // segment, which also raises its errors.
 #include <ATen/Parallel.h>
@@ -179,9 +179,9 @@ std::vector<at::Tensor> ternary_linear_multi_cpu(const at::Tensor& x, at::Tensor
   const at::Tensor xr = as_rows(x, "ternary_linear_multi_kernel");
   const int64_t d = xr.size(1);
   const bool valid = d <= kMaxTernaryD && (!k_opt || (0 <= *k_opt && *k_opt <= d));
-  // Several rows, or one row without the AVX-512 row-split pass: one top-K + quantization, then
+  // Several rows, or one row without a vector row-split pass: one top-K + quantization, then
   // each segment's own pass over it.
-  if (valid && (xr.size(0) > 1 || isa() != Isa::Avx512))
+  if (valid && (xr.size(0) > 1 || isa() == Isa::Scalar))
     return ternary::ternary_linear_multi_rows(x, packed, scales, out_features, k_opt, biases);
   bool fused = xr.size(0) == 1 && valid;
   for (size_t s = 0; fused && s < n; ++s)

@@ -38,7 +38,7 @@ struct Segment {
 
 // out[s] = ternary_linear(x, packed[s], scale[s], out_features[s], k, bias[s]) bit for bit, for
 // one row x [1, d] (contiguous float), with one top-K + quantization and one row-split pass
-// over every segment (the M == 1 AVX-512 path of ternary_linear.cpp). Needs isa() == Avx512 and
+// over every segment (the M == 1 row-split path of ternary_linear.cpp). Needs isa() Avx512 or Avx2 and
 // arguments the single op accepts (the caller, fused_linear.cpp, checks them): packed[s] uint8
 // [d, ceil(out_features[s] / 4)] contiguous, bias[s] nullptr or [out_features[s]] contiguous of
 // x's dtype, k < 0 for dense. Returns [1, out_features[s]] tensors.

@@ -8,7 +8,7 @@
 //   2. the row plan (qsk/cpu_ternary.h): the packed rows with a nonzero x_q in some batch row
 //      (for M > 1 the union of the rows' kept sets; a row's x_q is 0 where it dropped a feature),
 //      in quads, and each quad's 4 activations per batch row packed in a dword;
-//   3. in parallel over strips of output columns (at::parallel_for; for M == 1 on AVX-512 over
+//   3. in parallel over strips of output columns (at::parallel_for; for M == 1 on AVX-512 / AVX2 over
 //      parts of the rows instead, row_split_m1, each thread reading whole rows; for batches of
 //      kAmxMinM rows and more on CPUs with AMX-INT8 the tile kernel, batch_amx): the strip kernel
 //      of the ISA gives sum_i x_q * code, minus sum(x_q) turns codes (t + 1) back into t, then
@@ -173,6 +173,17 @@ QSK_TARGET_AVX2 void epilogue_avx2(const int32_t* a, int64_t ld, const RowQuant*
                                    int64_t out_f, int64_t M, int64_t j0, int64_t nj) {
   epilogue(a, ld, rq, ws, bias, out, out_f, M, j0, nj);
 }
+// The epilogue compiled for the CPU's ISA level.
+template <typename T>
+void epilogue_at(Isa level, const int32_t* a, int64_t ld, const RowQuant* rq, float ws, const T* bias, T* out,
+                 int64_t out_f, int64_t M, int64_t j0, int64_t nj) {
+  if (level == Isa::Avx512)
+    epilogue_avx512(a, ld, rq, ws, bias, out, out_f, M, j0, nj);
+  else if (level == Isa::Avx2)
+    epilogue_avx2(a, ld, rq, ws, bias, out, out_f, M, j0, nj);
+  else
+    epilogue(a, ld, rq, ws, bias, out, out_f, M, j0, nj);
+}
 
 // ---- 2. the row plan ----
 
@@ -315,21 +326,24 @@ void batch_amx(const RowPlan& plan, int64_t cols, const Epilogue& epi) {
   });
 }
 
-// M == 1 on AVX-512, split by rows: the plan's quads are cut into one part per thread, each
-// thread reads its rows whole (runs of up to kMaxBlockAvx512 contiguous bytes per row, and for
+// M == 1 on AVX-512 (block_avx512_m1) and AVX2 (block_avx2_m1), split by rows: the plan's quads
+// are cut into one part per thread, each thread reads its rows whole (runs of up to
+// kMaxBlockAvx512 / kMaxBlockAvx2 contiguous bytes per row, and for
 // dense activations one sequential stream) into its own int32 code_dot, then the parts are summed
 // per column block (exact integers: the result does not depend on the split) and handed to
 // epi(s, a, j0, nj) with a = code_dot of outputs [j0, j0 + nj) of segment s. The segments are
 // packed weights that share the plan's rows and activations (sibling projections of one input,
 // ternary_linear_multi_m1); each is read whole by every part, in one parallel region.
 template <typename Epilogue>
-void row_split_m1(const RowPlan& plan, const Segment* segs, int64_t nseg, bool vnni, const Epilogue& epi) {
+void row_split_m1(const RowPlan& plan, const Segment* segs, int64_t nseg, Isa level, const Epilogue& epi) {
+  const bool vnni = has_avx512_vnni();
+  const int64_t max_blk = level == Isa::Avx512 ? kMaxBlockAvx512 : kMaxBlockAvx2;
   const int64_t T = std::max<int64_t>(1, at::get_num_threads());
   const int64_t parts = std::clamp<int64_t>(plan.n_quads / kMinPartQuads, 1, T);
   std::vector<int64_t> off(nseg + 1, 0);  // segment s's outputs are [off[s], off[s + 1]) of a part
   for (int64_t s = 0; s < nseg; ++s) off[s + 1] = off[s] + 4 * segs[s].cols;
   const int64_t width = off[nseg];
-  // Uninitialised: block_avx512_m1 writes every output of its block (an empty part is zeroed).
+  // Uninitialised: the block kernels write every output of their block (an empty part is zeroed).
   std::unique_ptr<int32_t[]> partial(new int32_t[std::max<int64_t>(1, parts * width)]);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t part = p0; part < p1; ++part) {
@@ -347,10 +361,15 @@ void row_split_m1(const RowPlan& plan, const Segment* segs, int64_t nseg, bool v
         sub.x4 += q0;
         sub.n_quads = q1 - q0;
         int32_t* out = partial.get() + part * width + off[s];
-        const int64_t blk = std::min<int64_t>(cols, kMaxBlockAvx512);
+        const int64_t blk = std::min(cols, max_blk);
         const int64_t chunk = row_split_chunk_quads(blk);
-        for (int64_t b0 = 0; b0 < cols; b0 += blk)
-          block_avx512_m1(sub, b0, std::min(blk, cols - b0), vnni, out + 4 * b0, chunk, blk < kRowMajorBelow);
+        for (int64_t b0 = 0; b0 < cols; b0 += blk) {
+          const int64_t nb = std::min(blk, cols - b0);
+          if (level == Isa::Avx512)
+            block_avx512_m1(sub, b0, nb, vnni, out + 4 * b0, chunk, blk < kRowMajorBelow);
+          else
+            block_avx2_m1(sub, b0, nb, out + 4 * b0, chunk, blk < kRowMajorBelow);
+        }
       }
     }
   });
@@ -437,11 +456,11 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
       plan_bytes += 4 * plans[i].view.n_quads * W;
     }
 
-    if (M == 1 && path == Path::Avx512) {
+    if (M == 1 && (level == Isa::Avx512 || level == Isa::Avx2)) {
       const Segment seg{pk, cols};
-      row_split_m1(plans[0].view, &seg, 1, vnni, [&](int64_t, const int32_t* a, int64_t j0, int64_t nj) {
+      row_split_m1(plans[0].view, &seg, 1, level, [&](int64_t, const int32_t* a, int64_t j0, int64_t nj) {
         nj = std::min(nj, out_features - j0);  // the last packed byte may hold padding outputs
-        if (nj > 0) epilogue_avx512(a, 0, rq.data(), ws, bp, op, out_features, 1, j0, nj);
+        if (nj > 0) epilogue_at(level, a, 0, rq.data(), ws, bp, op, out_features, 1, j0, nj);
       });
       return;
     }
@@ -496,12 +515,7 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
         }
         const int32_t* a = acc.data() + 4 * (b0 - bb);
         const int64_t j0 = 4 * b0, nj = std::min(4 * nb, out_features - j0);
-        if (level == Isa::Avx512)
-          epilogue_avx512(a, ld, rq.data(), ws, bp, op, out_features, M, j0, nj);
-        else if (level == Isa::Avx2)
-          epilogue_avx2(a, ld, rq.data(), ws, bp, op, out_features, M, j0, nj);
-        else
-          epilogue(a, ld, rq.data(), ws, bp, op, out_features, M, j0, nj);
+        epilogue_at(level, a, ld, rq.data(), ws, bp, op, out_features, M, j0, nj);
       }
     });
   });
@@ -559,14 +573,16 @@ std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::
     out[s] = at::empty({1, out_features[s]}, x.options());
     segs[s] = {packed[s].data_ptr<uint8_t>(), out_features[s] / 4 + (out_features[s] % 4 != 0)};
   }
-  const bool vnni = has_avx512_vnni();
+  const Isa level = isa();
   QSK_TERNARY_DISPATCH(x.scalar_type(), "ternary_linear_multi_cpu", [&] {
     // 1. one top-K + quantization (prepare_row, as ternary_linear_rows does for M == 1).
     std::vector<int8_t> xq(d, 0);
     const bool select = k >= 0 && k < d;
     std::vector<uint32_t> sel(select ? select_scratch_words(d) : 0);
     std::vector<int32_t> idx(select ? std::max<int64_t>(k, 1) : 0);
-    const RowQuant rq = prepare_row_avx512(x.data_ptr<scalar_t>(), d, k, xq.data(), idx.data(), sel.data());
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const RowQuant rq = level == Isa::Avx512 ? prepare_row_avx512(xp, d, k, xq.data(), idx.data(), sel.data())
+                                             : prepare_row_avx2(xp, d, k, xq.data(), idx.data(), sel.data());
     // 2. one plan; its packed / cols are each segment's (row_split_m1 sets them).
     Plan plan;
     build_plan(xq.data(), 1, d, segs.empty() ? nullptr : segs[0].packed, segs.empty() ? 0 : segs[0].cols, plan);
@@ -577,9 +593,9 @@ std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::
       bp[s] = bias[s] ? bias[s]->data_ptr<scalar_t>() : nullptr;
       op[s] = out[s].data_ptr<scalar_t>();
     }
-    row_split_m1(plan.view, segs.data(), nseg, vnni, [&](int64_t s, const int32_t* a, int64_t j0, int64_t nj) {
+    row_split_m1(plan.view, segs.data(), nseg, level, [&](int64_t s, const int32_t* a, int64_t j0, int64_t nj) {
       nj = std::min(nj, out_features[s] - j0);  // the last packed byte may hold padding outputs
-      if (nj > 0) epilogue_avx512(a, 0, &rq, scale[s], bp[s], op[s], out_features[s], 1, j0, nj);
+      if (nj > 0) epilogue_at(level, a, 0, &rq, scale[s], bp[s], op[s], out_features[s], 1, j0, nj);
     });
   });
   return out;

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "qsk/cpu_ternary.h"
 #include "qsk/isa.h"
@@ -98,7 +99,153 @@ QSK_TARGET_AVX2 void strip(const RowPlan& p, int64_t b0, int32_t* out, int64_t l
   }
 }
 
+// ---- M == 1 (block_avx2_m1): pairs of plan rows, int16 accumulators, no transpose ----
+//
+// One step takes a pair of plan rows (a, b) of a quad and 32 packed bytes of each (128 outputs):
+//   u[h] = unpack{lo,hi}_epi8(a, b): int16 lane 8L + t of u[h] holds byte p = 16L + 8h + t of
+//          (a, b) (unpack works inside each 128-bit lane L);
+//   plane s of u[h] is then the u8 pair (code_a, code_b) of output 4p + s, and pmaddubsw with
+//          the pair's activations (x_a, x_b) in every int16 lane gives code_a x_a + code_b x_b,
+//          at most 2 * 3 * 128 = 768 in magnitude (no saturation, even for code 3);
+//   paddw accumulates those in int16, exact for up to kPairsInt16 pairs; then the 8 int16
+//          accumulators are widened and added into int32 ones in memory.
+// About 35 uops per 256 products, against about 60 plus 16 scratch loads and stores for strip()'s
+// quad transpose; each row is read as runs of the block's bytes (see block_avx512_m1).
+constexpr int64_t kW1 = 32;
+constexpr int64_t kPairsInt16 = 32767 / 768;  // 42
+
+// One 32 B strip of a block: int16 accumulator [h][s], int32 accumulator [h][s][L][t].
+struct StripAcc {
+  __m256i i16[8];
+  alignas(32) int32_t i32[8][16];
+};
+
+// A strip of one row; a short last strip (kTail) reads its nb bytes through a zeroed copy, so it
+// reads nothing past the row (zero bytes are code 0: no contribution).
+template <bool kTail>
+QSK_TARGET_AVX2 inline __attribute__((always_inline)) __m256i load_row(const RowPlan& p, int32_t row, int64_t bs,
+                                                                       int64_t nb) {
+  const uint8_t* src = p.packed + static_cast<int64_t>(row) * p.cols + bs;
+  if constexpr (kTail) {
+    alignas(32) uint8_t buf[kW1] = {};
+    std::memcpy(buf, src, static_cast<size_t>(nb));
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+  } else {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  }
+}
+
+// Quads [q0, q0 + nq) over the strip at bs; flush: widen the int16 sums into the int32 ones
+// afterwards (first: store them instead of adding) and restart from zero.
+template <bool kTail>
+QSK_TARGET_AVX2 void block_strip_m1(const RowPlan& p, int64_t q0, int64_t nq, int64_t bs, int64_t nb, bool first_strip,
+                                    bool flush, bool first, StripAcc& sa, RowMajorPrefetch& pf) {
+  __m256i acc[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) acc[i] = sa.i16[i];
+  const int64_t next = q0 + nq;
+  for (int64_t c = 0; c < nq; ++c) {
+    if (pf.rows > 0) {
+      pf.step();  // row-major: this (strip, quad)'s share of the chunk after next
+    } else if (next + c < p.n_quads) {  // strip-major: this strip's lines of the next chunk's rows, into L2
+      for (int r = 0; r < 4; ++r) {
+        const char* a = reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * (next + c) + r]) * p.cols + bs);
+        if (first_strip) _mm_prefetch(a, _MM_HINT_T1);
+        _mm_prefetch(a + nb - 1, _MM_HINT_T1);
+      }
+    }
+    const auto x4 = static_cast<uint32_t>(p.x4[q0 + c]);
+    const int32_t* rows = p.rows + 4 * (q0 + c);
+#pragma GCC unroll 2
+    for (int pair = 0; pair < 2; ++pair) {
+      const __m256i ra = load_row<kTail>(p, rows[2 * pair], bs, nb);
+      const __m256i rb = load_row<kTail>(p, rows[2 * pair + 1], bs, nb);
+      const __m256i x = _mm256_set1_epi16(static_cast<int16_t>(x4 >> (16 * pair)));  // (x_a, x_b)
+      const __m256i u[2] = {_mm256_unpacklo_epi8(ra, rb), _mm256_unpackhi_epi8(ra, rb)};
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        acc[4 * h + 0] = _mm256_add_epi16(acc[4 * h + 0], _mm256_maddubs_epi16(plane<0>(u[h]), x));
+        acc[4 * h + 1] = _mm256_add_epi16(acc[4 * h + 1], _mm256_maddubs_epi16(plane<1>(u[h]), x));
+        acc[4 * h + 2] = _mm256_add_epi16(acc[4 * h + 2], _mm256_maddubs_epi16(plane<2>(u[h]), x));
+        acc[4 * h + 3] = _mm256_add_epi16(acc[4 * h + 3], _mm256_maddubs_epi16(plane<3>(u[h]), x));
+      }
+    }
+  }
+  if (flush) {
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      __m256i* dst = reinterpret_cast<__m256i*>(sa.i32[i]);
+      const __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[i]));
+      const __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[i], 1));
+      _mm256_store_si256(dst, first ? lo : _mm256_add_epi32(_mm256_load_si256(dst), lo));
+      _mm256_store_si256(dst + 1, first ? hi : _mm256_add_epi32(_mm256_load_si256(dst + 1), hi));
+      acc[i] = _mm256_setzero_si256();
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) sa.i16[i] = acc[i];
+}
+
+QSK_TARGET_AVX2 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out, int64_t chunk,
+                              bool row_major) {
+  if (p.n_quads == 0) {
+    std::fill(out, out + 4 * nbytes, 0);
+    return;
+  }
+  chunk = std::clamp<int64_t>(chunk, 1, kPairsInt16 / 2);  // a chunk's pairs fit the int16 sums
+  const int64_t ns = (nbytes + kW1 - 1) / kW1;
+  StripAcc sa[kMaxBlockAvx2 / kW1];
+  for (int64_t s = 0; s < ns; ++s)
+    for (auto& v : sa[s].i16) v = _mm256_setzero_si256();
+  // The first chunks' lines (two chunks for row_major, whose prefetch runs two chunks ahead).
+  for (int64_t q = 0; q < std::min((row_major ? 2 : 1) * chunk, p.n_quads); ++q)
+    for (int r = 0; r < 4; ++r) {
+      const char* a = reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0);
+      for (int64_t l = 0; l < nbytes + 63; l += 64) _mm_prefetch(a + std::min(l, nbytes - 1), _MM_HINT_T0);
+    }
+  int64_t pending = 0;  // pairs in the int16 sums
+  bool first = true;
+  for (int64_t q0 = 0; q0 < p.n_quads; q0 += chunk) {
+    const int64_t nq = std::min(chunk, p.n_quads - q0);
+    const int64_t next_nq = std::min(chunk, p.n_quads - q0 - nq);
+    pending += 2 * nq;
+    const bool flush = next_nq == 0 || pending + 2 * next_nq > kPairsInt16;
+    const int64_t ahead = q0 + 2 * chunk;
+    const int64_t pf_rows = row_major && ahead < p.n_quads ? 4 * std::min(chunk, p.n_quads - ahead) : 0;
+    const int64_t lines = (63 + nbytes + 63) / 64;
+    RowMajorPrefetch pf{&p, ahead, pf_rows, b0, nbytes, lines, (pf_rows * lines + ns * nq - 1) / (ns * nq)};
+    for (int64_t s = 0; s < ns; ++s) {
+      const int64_t nb = std::min(kW1, nbytes - kW1 * s);
+      if (nb == kW1)
+        block_strip_m1<false>(p, q0, nq, b0 + kW1 * s, nb, s == 0, flush, first, sa[s], pf);
+      else
+        block_strip_m1<true>(p, q0, nq, b0 + kW1 * s, nb, s == 0, flush, first, sa[s], pf);
+    }
+    if (flush) {
+      pending = 0;
+      first = false;
+    }
+  }
+  // int32 sum [h][s][L][t] -> output 4p + s, p = 16L + 8h + t (see the top of this section).
+  for (int64_t s = 0; s < ns; ++s) {
+    const int64_t nb = std::min(kW1, nbytes - kW1 * s);
+    int32_t* o = out + 4 * kW1 * s;
+    for (int h = 0; h < 2; ++h)
+      for (int L = 0; L < 2; ++L)
+        for (int t = 0; t < 8; ++t) {
+          const int pb = 16 * L + 8 * h + t;
+          if (pb >= nb) continue;
+          for (int c = 0; c < 4; ++c) o[4 * pb + c] = sa[s].i32[4 * h + c][8 * L + t];
+        }
+  }
+}
+
 }  // namespace
+
+void block_avx2_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t chunk_quads,
+                   bool row_major_prefetch) {
+  block_m1(plan, b0, nbytes, acc, chunk_quads, row_major_prefetch);
+}
 
 void strip_avx2(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld, int32_t* scratch) {
   (void)nbytes;  // always kW: the caller overlaps a short last strip with the previous one

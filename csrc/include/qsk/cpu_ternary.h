@@ -49,6 +49,8 @@ constexpr int64_t kBlockAvx512 = 1024;
 // The widest block block_avx512_m1 accepts (the row-split M == 1 path runs whole rows).
 constexpr int64_t kMaxBlockAvx512 = 4096;
 constexpr int64_t kBlockRowQuads = 16;
+// The widest block block_avx2_m1 accepts (its int16 and int32 sums live on the stack: 24 KB per KB of block).
+constexpr int64_t kMaxBlockAvx2 = 2048;
 // The row-split M == 1 path (csrc/cpu/ternary_linear.cpp, row_split_m1) reads whole rows (up to
 // kMaxBlockAvx512 bytes) in chunks of this many quads, prefetching the next chunk into L2.
 // Measured on 4096 x 11008, AVX-512 VNNI, 2 threads, DRAM-resident, interleaved A/B (median us,
@@ -121,6 +123,39 @@ inline __attribute__((always_inline)) void prefetch_quad(const RowPlan& p, int64
   }
 }
 
+// Row-major prefetch of one chunk (the one after next) for short rows, spread over the strips
+// and quads of the current chunk: every (strip, quad) step fetches the next per_step lines of the
+// chunk's rows, row after row, each row's span line after line. A cursor, not an index: deriving
+// (row, line) from a running index took two 64-bit divisions per line, which was half of the
+// kernel's time once the weight was in cache.
+struct RowMajorPrefetch {
+  const RowPlan* p;
+  int64_t q0;        // first quad of the chunk to prefetch
+  int64_t rows;      // its plan rows (0: strip-major prefetch instead)
+  int64_t b0;        // block start in each row
+  int64_t nbytes;    // block width
+  int64_t lines;     // lines of one row's block span, at most (a span may start mid-line)
+  int64_t per_step;  // lines fetched per (strip, quad) step
+  int64_t row = 0, line = 0;  // the next line to fetch
+  uintptr_t first = 0, span = 0;  // the row's first line, and its span's end from there
+
+  inline __attribute__((always_inline)) void step() {
+    for (int64_t i = 0; i < per_step && row < rows; ++i) {
+      if (line == 0) {
+        const auto a = reinterpret_cast<uintptr_t>(p->packed + static_cast<int64_t>(p->rows[4 * q0 + row]) * p->cols + b0);
+        first = a & ~uintptr_t{63};
+        span = (a & 63) + static_cast<uintptr_t>(nbytes);
+      }
+      const auto off = 64 * static_cast<uintptr_t>(line);
+      if (off < span) _mm_prefetch(reinterpret_cast<const char*>(first + off), _MM_HINT_T1);
+      if (++line == lines) {
+        line = 0;
+        ++row;
+      }
+    }
+  }
+};
+
 // int32 words of per-thread scratch a strip kernel of width `strip` needs for M batch rows.
 inline int64_t strip_scratch_words(int64_t strip, int64_t M) {
   // decoded codes of a chunk (1 byte per output per row -> strip * 4 outputs * 4 rows / 4 B per word)
@@ -176,6 +211,9 @@ void tiles_amx(const AmxOperands& o, int64_t mb0, int64_t nmb, int64_t b0, int64
                int8_t* scratch);
 
 void strip_avx2(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld, int32_t* scratch);
+// block_avx2_m1: block_avx512_m1 on AVX2 (pairs of rows, int16 sums), 1 <= nbytes <= kMaxBlockAvx2.
+void block_avx2_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t chunk_quads,
+                   bool row_major_prefetch);
 void strip_scalar(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld);
 
 }  // namespace qsk::cpu::ternary
