@@ -120,12 +120,10 @@ struct StripAcc {
   alignas(32) int32_t i32[8][16];
 };
 
-// A strip of one row; a short last strip (kTail) reads its nb bytes through a zeroed copy, so it
-// reads nothing past the row (zero bytes are code 0: no contribution).
+// A strip of one row at src; a short last strip (kTail) reads its nb bytes through a zeroed copy,
+// so it reads nothing past the row (zero bytes are code 0: no contribution).
 template <bool kTail>
-QSK_TARGET_AVX2 inline __attribute__((always_inline)) __m256i load_row(const RowPlan& p, int32_t row, int64_t bs,
-                                                                       int64_t nb) {
-  const uint8_t* src = p.packed + static_cast<int64_t>(row) * p.cols + bs;
+QSK_TARGET_AVX2 inline __attribute__((always_inline)) __m256i load_row(const uint8_t* src, int64_t nb) {
   if constexpr (kTail) {
     alignas(32) uint8_t buf[kW1] = {};
     std::memcpy(buf, src, static_cast<size_t>(nb));
@@ -135,32 +133,41 @@ QSK_TARGET_AVX2 inline __attribute__((always_inline)) __m256i load_row(const Row
   }
 }
 
-// Quads [q0, q0 + nq) over the strip at bs; flush: widen the int16 sums into the int32 ones
-// afterwards (first: store them instead of adding) and restart from zero.
+// The block start of each plan row of quads [q0, q0 + nq): computed once per chunk, not per strip.
+inline void row_starts(const RowPlan& p, int64_t q0, int64_t nq, int64_t b0, const uint8_t** out) {
+  for (int64_t i = 0; i < 4 * nq; ++i) out[i] = p.packed + static_cast<int64_t>(p.rows[4 * q0 + i]) * p.cols + b0;
+}
+
+// The chunk's rows (row starts cur, activations x4) over the strip at offset o of the block;
+// next: the next chunk's row starts (n_next quads) for the strip-major prefetch, which fetches the
+// lines of bytes [o, o + 64) of each at even strips (two strips share a line). flush: widen the
+// int16 sums into the int32 ones afterwards (first: store them instead of adding) and restart.
 template <bool kTail>
-QSK_TARGET_AVX2 void block_strip_m1(const RowPlan& p, int64_t q0, int64_t nq, int64_t bs, int64_t nb, bool first_strip,
-                                    bool flush, bool first, StripAcc& sa, RowMajorPrefetch& pf) {
+QSK_TARGET_AVX2 void block_strip_m1(const uint8_t* const* cur, const int32_t* x4, int64_t nq, const uint8_t* const* next,
+                                    int64_t n_next, int64_t o, int64_t nb, bool flush, bool first, StripAcc& sa,
+                                    RowMajorPrefetch& pf) {
   __m256i acc[8];
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) acc[i] = sa.i16[i];
-  const int64_t next = q0 + nq;
+  const bool strip_major = pf.rows == 0 && o % 64 == 0;
   for (int64_t c = 0; c < nq; ++c) {
     if (pf.rows > 0) {
       pf.step();  // row-major: this (strip, quad)'s share of the chunk after next
-    } else if (next + c < p.n_quads) {  // strip-major: this strip's lines of the next chunk's rows, into L2
+    } else if (strip_major && c < n_next) {  // strip-major: this strip pair's lines of the next chunk's rows, into L2
+#pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
-        const char* a = reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * (next + c) + r]) * p.cols + bs);
-        if (first_strip) _mm_prefetch(a, _MM_HINT_T1);
-        _mm_prefetch(a + nb - 1, _MM_HINT_T1);
+        const char* a = reinterpret_cast<const char*>(next[4 * c + r] + o);
+        if (o == 0) _mm_prefetch(a, _MM_HINT_T1);
+        _mm_prefetch(a + 63, _MM_HINT_T1);
       }
     }
-    const auto x4 = static_cast<uint32_t>(p.x4[q0 + c]);
-    const int32_t* rows = p.rows + 4 * (q0 + c);
+    const auto xq = static_cast<uint32_t>(x4[c]);
+    const uint8_t* const* rows = cur + 4 * c;
 #pragma GCC unroll 2
     for (int pair = 0; pair < 2; ++pair) {
-      const __m256i ra = load_row<kTail>(p, rows[2 * pair], bs, nb);
-      const __m256i rb = load_row<kTail>(p, rows[2 * pair + 1], bs, nb);
-      const __m256i x = _mm256_set1_epi16(static_cast<int16_t>(x4 >> (16 * pair)));  // (x_a, x_b)
+      const __m256i ra = load_row<kTail>(rows[2 * pair] + o, nb);
+      const __m256i rb = load_row<kTail>(rows[2 * pair + 1] + o, nb);
+      const __m256i x = _mm256_set1_epi16(static_cast<int16_t>(xq >> (16 * pair)));  // (x_a, x_b)
       const __m256i u[2] = {_mm256_unpacklo_epi8(ra, rb), _mm256_unpackhi_epi8(ra, rb)};
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
@@ -192,7 +199,8 @@ QSK_TARGET_AVX2 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int3
     std::fill(out, out + 4 * nbytes, 0);
     return;
   }
-  chunk = std::clamp<int64_t>(chunk, 1, kPairsInt16 / 2);  // a chunk's pairs fit the int16 sums
+  constexpr int64_t kMaxChunk = kPairsInt16 / 2;  // a chunk's pairs fit the int16 sums
+  chunk = std::clamp<int64_t>(chunk, 1, kMaxChunk);
   const int64_t ns = (nbytes + kW1 - 1) / kW1;
   StripAcc sa[kMaxBlockAvx2 / kW1];
   for (int64_t s = 0; s < ns; ++s)
@@ -203,11 +211,14 @@ QSK_TARGET_AVX2 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int3
       const char* a = reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0);
       for (int64_t l = 0; l < nbytes + 63; l += 64) _mm_prefetch(a + std::min(l, nbytes - 1), _MM_HINT_T0);
     }
+  const uint8_t* starts[2][4 * kMaxChunk];  // this chunk's row starts and the next one's
+  row_starts(p, 0, std::min(chunk, p.n_quads), b0, starts[0]);
   int64_t pending = 0;  // pairs in the int16 sums
   bool first = true;
-  for (int64_t q0 = 0; q0 < p.n_quads; q0 += chunk) {
+  for (int64_t q0 = 0, i = 0; q0 < p.n_quads; q0 += chunk, i ^= 1) {
     const int64_t nq = std::min(chunk, p.n_quads - q0);
     const int64_t next_nq = std::min(chunk, p.n_quads - q0 - nq);
+    row_starts(p, q0 + nq, next_nq, b0, starts[i ^ 1]);
     pending += 2 * nq;
     const bool flush = next_nq == 0 || pending + 2 * next_nq > kPairsInt16;
     const int64_t ahead = q0 + 2 * chunk;
@@ -217,9 +228,9 @@ QSK_TARGET_AVX2 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int3
     for (int64_t s = 0; s < ns; ++s) {
       const int64_t nb = std::min(kW1, nbytes - kW1 * s);
       if (nb == kW1)
-        block_strip_m1<false>(p, q0, nq, b0 + kW1 * s, nb, s == 0, flush, first, sa[s], pf);
+        block_strip_m1<false>(starts[i], p.x4 + q0, nq, starts[i ^ 1], next_nq, kW1 * s, nb, flush, first, sa[s], pf);
       else
-        block_strip_m1<true>(p, q0, nq, b0 + kW1 * s, nb, s == 0, flush, first, sa[s], pf);
+        block_strip_m1<true>(starts[i], p.x4 + q0, nq, starts[i ^ 1], next_nq, kW1 * s, nb, flush, first, sa[s], pf);
     }
     if (flush) {
       pending = 0;
