@@ -6,7 +6,8 @@ error shows: y = acc * x_scale * scale and one unit of acc is ~1/|acc| relative,
 rounding. test_accumulator_exact also reads acc directly (x_scale = scale = 1).
 Inputs have distinct magnitudes (no ties at the top-K boundary, where any choice is allowed).
 The batch grid reaches both batch strategies of csrc/cpu/ternary_linear.cpp (prefer_per_row):
-per-row for sparse batches and M = 2 dense, the union kernel for dense M = 3 and 17.
+per-row for sparse batches and M = 2 dense (M = 3 too on AVX2), the union kernel for dense M = 17
+(and M = 3 on AVX-512).
 """
 
 import pytest

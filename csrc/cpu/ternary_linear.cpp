@@ -205,9 +205,16 @@ void epilogue_at(Isa level, const int32_t* a, int64_t ld, const RowQuant* rq, fl
 // ~1430, which only moves the crossover further towards per-row.) The one place that decides it.
 constexpr int64_t kRowQuadCost = 2;
 constexpr int64_t kUnionQuadCost = 3;
+// On AVX2 the per-row kernel is block_avx2_m1 (row pairs, int16 sums), and a union quad costs
+// more next to it: ~7. Measured 2026-12-04 (AMD EPYC Zen 3, AVX2 only, 2 threads, bf16, weights
+// rotated past the LLC, 3 interleaved rounds, bf16 F.linear time / time, union vs per-row):
+// 2048 x 5632 dense M=2 4.98 vs 6.96, M=4 6.14 vs 7.61, M=8 6.30 vs 5.74, M=16 9.12 vs 7.34;
+// s=0.5 M=16 9.64 vs 14.43; s=0.6125 M=2 6.72 vs 11.56, M=16 9.88 vs 17.67; 5632 x 2048 dense
+// M=2 3.27 vs 6.31, M=8 5.74 vs 5.38, M=16 6.37 vs 5.35; s=0.6125 M=16 7.91 vs 13.88.
+constexpr int64_t kUnionQuadCostAvx2 = 7;
 
 // Also returns the union size in *n_union.
-bool prefer_per_row(const int8_t* xq, int64_t M, int64_t d, int64_t* n_union) {
+bool prefer_per_row(const int8_t* xq, int64_t M, int64_t d, Isa level, int64_t* n_union) {
   std::vector<uint8_t> any(d, 0);
   int64_t own = 0;
   for (int64_t m = 0; m < M; ++m)
@@ -219,7 +226,7 @@ bool prefer_per_row(const int8_t* xq, int64_t M, int64_t d, int64_t* n_union) {
   int64_t uni = 0;
   for (int64_t i = 0; i < d; ++i) uni += any[i];
   *n_union = uni;
-  return own * kRowQuadCost < uni * (kUnionQuadCost + M);
+  return own * kRowQuadCost < uni * ((level == Isa::Avx2 ? kUnionQuadCostAvx2 : kUnionQuadCost) + M);
 }
 
 struct Plan {
@@ -445,7 +452,7 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
     // 2. the rows to read: one plan over the union, or one plan per batch row (prefer_per_row).
     const uint8_t* pk = packed.data_ptr<uint8_t>();
     int64_t n_union = d;
-    bool per_row = M > 1 && prefer_per_row(xq.data(), M, d, &n_union);
+    bool per_row = M > 1 && prefer_per_row(xq.data(), M, d, level, &n_union);
     const bool amx = M >= (per_row ? kAmxMinMPerRow : kAmxMinM) && path == Path::Avx512 && has_amx_int8();
     if (amx) per_row = false;
     std::vector<Plan> plans(per_row ? M : 1);  // sized once: the views point into the vectors
@@ -478,16 +485,19 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
     // several strips wide (row runs for DRAM, see block_avx512_m1), at most `cap`, and as equal
     // as whole strips allow, in a multiple of the thread count so every thread gets the same share
     // (at::parallel_for hands each thread one contiguous range); the other paths use one strip.
+    // Per-row batches on AVX2 run block_avx2_m1 per batch row, in blocks of its 32 B strips.
+    const bool avx2_rows = level == Isa::Avx2 && per_row;
     int64_t B = W;
-    if (path == Path::Avx512) {
+    if (path == Path::Avx512 || avx2_rows) {
+      const int64_t U = avx2_rows ? kStripAvx2M1 : W, max_b = avx2_rows ? kMaxBlockAvx2 : kBlockAvx512;
       const int64_t T = std::max<int64_t>(1, at::get_num_threads());
       // Per-row batches re-read each block once per batch row: keep the block of the union rows
       // within L2 (kL2BudgetLines) so that those re-reads hit L2.
       const int64_t cap_bytes = per_row ? kL2BudgetLines * 64 / std::max<int64_t>(1, n_union) : kBlockAvx512;
-      const int64_t cap = std::clamp<int64_t>(cap_bytes / W, 1, kBlockAvx512 / W);  // in strips
-      const int64_t strips = (cols + W - 1) / W;
+      const int64_t cap = std::clamp<int64_t>(cap_bytes / U, 1, max_b / U);  // in strips
+      const int64_t strips = (cols + U - 1) / U;
       const int64_t n = T * ((strips + T * cap - 1) / (T * cap));  // blocks wanted: a multiple of T
-      B = W * ((strips + n - 1) / n);
+      B = U * ((strips + n - 1) / n);
     }
     const int64_t n_blocks = (cols + B - 1) / B;
     const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, plan_bytes * (B / W)));
@@ -499,10 +509,12 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
         const int64_t b0 = blk * B, nb = std::min(B, cols - b0);
         // A short last AVX2 strip is recomputed as the full strip ending at the last byte
         // (cols >= kStripAvx2 on that path); only its own outputs are written below.
-        const int64_t bb = (path == Path::Avx2 && nb < W) ? cols - W : b0;
+        const int64_t bb = (path == Path::Avx2 && !avx2_rows && nb < W) ? cols - W : b0;
         for (const Plan& pl : plans) {
           int32_t* a = acc.data() + pl.m0 * ld;
-          if (path == Path::Avx512 && pl.view.M == 1) {
+          if (avx2_rows) {
+            block_avx2_m1(pl.view, b0, nb, a, row_split_chunk_quads(B), false);
+          } else if (path == Path::Avx512 && pl.view.M == 1) {
             block_avx512_m1(pl.view, b0, nb, vnni, a);
           } else if (path == Path::Avx512) {
             for (int64_t s = 0; s < nb; s += W) strip_avx512(pl.view, b0 + s, std::min(W, nb - s), vnni, a + 4 * s, ld,

@@ -111,7 +111,7 @@ QSK_TARGET_AVX2 void strip(const RowPlan& p, int64_t b0, int32_t* out, int64_t l
 //          accumulators are widened and added into int32 ones in memory.
 // About 35 uops per 256 products, against about 60 plus 16 scratch loads and stores for strip()'s
 // quad transpose; each row is read as runs of the block's bytes (see block_avx512_m1).
-constexpr int64_t kW1 = 32;
+constexpr int64_t kW1 = kStripAvx2M1;
 constexpr int64_t kPairsInt16 = 32767 / 768;  // 42
 
 // One 32 B strip of a block: int16 accumulator [h][s], int32 accumulator [h][s][L][t].

@@ -39,6 +39,8 @@ struct RowPlan {
 // Strip widths in packed bytes (4 outputs per byte): one zmm (64 B) or one xmm (16 B) per row.
 constexpr int64_t kStripAvx512 = 64;
 constexpr int64_t kStripAvx2 = 16;
+// block_avx2_m1's strip (32 B of each of a pair of rows per step).
+constexpr int64_t kStripAvx2M1 = 32;
 constexpr int64_t kStripScalar = 64;
 // The AVX-512 M == 1 kernel works on blocks of up to kBlockAvx512 bytes per row (see
 // block_avx512_m1), visiting the rows in chunks of kBlockRowQuads quads. Tuned on 4096 x 11008,
