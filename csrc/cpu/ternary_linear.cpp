@@ -375,7 +375,7 @@ void row_split_m1(const RowPlan& plan, const Segment* segs, int64_t nseg, Isa le
           if (level == Isa::Avx512)
             block_avx512_m1(sub, b0, nb, vnni, out + 4 * b0, chunk, blk < kRowMajorBelow);
           else
-            block_avx2_m1(sub, b0, nb, out + 4 * b0, chunk, blk < kRowMajorBelow);
+            block_avx2_m1(sub, b0, nb, out + 4 * b0, chunk);
         }
       }
     }
@@ -513,7 +513,7 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
         for (const Plan& pl : plans) {
           int32_t* a = acc.data() + pl.m0 * ld;
           if (avx2_rows) {
-            block_avx2_m1(pl.view, b0, nb, a, row_split_chunk_quads(B), false);
+            block_avx2_m1(pl.view, b0, nb, a, row_split_chunk_quads(B));
           } else if (path == Path::Avx512 && pl.view.M == 1) {
             block_avx512_m1(pl.view, b0, nb, vnni, a);
           } else if (path == Path::Avx512) {

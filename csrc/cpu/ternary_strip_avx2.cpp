@@ -139,21 +139,19 @@ inline void row_starts(const RowPlan& p, int64_t q0, int64_t nq, int64_t b0, con
 }
 
 // The chunk's rows (row starts cur, activations x4) over the strip at offset o of the block;
-// next: the next chunk's row starts (n_next quads) for the strip-major prefetch, which fetches the
-// lines of bytes [o, o + 64) of each at even strips (two strips share a line). flush: widen the
-// int16 sums into the int32 ones afterwards (first: store them instead of adding) and restart.
+// next: the next chunk's row starts (n_next quads), whose lines of bytes [o, o + 64) this strip
+// prefetches into L2 at even strips (two strips share a line; the strip-major prefetch of
+// block_avx512_m1). flush: widen the int16 sums into the int32 ones afterwards (first: store
+// them instead of adding) and restart.
 template <bool kTail>
 QSK_TARGET_AVX2 void block_strip_m1(const uint8_t* const* cur, const int32_t* x4, int64_t nq, const uint8_t* const* next,
-                                    int64_t n_next, int64_t o, int64_t nb, bool flush, bool first, StripAcc& sa,
-                                    RowMajorPrefetch& pf) {
+                                    int64_t n_next, int64_t o, int64_t nb, bool flush, bool first, StripAcc& sa) {
   __m256i acc[8];
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) acc[i] = sa.i16[i];
-  const bool strip_major = pf.rows == 0 && o % 64 == 0;
+  const bool fetch = o % 64 == 0;
   for (int64_t c = 0; c < nq; ++c) {
-    if (pf.rows > 0) {
-      pf.step();  // row-major: this (strip, quad)'s share of the chunk after next
-    } else if (strip_major && c < n_next) {  // strip-major: this strip pair's lines of the next chunk's rows, into L2
+    if (fetch && c < n_next) {
 #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r) {
         const char* a = reinterpret_cast<const char*>(next[4 * c + r] + o);
@@ -193,8 +191,7 @@ QSK_TARGET_AVX2 void block_strip_m1(const uint8_t* const* cur, const int32_t* x4
   for (int i = 0; i < 8; ++i) sa.i16[i] = acc[i];
 }
 
-QSK_TARGET_AVX2 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out, int64_t chunk,
-                              bool row_major) {
+QSK_TARGET_AVX2 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out, int64_t chunk) {
   if (p.n_quads == 0) {
     std::fill(out, out + 4 * nbytes, 0);
     return;
@@ -205,8 +202,8 @@ QSK_TARGET_AVX2 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int3
   StripAcc sa[kMaxBlockAvx2 / kW1];
   for (int64_t s = 0; s < ns; ++s)
     for (auto& v : sa[s].i16) v = _mm256_setzero_si256();
-  // The first chunks' lines (two chunks for row_major, whose prefetch runs two chunks ahead).
-  for (int64_t q = 0; q < std::min((row_major ? 2 : 1) * chunk, p.n_quads); ++q)
+  // The first chunk's lines.
+  for (int64_t q = 0; q < std::min(chunk, p.n_quads); ++q)
     for (int r = 0; r < 4; ++r) {
       const char* a = reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0);
       for (int64_t l = 0; l < nbytes + 63; l += 64) _mm_prefetch(a + std::min(l, nbytes - 1), _MM_HINT_T0);
@@ -221,16 +218,12 @@ QSK_TARGET_AVX2 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int3
     row_starts(p, q0 + nq, next_nq, b0, starts[i ^ 1]);
     pending += 2 * nq;
     const bool flush = next_nq == 0 || pending + 2 * next_nq > kPairsInt16;
-    const int64_t ahead = q0 + 2 * chunk;
-    const int64_t pf_rows = row_major && ahead < p.n_quads ? 4 * std::min(chunk, p.n_quads - ahead) : 0;
-    const int64_t lines = (63 + nbytes + 63) / 64;
-    RowMajorPrefetch pf{&p, ahead, pf_rows, b0, nbytes, lines, (pf_rows * lines + ns * nq - 1) / (ns * nq)};
     for (int64_t s = 0; s < ns; ++s) {
       const int64_t nb = std::min(kW1, nbytes - kW1 * s);
       if (nb == kW1)
-        block_strip_m1<false>(starts[i], p.x4 + q0, nq, starts[i ^ 1], next_nq, kW1 * s, nb, flush, first, sa[s], pf);
+        block_strip_m1<false>(starts[i], p.x4 + q0, nq, starts[i ^ 1], next_nq, kW1 * s, nb, flush, first, sa[s]);
       else
-        block_strip_m1<true>(starts[i], p.x4 + q0, nq, starts[i ^ 1], next_nq, kW1 * s, nb, flush, first, sa[s], pf);
+        block_strip_m1<true>(starts[i], p.x4 + q0, nq, starts[i ^ 1], next_nq, kW1 * s, nb, flush, first, sa[s]);
     }
     if (flush) {
       pending = 0;
@@ -253,9 +246,8 @@ QSK_TARGET_AVX2 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int3
 
 }  // namespace
 
-void block_avx2_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t chunk_quads,
-                   bool row_major_prefetch) {
-  block_m1(plan, b0, nbytes, acc, chunk_quads, row_major_prefetch);
+void block_avx2_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t chunk_quads) {
+  block_m1(plan, b0, nbytes, acc, chunk_quads);
 }
 
 void strip_avx2(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld, int32_t* scratch) {

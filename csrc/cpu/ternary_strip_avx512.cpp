@@ -102,6 +102,39 @@ inline void store_natural(const int32_t (*acc)[16], int64_t nbytes, int32_t* out
 // read as one run of up to kBlockAvx512 contiguous bytes within a short time, which DRAM serves far
 // better than isolated lines; while strip s runs, line s of the next chunk's rows is prefetched
 // into L2. (Measurements: qsk/cpu_ternary.h, kBlockAvx512.)
+// Row-major prefetch of one chunk (the one after next) for short rows, spread over the strips
+// and quads of the current chunk: every (strip, quad) step fetches the next per_step lines of the
+// chunk's rows, row after row, each row's span line after line. A cursor, not an index: deriving
+// (row, line) from a running index took two 64-bit divisions per line, which was half of the
+// kernel's time once the weight was in cache.
+struct RowMajorPrefetch {
+  const RowPlan* p;
+  int64_t q0;        // first quad of the chunk to prefetch
+  int64_t rows;      // its plan rows (0: strip-major prefetch instead)
+  int64_t b0;        // block start in each row
+  int64_t nbytes;    // block width
+  int64_t lines;     // lines of one row's block span, at most (a span may start mid-line)
+  int64_t per_step;  // lines fetched per (strip, quad) step
+  int64_t row = 0, line = 0;  // the next line to fetch
+  uintptr_t first = 0, span = 0;  // the row's first line, and its span's end from there
+
+  inline __attribute__((always_inline)) void step() {
+    for (int64_t i = 0; i < per_step && row < rows; ++i) {
+      if (line == 0) {
+        const auto a = reinterpret_cast<uintptr_t>(p->packed + static_cast<int64_t>(p->rows[4 * q0 + row]) * p->cols + b0);
+        first = a & ~uintptr_t{63};
+        span = (a & 63) + static_cast<uintptr_t>(nbytes);
+      }
+      const auto off = 64 * static_cast<uintptr_t>(line);
+      if (off < span) _mm_prefetch(reinterpret_cast<const char*>(first + off), _MM_HINT_T1);
+      if (++line == lines) {
+        line = 0;
+        ++row;
+      }
+    }
+  }
+};
+
 template <bool kVnni, bool kTail, bool kScaled>
 QSK_TARGET_AVX512 inline __attribute__((always_inline)) void block_strip(const RowPlan& p, int64_t q0, int64_t nq,
                                                                          int64_t bs, int64_t nbytes,

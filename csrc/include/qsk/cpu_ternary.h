@@ -80,7 +80,9 @@ inline int64_t row_split_chunk_quads(int64_t blk) {
 // order) instead of one line of each row of the next chunk per strip: bitnet-2b.down (640-byte
 // rows), DRAM-resident, interleaved A/B, dense / s = 0.5 / s = 0.6125: 439-457 / 285-288 /
 // 228-248 us -> 321-371 / 249-277 / 187-223 us; at 1024-byte rows the two are even, at
-// 2752-byte rows row-major is 1.7x slower.
+// 2752-byte rows row-major is 1.7x slower. On AVX2 (block_avx2_m1) strip-major wins at every width:
+// AMD Zen 3, 2 threads, DRAM-resident, 7-9 interleaved rounds, row-major time / strip-major time,
+// median: 64-byte rows 1.45-1.58, 256 B 1.14, 512 B 0.97-1.18, 640 B 1.00, 1408 B 0.93-1.12.
 constexpr int64_t kRowMajorBelow = 1024;
 
 // Quads decoded at once into scratch by the batch (M > 1) kernels before every batch row consumes them.
@@ -124,39 +126,6 @@ inline __attribute__((always_inline)) void prefetch_quad(const RowPlan& p, int64
     for (int64_t l = 1; l <= pf.ahead && b0 + 64 * l < p.cols; ++l) _mm_prefetch(a + 64 * l, _MM_HINT_T1);
   }
 }
-
-// Row-major prefetch of one chunk (the one after next) for short rows, spread over the strips
-// and quads of the current chunk: every (strip, quad) step fetches the next per_step lines of the
-// chunk's rows, row after row, each row's span line after line. A cursor, not an index: deriving
-// (row, line) from a running index took two 64-bit divisions per line, which was half of the
-// kernel's time once the weight was in cache.
-struct RowMajorPrefetch {
-  const RowPlan* p;
-  int64_t q0;        // first quad of the chunk to prefetch
-  int64_t rows;      // its plan rows (0: strip-major prefetch instead)
-  int64_t b0;        // block start in each row
-  int64_t nbytes;    // block width
-  int64_t lines;     // lines of one row's block span, at most (a span may start mid-line)
-  int64_t per_step;  // lines fetched per (strip, quad) step
-  int64_t row = 0, line = 0;  // the next line to fetch
-  uintptr_t first = 0, span = 0;  // the row's first line, and its span's end from there
-
-  inline __attribute__((always_inline)) void step() {
-    for (int64_t i = 0; i < per_step && row < rows; ++i) {
-      if (line == 0) {
-        const auto a = reinterpret_cast<uintptr_t>(p->packed + static_cast<int64_t>(p->rows[4 * q0 + row]) * p->cols + b0);
-        first = a & ~uintptr_t{63};
-        span = (a & 63) + static_cast<uintptr_t>(nbytes);
-      }
-      const auto off = 64 * static_cast<uintptr_t>(line);
-      if (off < span) _mm_prefetch(reinterpret_cast<const char*>(first + off), _MM_HINT_T1);
-      if (++line == lines) {
-        line = 0;
-        ++row;
-      }
-    }
-  }
-};
 
 // int32 words of per-thread scratch a strip kernel of width `strip` needs for M batch rows.
 inline int64_t strip_scratch_words(int64_t strip, int64_t M) {
@@ -213,9 +182,9 @@ void tiles_amx(const AmxOperands& o, int64_t mb0, int64_t nmb, int64_t b0, int64
                int8_t* scratch);
 
 void strip_avx2(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld, int32_t* scratch);
-// block_avx2_m1: block_avx512_m1 on AVX2 (pairs of rows, int16 sums), 1 <= nbytes <= kMaxBlockAvx2.
-void block_avx2_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t chunk_quads,
-                   bool row_major_prefetch);
+// block_avx2_m1: block_avx512_m1 on AVX2 (pairs of rows, int16 sums), 1 <= nbytes <= kMaxBlockAvx2,
+// always with the strip-major prefetch (kRowMajorBelow).
+void block_avx2_m1(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t chunk_quads);
 void strip_scalar(const RowPlan& plan, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld);
 
 }  // namespace qsk::cpu::ternary
