@@ -104,7 +104,7 @@ def decode_table(rows: list[dict]) -> str:
         split = [r for r in rs if r.get("lm_head_ms")]
         if split:
             body = [[r["variant"], f(r, "lm_head_ms"), f(r, "projections_ms"), f(r, "rest_ms")] for r in split]
-            out.append(f"**ms per decoded token, {model} (one round)**\n\n"
+            out.append(f"**ms per decoded token, {model} (median over rounds)**\n\n"
                        + _table(["variant", "lm_head", "projections", "rest"], body) + "\n")
     return "\n".join(out)
 

@@ -51,6 +51,7 @@ VARIANTS = {
 LLC_VARIANTS = ["dense", "qsparse-0.5", "bitnet-b1.58", "bitnet-b1.58+qsparse-0.6125"]
 LLAMA2_7B = LlamaShape(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32000)
+BREAKDOWN_ROUNDS = 3  # --breakdown's rounds at most (each times every variant three times)
 DENSE_SPREAD_WARN = 0.10  # (max - min) / median of the dense ms/token above this: flagged
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -184,17 +185,28 @@ def _swapped(model: LlamaDecoder, head: bool, projections: bool):
             setattr(parent, name, mod)
 
 
-def breakdown(model: LlamaDecoder, prompt: torch.Tensor, n_new: int) -> dict:
-    """Milliseconds per decoded token spent in ``lm_head``, in the other projections and in the rest.
+def breakdown(models: dict[str, LlamaDecoder], prompt: torch.Tensor, n_new: int, rounds: int) -> dict[str, dict]:
+    """Milliseconds per decoded token spent in ``lm_head``, in the other projections and in the rest,
+    per variant.
 
-    Times the model as it is, then with ``lm_head`` replaced by a module that returns zeros, then
-    with every projection replaced as well; the differences are the shares. ``model`` is restored."""
-    full = time_variant(model, prompt, n_new)["ms_per_token"]
-    with _swapped(model, head=True, projections=False):
-        no_head = time_variant(model, prompt, n_new)["ms_per_token"]
-    with _swapped(model, head=True, projections=True):
-        rest = time_variant(model, prompt, n_new)["ms_per_token"]
-    return {"total": full, "lm_head": full - no_head, "projections": no_head - rest, "rest": rest}
+    Times each model as it is, then with ``lm_head`` replaced by a module that returns zeros, then
+    with every projection replaced as well; the differences of the three times' medians over
+    ``rounds`` rounds (variants interleaved round-robin) are the shares, so they add up to the
+    total. The models are restored."""
+    times = {v: ([], [], []) for v in models}  # full, no head, neither head nor projections
+    for _ in range(rounds):
+        for v, model in models.items():
+            full, no_head, rest = times[v]
+            full.append(time_variant(model, prompt, n_new)["ms_per_token"])
+            with _swapped(model, head=True, projections=False):
+                no_head.append(time_variant(model, prompt, n_new)["ms_per_token"])
+            with _swapped(model, head=True, projections=True):
+                rest.append(time_variant(model, prompt, n_new)["ms_per_token"])
+    out = {}
+    for v, ts in times.items():
+        full, no_head, rest = (statistics.median(t) for t in ts)
+        out[v] = {"total": full, "lm_head": full - no_head, "projections": no_head - rest, "rest": rest}
+    return out
 
 
 def _summary(values: list[float]) -> dict:
@@ -272,7 +284,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--out", default="bench_out", help="folder for decode.csv and decode.png ('' for none)")
     p.add_argument("--breakdown", action="store_true",
-                   help="also split each variant's ms/token into lm_head, projections and the rest (one more round)")
+                   help="also split each variant's ms/token into lm_head, projections and the rest (medians of "
+                        f"min(--rounds, {BREAKDOWN_ROUNDS}) more rounds)")
     p.add_argument("--no-llc-row", action="store_true", help="skip the model sized to leave the last-level cache")
     p.add_argument("--llc-config", help="HF config.json for the LLC row's layer shapes (default: Llama-2-7B)")
     p.add_argument("--llc-layers", type=int, help="the LLC row's layer count (default: from this machine's LLC)")
@@ -301,9 +314,9 @@ def main(argv=None) -> int:
     results = run_rounds(models, prompt, args.new_tokens, args.rounds, f"{label} ")
     if args.breakdown:
         bw = read_bandwidth(torch.device(args.device))  # the floor's bandwidth, same run
-        for v, m in models.items():
-            results[v]["split"] = breakdown(m, prompt, args.new_tokens)
-            results[v]["split"]["floor"] = 1e3 * projection_bytes_per_token(m) / bw
+        split_rounds = min(args.rounds, BREAKDOWN_ROUNDS)
+        for v, sp in breakdown(models, prompt, args.new_tokens, split_rounds).items():
+            results[v]["split"] = {**sp, "floor": 1e3 * projection_bytes_per_token(models[v]) / bw}
     tables.append((label, results, bpt))
     del models
 
@@ -329,7 +342,8 @@ def main(argv=None) -> int:
         if w:
             warnings.append(w)
     if args.breakdown:
-        print(f"\n{'ms per decoded token (one round)':<40}{'total':>9}{'lm_head':>9}{'projections':>13}{'rest':>9}"
+        title = f"ms per decoded token (median of {split_rounds})"
+        print(f"\n{title:<40}{'total':>9}{'lm_head':>9}{'projections':>13}{'rest':>9}"
               f"{'proj floor':>12}{'proj/floor':>12}")
         for v, r in tables[0][1].items():
             sp = r["split"]

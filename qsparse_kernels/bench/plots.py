@@ -139,7 +139,7 @@ def decode_plot(rows: list[dict], path: str) -> str | None:
             vals = [max(0.0, float(r[key])) for r in split]
             ax.bar(names, vals, 0.6, bottom=bottom, color=color, label=key.removesuffix("_ms"))
             bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-        ax.set_ylabel("ms per decoded token (one round)")
+        ax.set_ylabel("ms per decoded token (median over rounds)")
         ax.set_title(f"where a token's time goes: {split[0]['model']}")
         ax.tick_params(axis="x", labelsize=7)
         ax.legend(fontsize=7)
