@@ -15,8 +15,11 @@
 #   bench_gpu   benchmarks/bench_gpu.py: spot check, then eager and CUDA-graph rows, each printed
 #               and appended to $OUT/bench_gpu.csv as measured, $OUT/gpu_roofline.md at the end;
 #   test_cuda   tests/test_cuda_kernels.py on the GPU (the emulated cases ran in CI);
-#   test_triton tests/test_triton.py natively on CUDA, without the torch.compile tests;
+#   test_triton tests/test_triton.py natively on CUDA, without the torch.compile tests, over
+#               GPU_TEST_JOBS pytest-xdist workers (default 8: Triton's compiles run in parallel);
 #   compile     the torch.compile tests of tests/test_triton.py, on their own;
+#   decode      the compact TinyLlama decode benchmark on the GPU (qsparse_kernels.bench.decode, eager
+#               Python, 5 interleaved rounds), every variant against dense in the same run;
 #   memcheck    compute-sanitizer over a few CUDA kernel cases, when the probe says it works here;
 #               reported, kept out of the exit status.
 # Logs go to $OUT when it is set. A failing stage does not stop the later ones; the exit status is
@@ -131,9 +134,13 @@ stage backends 20 "$PY" -c "import json, qsparse_kernels as qk; print(json.dumps
 # The benchmark before the tests, so that slow test compilation cannot starve it.
 stage bench_gpu 110 "$PY" benchmarks/bench_gpu.py --reps 30
 stage test_cuda 45 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_cuda_kernels.py -k "not emulated"
-stage test_triton 120 "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=5 tests/test_triton.py \
+XDIST=()
+"$PY" -c "import xdist" 2> /dev/null && XDIST=(-n "${GPU_TEST_JOBS:-8}")
+stage test_triton 120 "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=5 "${XDIST[@]}" tests/test_triton.py \
     -k "not torch_compile"
 stage compile 60 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_triton.py -k "torch_compile"
+stage decode 90 "$PY" -m qsparse_kernels.bench.decode --device cuda --rounds 5 --new-tokens 32 --no-llc-row \
+    --out "$LOG/decode"
 if [ "$SANITIZER" -eq 1 ] || [ "$DRY" -eq 1 ]; then
     stage memcheck 45 --no-status compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q \
         -p no:cacheprovider -x tests/test_cuda_kernels.py \
