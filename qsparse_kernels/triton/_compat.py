@@ -70,9 +70,16 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
 _ZEROED: dict[tuple, torch.Tensor] = {}
 
 
-def zeroed(name: str, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """A zero-filled ``[>= numel]`` buffer of ``dtype`` kept per ``(name, device)``; whoever uses
-    it leaves it zero again."""
+def zeroed(name: str, numel: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """A zero-filled ``[>= numel]`` buffer of ``dtype`` on ``like``'s device, kept per
+    ``(name, device)``; whoever uses it leaves it zero again.
+
+    While torch.compile traces (``like`` is a fake tensor) a fresh ``torch.zeros`` is returned and
+    nothing is kept: a kept real buffer would be a constant that fake tracing rejects, and a fake
+    one kept would reach later eager calls."""
+    device = like.device
+    if is_tracing(like):
+        return torch.zeros(numel, dtype=dtype, device=device)
     key = (name, torch.device(device), dtype)
     buf = _ZEROED.get(key)
     if buf is None or buf.numel() < numel:

@@ -120,7 +120,7 @@ def _gemv(x2, k: int, weight, bias, out, cfg: GemvConfig) -> None:
     # Pointers a launch does not use get a read-only input as placeholder (never the output:
     # aliasing a written tensor would confuse torch.compile's mutation analysis of the kernel).
     part = _compat.empty((split, m, n_out), torch.float32, out.device) if split > 1 else x2
-    cnt = _compat.zeroed("split_k_counters", m * n_tiles, torch.int32, out.device) if split > 1 else x2
+    cnt = _compat.zeroed("split_k_counters", m * n_tiles, torch.int32, out) if split > 1 else x2
     has_bias = bias is not None
     key_low, nbits = key_bits(x2.dtype)
     wrap(_sparse_gemv_kernel)[(m, n_tiles, split)](

@@ -157,8 +157,8 @@ def _gemv(x2, k, packed, scale, bias, out, xscale, n_out: int, cfg: GemvConfig, 
     block_c = max(cfg.block_n // 4, 1)
     n_tiles = triton.cdiv(packed.shape[1], block_c)
     # Unused pointers get a read-only input as placeholder, never the output (see sparse_gemv).
-    acc = _compat.zeroed("ternary_acc", m * n_out, torch.int32, out.device) if split > 1 else packed
-    cnt = _compat.zeroed("split_k_counters", m * n_tiles, torch.int32, out.device) if split > 1 else packed
+    acc = _compat.zeroed("ternary_acc", m * n_out, torch.int32, out) if split > 1 else packed
+    cnt = _compat.zeroed("split_k_counters", m * n_tiles, torch.int32, out) if split > 1 else packed
     has_bias = bias is not None
     sel = k is not None and k < d
     key_low, nbits = key_bits(x2.dtype)
