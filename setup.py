@@ -93,7 +93,10 @@ def extensions():
     # -g1: line tables only (stack traces keep file:line) instead of Python's default -g, which
     # spends ~40% of each file's compile time on debug info for the torch headers.
     cxx = ["-O3", "-g1", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
-    link = ["-fopenmp"]
+    # -lstdc++ before the compiler's own: the process's shared libstdc++ even where the compiler
+    # links it statically by default (the GPU image's /opt/gcc). A private static copy has its own,
+    # uninitialised iostreams: every C++ check message with a number in it crashed the process.
+    link = ["-fopenmp", "-lstdc++"]
     san = os.environ.get("QSPARSE_SANITIZE_FLAGS", "").split()  # `make sanitize`: ASan + UBSan build
     cxx, link = cxx + san, link + san
     define_macros = []

@@ -74,3 +74,19 @@ def test_setup_py_rejects_an_unknown_cuda_switch():
     res = _setup_py("yes")
     assert res.returncode != 0
     assert "QSPARSE_BUILD_CUDA must be one of ('0', '1', 'toolkit') or unset, got 'yes'" in res.stderr
+
+
+def test_kernel_errors_format_numbers():
+    """The extension shares the process's libstdc++: a compiler that links it statically (the GPU
+    image's /opt/gcc does) gives the extension its own, uninitialised iostreams, and a C++ check
+    whose message holds a number then crashed the process (on the H200) or cut the message short
+    before the number (here). setup.py links libstdc++ dynamically whatever the compiler's default."""
+    import qsparse_kernels as qk
+
+    assert qk.backend_info()["cpu"]["built"], "the tests run on a built extension (make build)"
+    try:
+        torch.ops.qsparse.topk_sparsify_kernel(torch.randn(2, 8), 9)
+    except RuntimeError as e:
+        assert "k must be in [0, d = 8], got 9" in str(e), str(e)
+    else:
+        raise AssertionError("k = 9 > d = 8 did not raise")
