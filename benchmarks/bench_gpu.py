@@ -1,4 +1,8 @@
-"""GPU benchmark of the ``triton`` and ``cuda`` backends at the decode shape 4096 -> 14336, bf16, batch 1.
+"""GPU benchmark of the ``triton`` and ``cuda`` backends at the decode shape 4096 -> 14336, bf16, M = 1, 4, 16.
+
+The public ops are timed as users call them (above the backend's batch crossover ``sparse_linear``
+is select + cuBLAS); the ``sparse fused`` rows time the fused sparse GEMV itself at M > 1, which is
+what places that crossover.
 
 Prints each row as it is measured and, when ``$OUT`` is set, appends it to ``$OUT/bench_gpu.csv``
 at once (long format, one row per case, batch and timing mode), so a run cut short by its time
@@ -42,6 +46,20 @@ import qsparse_kernels as qk  # noqa: E402
 from benchmarks import gpu_roofline  # noqa: E402
 
 ROTATE_BYTES = 256 * 2**20
+
+
+def _fused_triton(x, w, k):
+    from qsparse_kernels.triton.sparse_gemv import sparse_linear_rows
+
+    return sparse_linear_rows(x, w, k, None)
+
+
+# The fused sparse GEMV of each backend called directly, at any M (the public op takes select +
+# cuBLAS above the backend's batch crossover): the "sparse fused" rows, which place that crossover.
+FUSED_SPARSE = {
+    "cuda": lambda x, w, k: torch.ops.qsparse.sparse_linear_kernel(x, w, k, None),
+    "triton": _fused_triton,
+}
 COPY_BYTES = 2**30
 
 
@@ -203,7 +221,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--in-features", type=int, default=4096)
     ap.add_argument("--out-features", type=int, default=14336)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes M")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16], help="decode batch sizes M")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--backends", nargs="*", default=["triton", "cuda"], help="GPU backends, side by side")
@@ -280,6 +298,12 @@ def main(argv=None) -> int:
                 "ternary_linear", be, 0.6125, m, int(kept * ((n + 3) // 4)),
                 lambda w, be=be, x=x: (lambda: qk.ternary_linear(x, w[0], w[1], n, k_t, backend=be)), tern_w,
             ))  # fmt: skip
+            if m > 1:  # the fused GEMV itself, past the public op's batch crossover: where should it be?
+                kept = gpu_roofline.kept_rows(d, 0.5, m)
+                cases.append((
+                    "sparse fused", be, 0.5, m, int(kept * n * 2),
+                    lambda w, be=be, x=x: (lambda: FUSED_SPARSE[be](x, w[0], d // 2)), col_w,
+                ))  # fmt: skip
             # The selection alone (no weights): its share of a decode step.
             cases.append((
                 "topk_sparsify", be, 0.5, m, 0,

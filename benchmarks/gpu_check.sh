@@ -132,7 +132,7 @@ fi
 stage build 170 "$PY" setup.py -q build_ext --inplace
 stage backends 20 "$PY" -c "import json, qsparse_kernels as qk; print(json.dumps(qk.backend_info(), indent=1))"
 # The benchmark before the tests, so that slow test compilation cannot starve it.
-stage bench_gpu 110 "$PY" benchmarks/bench_gpu.py --reps 30
+stage bench_gpu 150 "$PY" benchmarks/bench_gpu.py --reps 30
 stage test_cuda 45 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_cuda_kernels.py -k "not emulated"
 XDIST=()
 "$PY" -c "import xdist" 2> /dev/null && XDIST=(-n "${GPU_TEST_JOBS:-8}")

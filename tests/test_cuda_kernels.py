@@ -257,9 +257,10 @@ def test_public_api_on_cuda():
     """The cuda backend's Python wrappers: [..., d] inputs, the dense crossover and row chunking."""
     x = torch.randn(2, 5, 300)
     w = torch.randn(70, 300) * 300**-0.5
-    y = qk.sparse_linear(x.cuda(), qk.to_fast_layout(w.cuda()), 100, backend="cuda").cpu()
-    xs = R.topk_sparsify(x, 100)
-    assert_parity(y, F.linear(xs.double(), w.double()), F.linear(xs, w))
+    for xi in (x, x[:1, :1]):  # 10 rows: select + cuBLAS; one row: the fused GEMV
+        y = qk.sparse_linear(xi.cuda(), qk.to_fast_layout(w.cuda()), 100, backend="cuda").cpu()
+        xs = R.topk_sparsify(xi, 100)
+        assert_parity(y, F.linear(xs.double(), w.double()), F.linear(xs, w))
     assert_same_quantized(qk.quantize_act_int8(x.cuda(), backend="cuda"), R.quantize_act_int8(x))
     packed = R.pack_ternary(torch.randint(-1, 2, (70, 300), dtype=torch.int8))
     y = qk.ternary_linear(x.cuda(), packed.cuda(), torch.tensor(0.5, device="cuda"), 70, 100, backend="cuda").cpu()

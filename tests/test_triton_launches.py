@@ -1,8 +1,9 @@
-"""One launch per call: ``sparse_linear`` and ``ternary_linear`` at M <= 16 launch exactly one kernel
-(selection, quantization, GEMV and split-K reduction fused), and no other tensor work runs on the
-device beside it (no fill, no copy). Counted by wrapping the launch method of Triton's kernel
-objects (natively ``JITFunction.run``, under ``TRITON_INTERPRET=1`` the interpreter's) and by a
-``TorchDispatchMode`` that records every ATen op outside the launches except allocations and views.
+"""One launch per call: ``ternary_linear`` at M <= 16 and ``sparse_linear`` up to its batch crossover
+launch exactly one kernel (selection, quantization, GEMV and split-K reduction fused), and no other
+tensor work runs on the device beside it (no fill, no copy). Counted by wrapping the launch method
+of Triton's kernel objects (natively ``JITFunction.run``, under ``TRITON_INTERPRET=1`` the
+interpreter's) in a profiler range, and by torch.profiler, which records every ATen op, inside
+custom ops too; those outside the launches, except allocations and views, must not be there.
 
 Runs where the Triton backend runs: under the interpreter (``tests/test_triton.py`` style: this
 file re-runs itself in a child with ``TRITON_INTERPRET=1`` on a machine without a GPU) or on CUDA.
@@ -29,32 +30,47 @@ if not INTERPRET and not torch.cuda.is_available():
         assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-3000:]
 
 else:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import qsparse_kernels as qk
     from qsparse_kernels import reference as R
-    from qsparse_kernels.triton.sparse_gemv import _sparse_gemv_kernel
+    from qsparse_kernels.triton.sparse_gemv import SPARSE_MAX_BATCH, _sparse_gemv_kernel
     from qsparse_kernels.triton.ternary_gemv import _ternary_gemv_kernel
 
     DEVICE = "cpu" if INTERPRET else "cuda"
+    LAUNCH = "qsk_triton_launch"  # the profiler range around every kernel launch
     # ATen ops that launch nothing: allocation, metadata, views.
     NO_LAUNCH = {"empty", "empty_strided", "view", "reshape", "_unsafe_view", "as_strided", "t", "transpose",
-                 "expand", "slice", "select", "unsqueeze", "squeeze", "detach", "alias", "lift_fresh"}
+                 "expand", "slice", "select", "unsqueeze", "squeeze", "detach", "alias", "lift_fresh",
+                 "contiguous", "empty_like"}
 
-    class _Count(TorchDispatchMode):
+    class _Count:
+        """Records, while active, every kernel launch and every ATen op outside the launches.
+
+        torch.profiler sees the ops inside custom ops too (a TorchDispatchMode does not: it is
+        switched off while it handles the custom op, so work done inside it went unseen)."""
+
         def __init__(self):
-            super().__init__()
-            self.ops: list[str] = []
             self.launches: list[str] = []
-            self.in_kernel = 0
+            self.ops: list[str] = []
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            # (The argument checks read a CPU scale with .item(): host work, no launch; on CUDA it is skipped.)
-            host = name == "_local_scalar_dense" and args[0].device.type == "cpu"
-            if not self.in_kernel and func.namespace == "aten" and name not in NO_LAUNCH and not host:
-                self.ops.append(name)
-            return func(*args, **(kwargs or {}))
+        def __enter__(self):
+            self.launches.clear()
+            self.ops.clear()
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.prof.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            self.prof.__exit__(*exc)
+            for e in self.prof.events():
+                if not e.name.startswith("aten::"):
+                    continue
+                name, parent, inside = e.name[len("aten::"):], e.cpu_parent, False
+                while parent is not None and not inside:
+                    inside, parent = parent.name == LAUNCH, parent.cpu_parent
+                # (The argument checks read a CPU scale with .item(): host work, no launch.)
+                host = name in ("item", "_local_scalar_dense") and INTERPRET
+                if not inside and name not in NO_LAUNCH and not host:
+                    self.ops.append(name)
 
     @pytest.fixture
     def counter(monkeypatch):
@@ -64,11 +80,8 @@ else:
 
             def run(self, *a, _orig=orig, **kw):
                 mode.launches.append(getattr(self, "__name__", "?"))
-                mode.in_kernel += 1  # the interpreter's own host copies are not launches
-                try:
+                with torch.profiler.record_function(LAUNCH):  # the interpreter's own host copies are not launches
                     return _orig(self, *a, **kw)
-                finally:
-                    mode.in_kernel -= 1
 
             monkeypatch.setattr(cls, "run", run)
         return mode
@@ -84,14 +97,26 @@ else:
         packed, scale = packed.to(DEVICE), scale.to(DEVICE)
         k = None if k_frac is None else int(d * k_frac)
         calls = []
-        if k is not None:
+        if k is not None and m <= SPARSE_MAX_BATCH:  # larger batches: the next test
             calls.append(("sparse_linear", lambda: qk.sparse_linear(x, w, k, b, backend="triton")))
         calls.append(("ternary_linear", lambda: qk.ternary_linear(x, packed, scale, n, k, b, backend="triton")))
         for name, call in calls:
             call()  # warm-up: the split-K counters / accumulators are allocated (zeroed) once per device
-            counter.launches.clear()
             with counter:
                 y = call()
             assert len(counter.launches) == 1, (name, counter.launches)
             assert counter.ops == [], (name, counter.ops)  # no fill, copy or second kernel beside it
             assert y.shape == (m, n)
+
+    def test_batch_above_the_crossover_selects_then_matmul(counter, gen):
+        """Above ``SPARSE_MAX_BATCH`` rows ``sparse_linear`` is the selection kernel, then ``F.linear``
+        (cuBLAS on a GPU): one launch, and the matmul is seen (the counter sees inside the op)."""
+        m, d, n, k = SPARSE_MAX_BATCH + 1, 200, 70, 100
+        x = torch.randn(m, d, generator=gen).to(DEVICE)
+        w = torch.randn(n, d, generator=gen).t().contiguous().t().to(DEVICE)
+        qk.sparse_linear(x, w, k, backend="triton")
+        with counter:
+            y = qk.sparse_linear(x, w, k, backend="triton")
+        assert len(counter.launches) == 1, counter.launches
+        assert {"mm", "addmm", "linear", "matmul"} & set(counter.ops), counter.ops
+        torch.testing.assert_close(y, torch.nn.functional.linear(R.topk_sparsify(x, k), w))

@@ -272,10 +272,11 @@ def test_sparse_linear_nan_kept_and_dropped(gen):
 
 
 def test_crossover_rule():
-    assert use_sparse(1, 4096, 2048) and use_sparse(1, 4096, 409) and use_sparse(16, 4096, 2048)
+    assert use_sparse(1, 4096, 2048) and use_sparse(1, 4096, 409)
     assert not use_sparse(1, 4096, 4096)  # dense: cuBLAS
     assert use_sparse(1, 4096, 0)  # nothing kept: y = bias, one launch
-    assert not use_sparse(17, 4096, 41) and not use_sparse(64, 4096, 41)  # batches above 16: select + cuBLAS
+    # Batches: select + cuBLAS (on the H200 the fused GEMV at M = 16 was 4.6x slower than that).
+    assert not use_sparse(2, 4096, 41) and not use_sparse(16, 4096, 2048) and not use_sparse(64, 4096, 41)
 
 
 # ---------------------------------------------------------------- ternary_linear

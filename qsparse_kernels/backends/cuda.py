@@ -12,10 +12,14 @@ import torch.nn.functional as F
 from .. import _native
 from . import _native_ops as native
 
-# Above this many rows the sparse GEMV stops paying against cuBLAS on the masked activations.
-# A placeholder until measured on the GPU (benchmarks/gpu_check.sh prints the batch sweep); up to
-# it every call is one launch (the kernel selects in its prologue), issue 18.
-DENSE_CROSSOVER_M = 16
+# Above this many rows the sparse GEMV stops paying against cuBLAS on the masked activations;
+# up to it every call is one launch (the kernel selects in its prologue). Measured on the
+# H200, 4096 -> 14336 bf16, s = 0.5 (benchmarks/README.md, 'GPU: the first H200 run'): at M = 16 the fused
+# GEMV took 213 us (cuda) / 346 us (triton) against 14 us of selection + 32 us of cuBLAS measured in the same
+# run; at M = 1 the two are about even (67 vs 46 us in a CUDA graph, 56 vs 66 us eager) and the fused
+# kernel reads less the sparser x is (s = 0.9: 23 us). M = 2..15 was not measured: one row is the
+# safe side until a GPU session sweeps it (benchmarks/gpu_check.sh).
+DENSE_CROSSOVER_M = 1
 MAX_ROWS_PER_LAUNCH = 65535  # grid.z of the GEMV kernels
 
 

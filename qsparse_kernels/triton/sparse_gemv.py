@@ -39,10 +39,13 @@ from .select import kept_step, key_bits, prologue_block, row_threshold, topk_row
 
 # The fused sparse GEMV (one launch) for every M <= SPARSE_MAX_BATCH and 0 <= k < d; above that batch,
 # masked activations through F.linear (cuBLAS). Rows are on grid axis 0, so the programs of the M
-# rows that read one weight tile run side by side and share it through L2: at M > 1 the union of
-# the rows' kept features comes from HBM once, the rest is L2 traffic. TO MEASURE on the GPU
-# against select + cuBLAS at M = 2..16 (an L2-bandwidth bound there, not HBM).
-SPARSE_MAX_BATCH = 16
+# rows that read one weight tile run side by side and were meant to share it through L2; measured
+# on the H200, 4096 -> 14336 bf16, s = 0.5 (benchmarks/README.md, 'GPU: the first H200 run'): at M = 16 the fused
+# GEMV took 213 us (cuda) / 346 us (triton) against 14 us of selection + 32 us of cuBLAS measured in the same
+# run; at M = 1 the two are about even (67 vs 46 us in a CUDA graph, 56 vs 66 us eager) and the fused
+# kernel reads less the sparser x is (s = 0.9: 23 us). M = 2..15 was not measured: one row is the
+# safe side until a GPU session sweeps it (benchmarks/gpu_check.sh).
+SPARSE_MAX_BATCH = 1
 
 
 # k varies per call: not specialised. N and d are, so that the masks stay vectorisable.
@@ -168,7 +171,8 @@ def sparse_linear_rows(
 
 
 def use_sparse(m: int, d: int, k: int) -> bool:
-    """The batch crossover: the fused sparse GEMV for ``M <= 16`` and ``k < d``, masked ``F.linear`` else."""
+    """The batch crossover: the fused sparse GEMV for ``M <= SPARSE_MAX_BATCH`` (1) and ``k < d``, masked
+    ``F.linear`` else."""
     return m <= SPARSE_MAX_BATCH and k < d
 
 
