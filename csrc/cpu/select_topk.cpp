@@ -98,10 +98,6 @@ template <typename T>
 QSK_TARGET_AVX2 int64_t band_avx2(const T* src, int64_t n, uint32_t lo, uint32_t hi, uint32_t* out, int64_t* gt) {
   return band_scalar(src, n, lo, hi, out, gt);
 }
-template <typename T>
-QSK_TARGET_AVX2 void emit_avx2(const T* x, int64_t d, int64_t k, uint32_t thr, int64_t ties, int32_t* idx) {
-  emit_scalar(x, d, k, thr, ties, idx);
-}
 
 // ---- AVX-512: 16 keys per step, compaction by vpcompressd ----
 
@@ -225,6 +221,139 @@ QSK_TARGET_AVX512 void kth_key_bisect(const T* x, int64_t d, int64_t k, uint16_t
   }
   *thr = lo;
   *n_above = lo == KeyBits<T>::kNan ? 0 : count_keys_ge(keys, steps, lo + 1);
+}
+
+// ---- AVX2: the same bisection for half types, 16 keys per compare; emit 8 keys per step ----
+
+// The 15-bit keys are below 0x8000, so signed 16-bit compares order them.
+QSK_TARGET_AVX2 inline int64_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// How many of keys[0 .. 16 steps) are >= t (1 <= t <= 0x7fff). Each int16 lane counts at most one
+// key per step, so it is widened before 32767 steps.
+QSK_TARGET_AVX2 inline int64_t count_keys_ge_avx2(const uint16_t* keys, int64_t steps, uint32_t t) {
+  constexpr int64_t kLaneMax = 32767;
+  const __m256i below = _mm256_set1_epi16(static_cast<int16_t>(t - 1));  // key >= t <=> key > t - 1
+  int64_t c = 0;
+  for (int64_t j0 = 0; j0 < steps; j0 += kLaneMax) {
+    const int64_t j1 = std::min(steps, j0 + kLaneMax);
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t j = j0; j < j1; ++j) {
+      const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + 16 * j));
+      acc = _mm256_sub_epi16(acc, _mm256_cmpgt_epi16(k, below));  // true lanes are -1
+    }
+    c += hsum_epi32(_mm256_madd_epi16(acc, _mm256_set1_epi16(1)));
+  }
+  return c;
+}
+
+// kth_key_bisect for AVX2: the keys go to `keys` (uint16, zero padded to a multiple of 16, inside
+// the scratch), then the same bisection on the key value.
+template <typename T>
+QSK_TARGET_AVX2 void kth_key_bisect_avx2(const T* x, int64_t d, int64_t k, uint16_t* keys, uint32_t* thr,
+                                         int64_t* n_above) {
+  const __m256i mag = _mm256_set1_epi16(0x7fff);
+  const __m256i inf = _mm256_set1_epi16(static_cast<int16_t>(KeyBits<T>::kInf));
+  const __m256i nan = _mm256_set1_epi16(static_cast<int16_t>(KeyBits<T>::kNan));
+  const int64_t steps = (d + 15) / 16;
+  for (int64_t j = 0; j < steps; ++j) {
+    __m256i v;
+    if (16 * j + 16 <= d) {
+      v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * j));
+    } else {  // the last partial step through a zeroed copy: nothing read past x[d - 1]
+      alignas(32) uint16_t tail[16] = {};
+      std::memcpy(tail, x + 16 * j, static_cast<size_t>(d - 16 * j) * sizeof(uint16_t));
+      v = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+    }
+    v = _mm256_and_si256(v, mag);
+    v = _mm256_blendv_epi8(v, nan, _mm256_cmpgt_epi16(v, inf));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + 16 * j), v);  // padding lanes are 0: never counted
+  }
+  uint32_t lo = 0, hi = KeyBits<T>::kNan;  // count_ge(lo) >= k throughout; the answer is in [lo, hi]
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo + 1) / 2;
+    if (count_keys_ge_avx2(keys, steps, mid) >= k)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  *thr = lo;
+  *n_above = lo == KeyBits<T>::kNan ? 0 : count_keys_ge_avx2(keys, steps, lo + 1);
+}
+
+// 8 keys of x from entry i (key_of), as int32 lanes (every key is below 2^31).
+QSK_TARGET_AVX2 inline __m256i keys8(const float* p) {
+  const __m256i k = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+                                     _mm256_set1_epi32(0x7fffffff));
+  return _mm256_blendv_epi8(k, _mm256_set1_epi32(static_cast<int>(KeyBits<float>::kNan)),
+                            _mm256_cmpgt_epi32(k, _mm256_set1_epi32(static_cast<int>(KeyBits<float>::kInf))));
+}
+template <typename T>
+QSK_TARGET_AVX2 inline __m256i keys8_half(const T* p) {
+  const __m256i k = _mm256_and_si256(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                                     _mm256_set1_epi32(0x7fff));
+  return _mm256_blendv_epi8(k, _mm256_set1_epi32(static_cast<int>(KeyBits<T>::kNan)),
+                            _mm256_cmpgt_epi32(k, _mm256_set1_epi32(static_cast<int>(KeyBits<T>::kInf))));
+}
+QSK_TARGET_AVX2 inline __m256i keys8(const c10::BFloat16* p) { return keys8_half(p); }
+QSK_TARGET_AVX2 inline __m256i keys8(const c10::Half* p) { return keys8_half(p); }
+
+// For each 8-bit mask m: perm[m], the positions of its set bits, ascending, one per byte; count[m],
+// how many there are.
+struct Compact8 {
+  uint64_t perm[256];
+  uint8_t count[256];
+  constexpr Compact8() : perm(), count() {
+    for (int m = 0; m < 256; ++m) {
+      uint64_t v = 0;
+      int n = 0;
+      for (int b = 0; b < 8; ++b)
+        if (m & (1 << b)) v |= static_cast<uint64_t>(b) << (8 * n++);
+      perm[m] = v;
+      count[m] = static_cast<uint8_t>(n);
+    }
+  }
+};
+constexpr Compact8 kCompact8{};
+
+// emit for AVX2: 8 keys per step, the taken indices compacted through kCompact8. idx has room for
+// exactly k entries: a step whose 8-lane store would pass idx + k goes through a local copy.
+template <typename T>
+QSK_TARGET_AVX2 void emit_avx2(const T* x, int64_t d, int64_t k, uint32_t thr, int64_t ties, int32_t* idx) {
+  const __m256i vthr = _mm256_set1_epi32(static_cast<int>(thr));
+  int64_t n = 0, i = 0;
+  for (; i + 8 <= d && n < k; i += 8) {
+    const __m256i key = keys8(x + i);
+    unsigned take = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, vthr))));
+    if (ties > 0) {
+      unsigned eq = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(key, vthr))));
+      if (kCompact8.count[eq] > ties) eq = lowest_bits(static_cast<__mmask16>(eq), ties);
+      ties -= kCompact8.count[eq];
+      take |= eq;
+    }
+    const int nt = kCompact8.count[take];
+    const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompact8.perm[take])));
+    const __m256i ids = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(i)));
+    const __m256i out = _mm256_permutevar8x32_epi32(ids, perm);
+    if (n + 8 <= k) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + n), out);  // lanes past nt are rewritten later
+    } else {
+      alignas(32) int32_t buf[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(buf), out);
+      std::memcpy(idx + n, buf, static_cast<size_t>(std::min<int64_t>(nt, k - n)) * sizeof(int32_t));
+    }
+    n += nt;
+  }
+  for (; i < d && n < k; ++i) {  // the tail, as emit_scalar
+    const uint32_t key = key_of(x, i);
+    const bool take_tie = (key == thr) & (ties > 0);
+    ties -= take_tie;
+    if ((key > thr) | take_tie) idx[n++] = static_cast<int32_t>(i);
+  }
 }
 
 // ---- the driver: bracketing rounds, then nth_element ----
@@ -366,6 +495,10 @@ void select_impl(const T* x, int64_t d, int64_t k, int32_t* idx, uint32_t* scrat
   if constexpr (!std::is_same_v<T, float>) {
     if (isa == Isa::Avx512 && d >= kBisectMin) {
       kth_key_bisect(x, d, k, reinterpret_cast<uint16_t*>(scratch), &thr, &above);
+      return emit(isa, x, d, k, thr, k - above, idx);
+    }
+    if (isa == Isa::Avx2 && d >= kBisectMin) {
+      kth_key_bisect_avx2(x, d, k, reinterpret_cast<uint16_t*>(scratch), &thr, &above);
       return emit(isa, x, d, k, thr, k - above, idx);
     }
   }

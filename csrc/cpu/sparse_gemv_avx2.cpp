@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "qsk/isa.h"
+#include "qsk/avx2_lanes.h"
 #include "sparse_gemv.h"
 
 namespace qsk::cpu {
@@ -26,16 +27,6 @@ constexpr int64_t kPrefetchRows = 4;  // how many listed rows ahead the prefetch
 constexpr int kGroup = 4;             // listed rows per pass over the panel
 constexpr int kChunkRows = 6;         // activation rows whose accumulators share the registers
 constexpr int kCols = 16;             // columns per step: two float32 vectors
-
-// 8 weights -> float32.
-QSK_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-QSK_TARGET_AVX2 inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-QSK_TARGET_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
 
 // acc[M0 + m][16 columns] += sum over g < G of xv[g][M0 + m] * (16 weights at rows[g] + off),
 // in g order, for m < R; the accumulators in registers across the G rows.

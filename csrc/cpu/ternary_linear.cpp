@@ -25,6 +25,7 @@
 #include <optional>
 #include <vector>
 
+#include "qsk/avx2_lanes.h"
 #include "qsk/checks.h"
 #include "qsk/cpu_common.h"
 #include "qsk/cpu_select.h"
@@ -97,9 +98,56 @@ QSK_TARGET_AVX512 RowQuant prepare_row_avx512(const T* x, int64_t d, int64_t k, 
                                               uint32_t* sel) {
   return prepare_row(x, d, k, xq, idx, sel, Isa::Avx512);
 }
+// quantize_kept for AVX2, 8 entries per step, the same bytes. With kept entries (n >= 1) the absmax
+// is the whole row's, since the largest magnitude is always kept (up to the payload of a NaN,
+// which makes every output of the row NaN either way), and the dropped entries are masked out of a
+// dense pass by `mask` (d bytes of scratch). Nothing kept: the scalar code (the empty set's scale).
+template <typename T>
+QSK_TARGET_AVX2 RowQuant quantize_kept_avx2(const T* x, int64_t d, const int32_t* kept, int64_t n, int8_t* xq,
+                                            uint8_t* mask) {
+  if (kept && n == 0) return quantize_kept(x, d, kept, n, xq);
+  const int64_t d8 = d - d % 8;
+  __m256i km = _mm256_setzero_si256();
+  for (int64_t i = 0; i < d8; i += 8)
+    km = _mm256_max_epu32(km, _mm256_and_si256(_mm256_castps_si256(load8(x + i)), _mm256_set1_epi32(0x7fffffff)));
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), km);
+  uint32_t key = 0;
+  for (uint32_t v : lanes) key = std::max(key, v);
+  for (int64_t i = d8; i < d; ++i) key = std::max(key, mag_key(to_f32(x[i])));
+  float a = key_to_float(key);
+  a = a < 1e-5f ? 1e-5f : a;            // NaN stays NaN
+  const float s = (1.0f / a) * 127.0f;  // as quantize_kept
+  if (kept) {
+    std::memset(mask, 0, static_cast<size_t>(d));
+    for (int64_t j = 0; j < n; ++j) mask[kept[j]] = 0xff;
+  }
+  const __m256 vs = _mm256_set1_ps(s);
+  __m256i sum = _mm256_setzero_si256();
+  for (int64_t i = 0; i < d8; i += 8) {
+    __m256i q = quantize8(_mm256_mul_ps(load8(x + i), vs));
+    if (kept) q = _mm256_and_si256(q, _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask + i))));
+    store8_i8(xq + i, q);
+    sum = _mm256_add_epi32(sum, q);
+  }
+  alignas(32) int32_t sums[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums), sum);
+  int32_t total = 0;
+  for (int32_t v : sums) total += v;
+  for (int64_t i = d8; i < d; ++i) {
+    if (kept && !mask[i]) continue;
+    const int8_t q = quantize_i8(to_f32(x[i]) * s);
+    xq[i] = q;
+    total += q;
+  }
+  return {a / 127.0f, total};
+}
+
 template <typename T>
 QSK_TARGET_AVX2 RowQuant prepare_row_avx2(const T* x, int64_t d, int64_t k, int8_t* xq, int32_t* idx, uint32_t* sel) {
-  return prepare_row(x, d, k, xq, idx, sel, Isa::Avx2);
+  if (k < 0 || k >= d) return quantize_kept_avx2(x, d, nullptr, d, xq, nullptr);
+  select_topk(x, d, k, idx, sel, Isa::Avx2);
+  return quantize_kept_avx2(x, d, idx, k, xq, reinterpret_cast<uint8_t*>(sel));  // sel is free again: 8 d bytes
 }
 
 // Every row's top-K + int8 quantization: xq [M][d] (zero where dropped), rq [M]. Independent of the
