@@ -184,6 +184,22 @@ QSK_TARGET_AVX512 void emit_avx512(const T* x, int64_t d, uint32_t thr, int64_t 
 // Rows at least this long take the bisection (shorter ones the radix rounds below).
 constexpr int64_t kBisectMin = 64;
 
+// The k-th largest key (0 < k < d) and how many keys are above it, by bisection on the key value
+// of a half type; count_ge(t) counts the keys >= t (1 <= t <= the NaN key).
+template <typename T, typename CountGe>
+inline void bisect_kth(int64_t k, const CountGe& count_ge, uint32_t* thr, int64_t* n_above) {
+  uint32_t lo = 0, hi = KeyBits<T>::kNan;  // count_ge(lo) >= k throughout; the answer is in [lo, hi]
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo + 1) / 2;
+    if (count_ge(mid) >= k)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  *thr = lo;
+  *n_above = lo == KeyBits<T>::kNan ? 0 : count_ge(lo + 1);
+}
+
 // How many of keys[0 .. 32 steps) are >= t.
 QSK_TARGET_AVX512 inline int64_t count_keys_ge(const uint16_t* keys, int64_t steps, uint32_t t) {
   const __m512i vt = _mm512_set1_epi16(static_cast<int16_t>(t));
@@ -211,16 +227,7 @@ QSK_TARGET_AVX512 void kth_key_bisect(const T* x, int64_t d, int64_t k, uint16_t
     v = _mm512_mask_mov_epi16(v, _mm512_cmpgt_epu16_mask(v, inf), nan);
     _mm512_storeu_si512(keys + 32 * j, v);  // the padding lanes are 0: never counted (t >= 1)
   }
-  uint32_t lo = 0, hi = KeyBits<T>::kNan;  // count_ge(lo) >= k throughout; the answer is in [lo, hi]
-  while (lo < hi) {
-    const uint32_t mid = lo + (hi - lo + 1) / 2;
-    if (count_keys_ge(keys, steps, mid) >= k)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  *thr = lo;
-  *n_above = lo == KeyBits<T>::kNan ? 0 : count_keys_ge(keys, steps, lo + 1);
+  bisect_kth<T>(k, [&](uint32_t t) { return count_keys_ge(keys, steps, t); }, thr, n_above);
 }
 
 // ---- AVX2: the same bisection for half types, 16 keys per compare; emit 8 keys per step ----
@@ -273,16 +280,7 @@ QSK_TARGET_AVX2 void kth_key_bisect_avx2(const T* x, int64_t d, int64_t k, uint1
     v = _mm256_blendv_epi8(v, nan, _mm256_cmpgt_epi16(v, inf));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + 16 * j), v);  // padding lanes are 0: never counted
   }
-  uint32_t lo = 0, hi = KeyBits<T>::kNan;  // count_ge(lo) >= k throughout; the answer is in [lo, hi]
-  while (lo < hi) {
-    const uint32_t mid = lo + (hi - lo + 1) / 2;
-    if (count_keys_ge_avx2(keys, steps, mid) >= k)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  *thr = lo;
-  *n_above = lo == KeyBits<T>::kNan ? 0 : count_keys_ge_avx2(keys, steps, lo + 1);
+  bisect_kth<T>(k, [&](uint32_t t) { return count_keys_ge_avx2(keys, steps, t); }, thr, n_above);
 }
 
 // 8 keys of x from entry i (key_of), as int32 lanes (every key is below 2^31).
