@@ -10,23 +10,12 @@
 namespace qsk::cpu {
 namespace {
 
-// Absmax as a magnitude key: integer max over |x| bits orders NaN above Inf (and vectorises).
-template <typename T>
-inline __attribute__((always_inline)) float absmax(const T* x, int64_t d) {
-  uint32_t m = 0;
-  for (int64_t i = 0; i < d; ++i) {
-    uint32_t k = mag_key(to_f32(x[i]));
-    m = k > m ? k : m;
-  }
-  return key_to_float(m);
-}
-
 template <typename T>
 inline __attribute__((always_inline)) void quant_rows(const T* x, int8_t* q, float* scale, int64_t r0, int64_t r1,
                                                       int64_t d) {
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * d;
-    float a = absmax(xr, d);
+    float a = key_to_float(absmax_key(xr, d));
     a = a < 1e-5f ? 1e-5f : a;  // NaN stays NaN
     const float s = (1.0f / a) * 127.0f;  // as torch evaluates `127.0 / a` (reciprocal, then scale)
     for (int64_t i = 0; i < d; ++i) q[r * d + i] = quantize_i8(to_f32(xr[i]) * s);
@@ -42,15 +31,12 @@ QSK_TARGET_AVX512 void quant_rows_avx512(const T* x, int8_t* q, float* s, int64_
 // the scalar loop scalar there.
 template <typename T>
 QSK_TARGET_AVX2 void quant_rows_avx2(const T* x, int8_t* q, float* scale, int64_t r0, int64_t r1, int64_t d) {
-  const int64_t d8 = d - d % 8;
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * d;
-    float a = absmax(xr, d);
+    float a = key_to_float(absmax_key(xr, d));
     a = a < 1e-5f ? 1e-5f : a;  // NaN stays NaN
     const float s = (1.0f / a) * 127.0f;
-    const __m256 vs = _mm256_set1_ps(s);
-    for (int64_t i = 0; i < d8; i += 8) store8_i8(q + r * d + i, quantize8(_mm256_mul_ps(load8(xr + i), vs)));
-    for (int64_t i = d8; i < d; ++i) q[r * d + i] = quantize_i8(to_f32(xr[i]) * s);
+    quantize_row8(xr, d, s, q + r * d, nullptr);
     scale[r] = a / 127.0f;
   }
 }

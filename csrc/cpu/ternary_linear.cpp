@@ -62,7 +62,7 @@ inline __attribute__((always_inline)) RowQuant quantize_kept(const T* x, int64_t
   if (kept) {
     for (int64_t j = 0; j < n; ++j) key = std::max(key, mag_key(to_f32(x[kept[j]])));
   } else {
-    for (int64_t i = 0; i < d; ++i) key = std::max(key, mag_key(to_f32(x[i])));
+    key = absmax_key(x, d);
   }
   float a = key_to_float(key);
   a = a < 1e-5f ? 1e-5f : a;            // NaN stays NaN
@@ -106,41 +106,14 @@ template <typename T>
 QSK_TARGET_AVX2 RowQuant quantize_kept_avx2(const T* x, int64_t d, const int32_t* kept, int64_t n, int8_t* xq,
                                             uint8_t* mask) {
   if (kept && n == 0) return quantize_kept(x, d, kept, n, xq);
-  const int64_t d8 = d - d % 8;
-  __m256i km = _mm256_setzero_si256();
-  for (int64_t i = 0; i < d8; i += 8)
-    km = _mm256_max_epu32(km, _mm256_and_si256(_mm256_castps_si256(load8(x + i)), _mm256_set1_epi32(0x7fffffff)));
-  alignas(32) uint32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), km);
-  uint32_t key = 0;
-  for (uint32_t v : lanes) key = std::max(key, v);
-  for (int64_t i = d8; i < d; ++i) key = std::max(key, mag_key(to_f32(x[i])));
-  float a = key_to_float(key);
+  float a = key_to_float(absmax_key(x, d));
   a = a < 1e-5f ? 1e-5f : a;            // NaN stays NaN
   const float s = (1.0f / a) * 127.0f;  // as quantize_kept
   if (kept) {
     std::memset(mask, 0, static_cast<size_t>(d));
     for (int64_t j = 0; j < n; ++j) mask[kept[j]] = 0xff;
   }
-  const __m256 vs = _mm256_set1_ps(s);
-  __m256i sum = _mm256_setzero_si256();
-  for (int64_t i = 0; i < d8; i += 8) {
-    __m256i q = quantize8(_mm256_mul_ps(load8(x + i), vs));
-    if (kept) q = _mm256_and_si256(q, _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask + i))));
-    store8_i8(xq + i, q);
-    sum = _mm256_add_epi32(sum, q);
-  }
-  alignas(32) int32_t sums[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(sums), sum);
-  int32_t total = 0;
-  for (int32_t v : sums) total += v;
-  for (int64_t i = d8; i < d; ++i) {
-    if (kept && !mask[i]) continue;
-    const int8_t q = quantize_i8(to_f32(x[i]) * s);
-    xq[i] = q;
-    total += q;
-  }
-  return {a / 127.0f, total};
+  return {a / 127.0f, quantize_row8(x, d, s, xq, kept ? mask : nullptr)};
 }
 
 template <typename T>

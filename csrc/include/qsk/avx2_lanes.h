@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "qsk/cpu_common.h"
 #include "qsk/isa.h"
 
 namespace qsk::cpu {
@@ -38,6 +39,31 @@ QSK_TARGET_AVX2 inline __m256i quantize8(__m256 v) {
 QSK_TARGET_AVX2 inline void store8_i8(int8_t* dst, __m256i q) {
   const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packs_epi16(w, w));
+}
+
+// q[i] = quantize_i8(x[i] * s) for i < d, 8 entries per step; where `keep` is given, 0 wherever
+// keep[i] == 0 (d bytes of 0 / 0xff). Returns the sum of q.
+template <typename T>
+QSK_TARGET_AVX2 inline int32_t quantize_row8(const T* x, int64_t d, float s, int8_t* q, const uint8_t* keep) {
+  const int64_t d8 = d - d % 8;
+  const __m256 vs = _mm256_set1_ps(s);
+  __m256i sum = _mm256_setzero_si256();
+  for (int64_t i = 0; i < d8; i += 8) {
+    __m256i v = quantize8(_mm256_mul_ps(load8(x + i), vs));
+    if (keep) v = _mm256_and_si256(v, _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep + i))));
+    store8_i8(q + i, v);
+    sum = _mm256_add_epi32(sum, v);
+  }
+  alignas(32) int32_t sums[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums), sum);
+  int32_t total = 0;
+  for (int32_t v : sums) total += v;
+  for (int64_t i = d8; i < d; ++i) {
+    const int8_t v = keep && !keep[i] ? 0 : quantize_i8(to_f32(x[i]) * s);
+    q[i] = v;
+    total += v;
+  }
+  return total;
 }
 
 }  // namespace qsk::cpu

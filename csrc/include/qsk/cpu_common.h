@@ -34,6 +34,18 @@ inline __attribute__((always_inline)) uint32_t mag_key(float v) {
   return u & 0x7fffffffu;
 }
 
+// The largest mag_key of x[0..d): the row's absmax as a key (an integer max: it vectorises, and
+// NaN wins over Inf). 0 for an empty row.
+template <typename T>
+inline __attribute__((always_inline)) uint32_t absmax_key(const T* x, int64_t d) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    const uint32_t k = mag_key(to_f32(x[i]));
+    m = k > m ? k : m;
+  }
+  return m;
+}
+
 inline __attribute__((always_inline)) float key_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
