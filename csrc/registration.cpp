@@ -12,6 +12,7 @@
 namespace qsk::cpu {
 int64_t sparse_kernel_max_rows(at::ScalarType dtype);  // csrc/cpu/sparse_linear.cpp
 int64_t sparse_max_rows(at::ScalarType dtype);         // csrc/cpu/sparse_linear.cpp
+bool row_gemm_wins(at::ScalarType dtype, int64_t M, int64_t d, int64_t k);  // csrc/cpu/sparse_linear.cpp
 }
 
 namespace {
@@ -45,6 +46,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The largest batch for which CPU sparse_linear on a column-major weight streams the kept rows "
         "(blocks of up to 8 rows sharing their union); bf16 above it takes the batched kernel up to "
         "cpu_sparse_kernel_max_rows");
+  m.def("cpu_sparse_row_gemm",
+        [](const std::string& dt, int64_t M, int64_t d, int64_t k) {
+          return qsk::cpu::row_gemm_wins(float_dtype(dt), M, d, k);
+        },
+        "Whether CPU sparse_linear on a column-major weight runs the row-sparse GEMM for a batch of M rows "
+        "keeping k of d features (under the ISA cap), rather than the GEMV blocks or torch's GEMM");
   m.def("cpu_row_gemv_max_rows",
         [](const std::string& dt) { return qsk::cpu::row_gemv_max_rows(float_dtype(dt)); },
         "The largest batch for which CPU sparse_linear at k = d on a row-major weight runs the library's "

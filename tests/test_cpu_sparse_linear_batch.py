@@ -62,7 +62,7 @@ def _check(x, w, k, b):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("in_f,out_f", [(1, 7), (7, 63), (63, 1), (64, 65), (4097, 63), (63, 4097)])
-@pytest.mark.parametrize("m", [1, 2, 5, 8, 12, 13, 16, 17, 64, 130])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 12, 13, 16, 17, 64, 100, 130])
 def test_parity_batch_sizes(cap, dtype, in_f, out_f, m, gen):
     w = _col(torch.randn(out_f, in_f, generator=gen).to(dtype))
     b = torch.randn(out_f, generator=gen).to(dtype)
@@ -91,10 +91,12 @@ def test_sliced_weight_and_3d_input(cap, dtype, gen):
             _check(x, w, k, b)
 
 
-def _library_kernel_runs(dtype, m: int) -> bool:
+def _library_kernel_runs(dtype, m: int, d: int, k: int) -> bool:
     """Whether sparse_linear on a column-major weight runs the library's own kernels at batch m
-    (csrc/cpu/sparse_linear.cpp: sparse_max_rows, kBf16BatchMaxRows), not torch's GEMM."""
-    return m <= _native._C.cpu_sparse_kernel_max_rows(str(dtype).removeprefix("torch."))
+    keeping k of d features (csrc/cpu/sparse_linear.cpp: sparse_max_rows, kBf16BatchMaxRows,
+    row_gemm_wins), not torch's GEMM."""
+    name = str(dtype).removeprefix("torch.")
+    return m <= _native._C.cpu_sparse_kernel_max_rows(name) or _native._C.cpu_sparse_row_gemm(name, m, d, k)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -103,7 +105,8 @@ def test_column_results_do_not_depend_on_out_features(cap, dtype, m, gen):
     """Fused siblings concatenate weights along out_features: each column's result is bit-identical
     whether it is computed alone, in a slice, or at another position of a wider weight. Holds for
     the library's kernels; torch's GEMM (fp32 above 16 rows, bf16 above 16 or 8 without a bf16
-    kernel) gives no such promise (MKL's fp32 result for a column changes with N)."""
+    kernel, fp32 where the row-sparse GEMM does not run) gives no such promise (MKL's fp32 result
+    for a column changes with N)."""
     in_f = 515
     ws = [torch.randn(n, in_f, generator=gen).to(dtype) for n in (70, 33, 130)]
     fused = _col(torch.cat(ws))
@@ -112,13 +115,41 @@ def test_column_results_do_not_depend_on_out_features(cap, dtype, m, gen):
         y = qk.sparse_linear(x, fused, k, backend="cpu")
         parts = torch.cat([qk.sparse_linear(x, _col(w), k, backend="cpu") for w in ws], dim=-1)
         one = qk.sparse_linear(x, fused[40:41], k, backend="cpu")
-        if _library_kernel_runs(dtype, m):
+        if _library_kernel_runs(dtype, m, in_f, k):
             assert torch.equal(y, parts) and torch.equal(one, y[:, 40:41])
         else:  # torch's GEMM: only parity (MKL's fp32 result for a column changes with N)
             w_all, xs = torch.cat(ws), R.topk_sparsify(x, k)
             ref64 = F.linear(xs.double(), w_all.double())
             assert_parity(parts, ref64, F.linear(xs, w_all))
             assert_parity(one, ref64[:, 40:41], F.linear(xs, w_all[40:41]))
+
+
+def test_row_gemm_takes_fp32_batches_on_avx2(cap, gen):
+    """fp32 batches above the GEMV blocks run the row-sparse GEMM (sparse_gemm_rows_avx2.cpp) at
+    the AVX2 level, up to 64 rows for k <= 0.7 d and 128 for k <= 0.55 d, and torch's GEMM
+    elsewhere; its result matches float64 across the tile (64 features) and group (512 features)
+    boundaries, with a bias and an odd number of outputs."""
+    rule = _native._C.cpu_sparse_row_gemm
+    on_avx2 = cap == "avx2"
+    assert rule("float32", 17, 1000, 500) == on_avx2 and rule("float32", 128, 1000, 550) == on_avx2
+    assert not rule("float32", 16, 1000, 500)  # the GEMV blocks
+    assert not rule("float32", 65, 1000, 701) and not rule("float32", 129, 1000, 500)
+    assert not rule("float32", 64, 1000, 1000) and not rule("bfloat16", 64, 1000, 500)
+    d, n = 1100, 131
+    w = _col(torch.randn(n, d, generator=gen))
+    b = torch.randn(n, generator=gen)
+    for m, k in ((17, 1), (33, 550), (100, 600), (64, 700)):
+        x = distinct_magnitudes(m, d, torch.float32, gen)
+        _check(x, w, k, b)
+    old = torch.get_num_threads()  # the panels split over the threads: the same bits on any count
+    try:
+        torch.set_num_threads(1)
+        one = qk.sparse_linear(x, w, 700, b, backend="cpu")
+        torch.set_num_threads(2)
+        two = qk.sparse_linear(x, w, 700, b, backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("m", [5, 16, 17, 130])

@@ -67,6 +67,14 @@ template <typename T>
 void sparse_gemv_panel_avx2(const T* wt, int64_t ld, const SparseRows& rows, int64_t j0, int64_t ncols,
                             float* out, int64_t out_stride);
 
+// The row-sparse batch path of sparse_linear (sparse_gemm_rows_avx2.cpp): y[M, N] = linear(topk(x, k),
+// W) + bias for x [M, d] contiguous and the column-major weight wt = W^T as [d][ld] rows, where
+// each row multiplies only its own kept features kept[m][0 .. k) (ascending, select_rows): float32
+// sums in ascending feature order, one FMA each. Needs isa() >= Avx2. M >= 1, 1 <= k <= d, N >= 1.
+template <typename T>
+void sparse_gemm_rows_avx2(const T* x, int64_t M, int64_t d, int64_t k, const int32_t* kept, const T* wt, int64_t ld,
+                           const T* bias, T* y, int64_t N);
+
 // The batched bf16 path of sparse_linear (sparse_gemm_bf16.cpp): y[M, N] = linear(topk(x, k), W)
 // + bias for bf16 x [M, d] contiguous and the column-major weight wt = W^T as [d][ld] rows, over
 // the union of the M rows' kept features, float32 accumulation. amx: AMX-BF16 tiles (needs

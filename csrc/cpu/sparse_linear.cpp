@@ -96,10 +96,27 @@ int64_t sparse_max_rows(at::ScalarType dtype) {
 constexpr int64_t kBf16BatchMaxRows = 16;
 
 // The largest batch for which a column-major weight runs the library's kernels (above it torch's
-// GEMM on the masked activations).
+// GEMM on the masked activations, except where row_gemm_wins).
 int64_t sparse_kernel_max_rows(at::ScalarType dtype) {
   if (dtype == at::kBFloat16 && has_avx512_bf16()) return kBf16BatchMaxRows;
   return sparse_max_rows(dtype);
+}
+
+// Batches above sparse_max_rows on a column-major weight take the row-sparse GEMM
+// (sparse_gemm_rows_avx2.cpp) instead of torch's GEMM on the masked activations where this says
+// so. That kernel does k / d of the GEMM's FMAs, but at one weight load per FMA (a GEMM's
+// register tile reuses each load across rows), so it wins only while k / d stays below its rate
+// relative to MKL's, which falls as MKL's tiles fill with rows. fp32 on an AVX2-only AMD EPYC
+// (Zen 3), 2 threads, TinyLlama's 2048 -> 5632, 5632 -> 2048 and 2048 -> 2048, s = 0.5,
+// DRAM-resident, 5 interleaved rounds (benchmarks/bench_cpu_sparse_batch.py, F.linear time / time,
+// median): M = 17-64 1.37-1.62, 128 1.13-1.39, 192 1.02-1.25, 256 0.96-1.04, 384 0.91-1.18,
+// 512 0.76-1.15; torch's GEMM on the masked activations there: 0.89-0.99 at M >= 64. Hence up to
+// 64 rows for k <= 0.7 d and up to 128 for k <= 0.55 d (Q-Sparse's s = 0.5 is k = d / 2).
+// Not measured on AVX-512 CPUs, whose fp32 GEMM is twice as wide: they keep torch's GEMM.
+bool row_gemm_wins(at::ScalarType dtype, int64_t M, int64_t d, int64_t k) {
+  if (isa() != Isa::Avx2 || dtype != at::kFloat || M <= sparse_max_rows(dtype) || k <= 0 || k >= d) return false;
+  if (M <= 64) return 10 * k <= 7 * d;
+  return M <= 128 && 20 * k <= 11 * d;
 }
 
 namespace {
@@ -307,6 +324,20 @@ at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int
     QSK_DISPATCH_HALF_FLOAT(x.scalar_type(), "dense_gemv_rowmajor", [&] {
       dense_gemv_rowmajor<scalar_t>(x.data_ptr<scalar_t>(), M, d, weight.data_ptr<scalar_t>(), weight.stride(0),
                                     b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), N);
+    });
+    return y;
+  }
+  if (colmajor && N > 0 && row_gemm_wins(x.scalar_type(), M, d, k)) {
+    std::vector<int32_t> own;
+    if (kept == nullptr) {
+      own = select_rows(x, k);
+      kept = own.data();
+    }
+    auto y = at::empty({M, N}, x.options());
+    QSK_DISPATCH_HALF_FLOAT(x.scalar_type(), "sparse_gemm_rows", [&] {
+      sparse_gemm_rows_avx2<scalar_t>(x.data_ptr<scalar_t>(), M, d, k, kept, weight.data_ptr<scalar_t>(),
+                                      weight.stride(1), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                                      y.data_ptr<scalar_t>(), N);
     });
     return y;
   }
