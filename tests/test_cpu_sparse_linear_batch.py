@@ -124,22 +124,27 @@ def test_column_results_do_not_depend_on_out_features(cap, dtype, m, gen):
             assert_parity(one, ref64[:, 40:41], F.linear(xs, w_all[40:41]))
 
 
-def test_row_gemm_takes_fp32_batches_on_avx2(cap, gen):
-    """fp32 batches above the GEMV blocks run the row-sparse GEMM (sparse_gemm_rows_avx2.cpp) at
-    the AVX2 level, up to 64 rows for k <= 0.7 d and 128 for k <= 0.55 d, and torch's GEMM
-    elsewhere; its result matches float64 across the tile (64 features) and group (512 features)
-    boundaries, with a bias and an odd number of outputs."""
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_row_gemm_batches_on_avx2(cap, dtype, gen):
+    """Batches run the row-sparse GEMM (sparse_gemm_rows_avx2.cpp) at the AVX2 level: fp32 above
+    the GEMV blocks up to 64 rows for k <= 0.7 d and 128 for k <= 0.55 d (torch's GEMM elsewhere),
+    half types from 32 rows for k <= 0.7 d (the GEMV blocks below). Its result matches float64
+    across the tile (64 features) and group (512 features) boundaries, with a bias and an odd
+    number of outputs, and does not depend on the thread count."""
     rule = _native._C.cpu_sparse_row_gemm
-    on_avx2 = cap == "avx2"
-    assert rule("float32", 17, 1000, 500) == on_avx2 and rule("float32", 128, 1000, 550) == on_avx2
+    on = cap == "avx2"
+    assert rule("float32", 17, 1000, 500) == on and rule("float32", 128, 1000, 550) == on
     assert not rule("float32", 16, 1000, 500)  # the GEMV blocks
     assert not rule("float32", 65, 1000, 701) and not rule("float32", 129, 1000, 500)
-    assert not rule("float32", 64, 1000, 1000) and not rule("bfloat16", 64, 1000, 500)
+    assert not rule("float32", 64, 1000, 1000) and not rule("float32", 64, 1000, 0)
+    for half in ("bfloat16", "float16"):
+        assert rule(half, 32, 1000, 700) == on and rule(half, 512, 1000, 500) == on
+        assert not rule(half, 31, 1000, 500) and not rule(half, 64, 1000, 701)
     d, n = 1100, 131
-    w = _col(torch.randn(n, d, generator=gen))
-    b = torch.randn(n, generator=gen)
+    w = _col(torch.randn(n, d, generator=gen).to(dtype))
+    b = torch.randn(n, generator=gen).to(dtype)
     for m, k in ((17, 1), (33, 550), (100, 600), (64, 700)):
-        x = distinct_magnitudes(m, d, torch.float32, gen)
+        x = distinct_magnitudes(m, d, dtype, gen)
         _check(x, w, k, b)
     old = torch.get_num_threads()  # the panels split over the threads: the same bits on any count
     try:

@@ -102,21 +102,28 @@ int64_t sparse_kernel_max_rows(at::ScalarType dtype) {
   return sparse_max_rows(dtype);
 }
 
-// Batches above sparse_max_rows on a column-major weight take the row-sparse GEMM
-// (sparse_gemm_rows_avx2.cpp) instead of torch's GEMM on the masked activations where this says
-// so. That kernel does k / d of the GEMM's FMAs, but at one weight load per FMA (a GEMM's
-// register tile reuses each load across rows), so it wins only while k / d stays below its rate
-// relative to MKL's, which falls as MKL's tiles fill with rows. fp32 on an AVX2-only AMD EPYC
-// (Zen 3), 2 threads, TinyLlama's 2048 -> 5632, 5632 -> 2048 and 2048 -> 2048, s = 0.5,
-// DRAM-resident, 5 interleaved rounds (benchmarks/bench_cpu_sparse_batch.py, F.linear time / time,
-// median): M = 17-64 1.37-1.62, 128 1.13-1.39, 192 1.02-1.25, 256 0.96-1.04, 384 0.91-1.18,
-// 512 0.76-1.15; torch's GEMM on the masked activations there: 0.89-0.99 at M >= 64. Hence up to
-// 64 rows for k <= 0.7 d and up to 128 for k <= 0.55 d (Q-Sparse's s = 0.5 is k = d / 2).
-// Not measured on AVX-512 CPUs, whose fp32 GEMM is twice as wide: they keep torch's GEMM.
+// Batches on a column-major weight take the row-sparse GEMM (sparse_gemm_rows_avx2.cpp) where this
+// says so, instead of the GEMV blocks or torch's GEMM on the masked activations. That kernel does
+// k / d of a dense GEMM's FMAs, but at one weight load per FMA (a GEMM's register tile reuses each
+// load across rows, and the GEMV blocks multiply the union of 16 rows' kept features, about all of
+// them), so it wins while k / d stays below its rate relative to the other path's. Measured on an
+// AVX2-only AMD EPYC (Zen 3), 2 threads, TinyLlama's 2048 -> 5632 and 5632 -> 2048 (fp32 also
+// 2048 -> 2048), s = 0.5, DRAM-resident, 5 interleaved rounds, F.linear time / time, median
+// (benchmarks/bench_cpu_sparse_batch.py):
+//   fp32 (against MKL on the masked activations, 0.89-0.99 at M >= 64): M = 17-64 1.37-1.62,
+//        128 1.13-1.39, 192 1.02-1.25, 256 0.96-1.04, 384 0.91-1.18, 512 0.76-1.15;
+//   bf16 (against the GEMV blocks): M = 16 1.91-3.17 vs 2.39-2.95, 32 3.20-4.61 vs 2.59-3.17,
+//        128 6.82-7.58 vs 3.25-3.39, 512 6.14-7.46 vs 3.79-3.80;
+//   fp16: M = 16 1.92-1.95 vs 2.56-3.08, 32 2.73-2.97 vs 2.66-3.13, 128 4.89-5.35 vs 2.77-3.45.
+// Hence fp32 from 17 rows up to 64 for k <= 0.7 d and up to 128 for k <= 0.55 d (Q-Sparse's s = 0.5
+// is k = d / 2), half types from 32 rows for k <= 0.7 d. Not measured on AVX-512 CPUs (a twice
+// wider fp32 GEMM, and bf16 batch kernels of their own): they keep their paths.
+constexpr int64_t kRowGemmMinHalfRows = 32;
 bool row_gemm_wins(at::ScalarType dtype, int64_t M, int64_t d, int64_t k) {
-  if (isa() != Isa::Avx2 || dtype != at::kFloat || M <= sparse_max_rows(dtype) || k <= 0 || k >= d) return false;
-  if (M <= 64) return 10 * k <= 7 * d;
-  return M <= 128 && 20 * k <= 11 * d;
+  if (isa() != Isa::Avx2 || k <= 0 || 10 * k > 7 * d) return false;
+  if (dtype != at::kFloat) return M >= kRowGemmMinHalfRows;
+  if (M <= sparse_max_rows(dtype)) return false;
+  return M <= 64 || (M <= 128 && 20 * k <= 11 * d);
 }
 
 namespace {
