@@ -3,6 +3,9 @@
 // Small batches with a column-major weight (weight.stride(0) == 1) take the sparse path: select
 // each row's k features, group the rows in blocks of <= 16 that share the union of their kept
 // features, and stream only those weight rows (sparse_gemv.h), parallel over output columns.
+// On AVX2 larger batches take the row-sparse GEMM, each row multiplying only its own kept
+// features (sparse_gemm_rows_avx2.cpp, row_gemm_wins), and bf16 batches on AVX512-BF16 / AMX the
+// batched kernel (sparse_gemm_bf16.cpp).
 // Larger batches, or other weight layouts, take the dense path: the top-K-masked activations
 // through at::linear (oneDNN / BLAS), so a sparse layer is never much slower than a dense one;
 // except a row-major weight at k = d and M <= 2 or 4 (a dense head): dense_gemv.cpp.
@@ -107,14 +110,18 @@ int64_t sparse_kernel_max_rows(at::ScalarType dtype) {
 // k / d of a dense GEMM's FMAs, but at one weight load per FMA (a GEMM's register tile reuses each
 // load across rows, and the GEMV blocks multiply the union of 16 rows' kept features, about all of
 // them), so it wins while k / d stays below its rate relative to the other path's. Measured on an
-// AVX2-only AMD EPYC (Zen 3), 2 threads, TinyLlama's 2048 -> 5632 and 5632 -> 2048 (fp32 also
-// 2048 -> 2048), s = 0.5, DRAM-resident, 5 interleaved rounds, F.linear time / time, median
-// (benchmarks/bench_cpu_sparse_batch.py):
-//   fp32 (against MKL on the masked activations, 0.89-0.99 at M >= 64): M = 17-64 1.37-1.62,
-//        128 1.13-1.39, 192 1.02-1.25, 256 0.96-1.04, 384 0.91-1.18, 512 0.76-1.15;
-//   bf16 (against the GEMV blocks): M = 16 1.91-3.17 vs 2.39-2.95, 32 3.20-4.61 vs 2.59-3.17,
-//        128 6.82-7.58 vs 3.25-3.39, 512 6.14-7.46 vs 3.79-3.80;
-//   fp16: M = 16 1.92-1.95 vs 2.56-3.08, 32 2.73-2.97 vs 2.66-3.13, 128 4.89-5.35 vs 2.77-3.45.
+// AVX2-only AMD EPYC (Zen 3), 2 threads, TinyLlama's 2048 -> 5632 / 5632 -> 2048, s = 0.5,
+// DRAM-resident, 5 interleaved rounds, F.linear time / time, median, the previous path -> this
+// kernel (benchmarks/bench_cpu_sparse_batch.py, the two builds run back to back, 2026-12-04):
+//   fp32 (previously MKL on the masked activations): M = 32 1.12 / 0.85 -> 1.55 / 1.21,
+//        64 1.09 / 1.00 -> 1.47 / 1.13, 128 1.04 / 0.96 -> 1.37 / 0.99; other runs at 128 rows
+//        gave 0.96-1.39, and at 192 / 256 / 384 / 512 rows 1.02-1.25 / 0.96-1.04 / 0.91-1.18 /
+//        0.76-1.15, where MKL (on its row-major tiles) is at its best;
+//   bf16 (previously the GEMV blocks): M = 16 the blocks' 2.77-3.27 either way (this kernel alone,
+//        another run: 1.91-3.17), 32 4.23 / 4.01 -> 4.31 / 4.11, 64 4.51 / 3.60 -> 6.15 / 5.55,
+//        128 4.68 / 3.83 -> 7.39 / 6.99, 512 4.48 / 3.76 -> 8.61 / 7.13;
+//   fp16: M = 16 (this kernel alone, another run) 1.92-1.95 against the blocks' 2.56-3.08,
+//        32 3.44 / 3.15 -> 4.09 / 4.13, 128 3.74 / 2.97 -> 6.18 / 4.78, 512 3.22 / 2.82 -> 6.48 / 3.74.
 // Hence fp32 from 17 rows up to 64 for k <= 0.7 d and up to 128 for k <= 0.55 d (Q-Sparse's s = 0.5
 // is k = d / 2), half types from 32 rows for k <= 0.7 d. Not measured on AVX-512 CPUs (a twice
 // wider fp32 GEMM, and bf16 batch kernels of their own): they keep their paths.
