@@ -20,7 +20,8 @@ def _bench(benchmark, case, group):
     benchmark.pedantic(lambda: call(next(counter)), rounds=20, warmup_rounds=3, iterations=1)
 
 
-@pytest.mark.parametrize("M", [1, 8])
+# M = 64: a prefill-sized batch (on AVX2, sparse_linear's row-sparse GEMM).
+@pytest.mark.parametrize("M", [1, 8, 64])
 def test_dense(benchmark, shape, M):
     x = torch.randn(M, shape[0], dtype=torch.bfloat16)
     _bench(benchmark, cases.dense(x, shape[1]), f"linear M={M}")
@@ -28,7 +29,7 @@ def test_dense(benchmark, shape, M):
 
 @pytest.mark.parametrize("backend", _backends_for("sparse_linear", CPU, None) or ["reference"])
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
-@pytest.mark.parametrize("M", [1, 8])
+@pytest.mark.parametrize("M", [1, 8, 64])
 def test_sparse_linear(benchmark, shape, backend, sparsity, M):
     x = torch.randn(M, shape[0], dtype=torch.bfloat16)
     k = qk.sparsity_to_k(shape[0], sparsity)
