@@ -341,21 +341,8 @@ at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int
     });
     return y;
   }
-  if (colmajor && N > 0 && row_gemm_wins(x.scalar_type(), M, d, k)) {
-    std::vector<int32_t> own;
-    if (kept == nullptr) {
-      own = select_rows(x, k);
-      kept = own.data();
-    }
-    auto y = at::empty({M, N}, x.options());
-    QSK_DISPATCH_HALF_FLOAT(x.scalar_type(), "sparse_gemm_rows", [&] {
-      sparse_gemm_rows_avx2<scalar_t>(x.data_ptr<scalar_t>(), M, d, k, kept, weight.data_ptr<scalar_t>(),
-                                      weight.stride(1), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                                      y.data_ptr<scalar_t>(), N);
-    });
-    return y;
-  }
-  if (!colmajor || M > sparse_max_rows(x.scalar_type())) {
+  const bool row_gemm = colmajor && row_gemm_wins(x.scalar_type(), M, d, k);
+  if (!colmajor || (M > sparse_max_rows(x.scalar_type()) && !row_gemm)) {
     const at::Tensor xs = k == d ? x : kept ? sparsify_kept(x, kept, k) : topk_sparsify_cpu(x, k);
     return at::linear(xs, weight, bias.has_value() ? std::optional<at::Tensor>(b) : std::nullopt);
   }
@@ -366,11 +353,14 @@ at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int
     own = select_rows(x, k);
     kept = own.data();
   }
-  const Isa level = isa();
   QSK_DISPATCH_HALF_FLOAT(x.scalar_type(), "sparse_linear_cpu", [&] {
-    sparse_path<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), weight.stride(1),
-                          b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), M, d, N, k, kept,
-                          level);
+    const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    if (row_gemm)
+      sparse_gemm_rows_avx2<scalar_t>(x.data_ptr<scalar_t>(), M, d, k, kept, weight.data_ptr<scalar_t>(),
+                                      weight.stride(1), bp, y.data_ptr<scalar_t>(), N);
+    else
+      sparse_path<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), weight.stride(1), bp,
+                            y.data_ptr<scalar_t>(), M, d, N, k, kept, isa());
   });
   return y;
 }
