@@ -87,16 +87,30 @@ def _cudart_library_dirs() -> list[str]:
     return []
 
 
+def _libstdcxx() -> str:
+    """The linker argument for libstdc++: the very shared library this process (torch) has loaded,
+    by its path, ahead of whatever the compiler adds itself. The GPU image's /opt/gcc links
+    libstdc++ statically even when given -lstdc++ (it has no shared one); a private static copy in
+    a process that also has the shared one crashed it on every C++ check message with a number in
+    it (its iostreams are not the process's). Elsewhere (no /proc, nothing loaded): -lstdc++."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.exists(path):
+                    return path
+    except OSError:
+        pass
+    return "-lstdc++"
+
+
 def extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     # -g1: line tables only (stack traces keep file:line) instead of Python's default -g, which
     # spends ~40% of each file's compile time on debug info for the torch headers.
     cxx = ["-O3", "-g1", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
-    # -lstdc++ before the compiler's own: the process's shared libstdc++ even where the compiler
-    # links it statically by default (the GPU image's /opt/gcc). A private static copy has its own,
-    # uninitialised iostreams: every C++ check message with a number in it crashed the process.
-    link = ["-fopenmp", "-lstdc++"]
+    link = ["-fopenmp", _libstdcxx()]
     san = os.environ.get("QSPARSE_SANITIZE_FLAGS", "").split()  # `make sanitize`: ASan + UBSan build
     cxx, link = cxx + san, link + san
     define_macros = []

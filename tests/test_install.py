@@ -76,11 +76,21 @@ def test_setup_py_rejects_an_unknown_cuda_switch():
     assert "QSPARSE_BUILD_CUDA must be one of ('0', '1', 'toolkit') or unset, got 'yes'" in res.stderr
 
 
+def test_extension_links_the_shared_libstdcxx():
+    """The built extension needs libstdc++.so.6 (the process's), not a static copy of its own."""
+    import importlib
+
+    path = importlib.import_module("qsparse_kernels._C").__file__
+    out = subprocess.run(["ldd", path], capture_output=True, text=True, check=True).stdout
+    assert "libstdc++.so" in out, f"{path} does not link the shared libstdc++:\n{out}"
+
+
 def test_kernel_errors_format_numbers():
     """The extension shares the process's libstdc++: a compiler that links it statically (the GPU
     image's /opt/gcc does) gives the extension its own, uninitialised iostreams, and a C++ check
     whose message holds a number then crashed the process (on the H200) or cut the message short
-    before the number (here). setup.py links libstdc++ dynamically whatever the compiler's default."""
+    before the number (here). setup.py links the libstdc++ that torch has loaded, by its path,
+    whatever the compiler's default (on the H200 image, -lstdc++ alone still linked statically)."""
     import qsparse_kernels as qk
 
     assert qk.backend_info()["cpu"]["built"], "the tests run on a built extension (make build)"
