@@ -135,6 +135,25 @@ def test_sparse_linear_unaligned_and_strided_weights(kern, dtype):
         assert_parity(y, *_sparse_linear_ref(x, wd.cpu(), k, b)), name
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_rows_past_the_stage_buffer(kern, dtype):
+    """A row of x one element larger than the 32 KB shared-memory staging buffer: the selection
+    reads it from global memory instead (top-K, sparse_linear, ternary_linear), ties included."""
+    d, out_f, M = 32 * 1024 // torch.empty((), dtype=dtype).element_size() + 1, 9, 2
+    x = torch.randn(M, d).to(dtype)
+    x[:, 100:140] = 0.5  # ties at the threshold for k = 120 and k = 130
+    x[:, :80] = 4.0
+    w = torch.randn(out_f, d).to(dtype) * d**-0.5
+    packed = R.pack_ternary(torch.randint(-1, 2, (out_f, d), dtype=torch.int8))
+    scale = torch.tensor(0.0123)
+    for k in (1, 120, 130, d // 2, d - 1):
+        assert torch.equal(kern.ops.topk_sparsify_kernel(kern(x), k).cpu(), R.topk_sparsify(x, k)), k
+        y = kern.ops.sparse_linear_kernel(kern(x), qk.to_fast_layout(kern(w)), k, None).cpu()
+        assert_parity(y, *_sparse_linear_ref(x, w, k, None))
+        y = kern.ops.ternary_linear_kernel(kern(x), kern(packed), kern(scale), out_f, k, None).cpu()
+        assert torch.equal(y, R.ternary_linear(x, packed, scale, out_f, k, None)), k
+
+
 @pytest.mark.parametrize("sms", [1, 3, 132])
 def test_split_plans_emulated(sms):
     """Split-K plans from one split per tile to many short splits and the 512-row cap per split

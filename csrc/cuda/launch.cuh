@@ -14,10 +14,18 @@
 
 namespace qsk::cuda {
 
-// Blocks of the GEMV kernels. They are declared __launch_bounds__(kGemvThreads, 1): with the
-// thread count alone, ptxas for sm_80 capped the registers at 48-64 and spilled (issue 18;
-// tests/test_cuda_ptxas.py checks that nothing spills).
+// Blocks of the GEMV kernels. They are declared __launch_bounds__(kGemvThreads, kBlocksPerSm): with
+// the thread count alone, ptxas for sm_80 capped the registers at 48-64 and spilled (issue 18;
+// tests/test_cuda_ptxas.py checks that nothing spills); with a minimum of 2 blocks it may use up to
+// 128, and two blocks always fit on an SM (shared memory stays under 114 KB per block).
 constexpr int kGemvThreads = 256;
+constexpr int kBlocksPerSm = 2;
+// The block's threads form kRowGroups groups; group g multiplies the split's kept rows g, g + 4, ...
+// over the same outputs, and the groups' sums are added in shared memory (in group order) before
+// the block publishes them. A block thus covers a quarter of the outputs it would cover alone, so a
+// launch has 4x the tiles and a quarter of the split-K partials to reduce.
+constexpr int kRowGroups = 4;
+constexpr int kGroupThreads = kGemvThreads / kRowGroups;
 constexpr int64_t kMaxSplitRows = 512;  // kept rows per split-K block (their indices live in smem)
 // Kept rows per split at least: every block re-derives its row's kept set before reading weights,
 // so a split must carry enough weight rows to hide that prologue.
@@ -25,15 +33,16 @@ constexpr int64_t kMinSplitRows = 32;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Split-K plan: enough blocks to fill the GPU (about 4 per SM), each over a multiple of 4 kept rows.
+// Split-K plan: one wave of blocks (kBlocksPerSm per SM; a second wave would pay the selection
+// prologue again), each over a multiple of 4 kept rows.
 struct SplitPlan {
   int64_t splits, rows_per_split;
 };
 
 inline SplitPlan plan_splits(int64_t kept, int64_t tiles, int64_t M) {
   if (kept <= 0) return {1, 4};
-  const int64_t sms = sm_count();
-  int64_t splits = std::max<int64_t>(1, ceil_div(4 * sms, std::max<int64_t>(1, tiles * M)));
+  const int64_t slots = kBlocksPerSm * static_cast<int64_t>(sm_count());
+  int64_t splits = std::max<int64_t>(1, slots / std::max<int64_t>(1, tiles * M));
   splits = std::min(splits, std::max<int64_t>(1, ceil_div(kept, kMinSplitRows)));
   int64_t rows = ceil_div(kept, splits);
   rows = std::min(ceil_div(rows, 4) * 4, kMaxSplitRows);

@@ -67,6 +67,39 @@ struct SelectSmem {
   long long remaining;
 };
 
+// A row of x up to this many bytes is copied into shared memory before the selection passes, which
+// then read it from there: one coalesced pass of 16-byte loads instead of 2-4 radix passes plus the
+// kept-set walk over global memory (H200, d = 4096 bf16, M = 1, same lease: top-K 12-13.6 us staged
+// against 16.4-17.3 us not; ternary_linear 25 us against 29).
+constexpr int64_t kStageBytes = 32 * 1024;
+
+// The staging buffer: declare one per block, `__shared__ StageBuf stage;`.
+struct alignas(16) StageBuf {
+  unsigned char bytes[kStageBytes];
+};
+
+// x[0:d] copied into `stage` when it fits (16-byte loads when x is 16-byte aligned), then a block
+// barrier; returns the copy, or x itself when the row is larger than the buffer. Every thread of the
+// block calls it.
+template <typename T>
+__device__ __forceinline__ const T* stage_row(const T* __restrict__ x, int64_t d, StageBuf& stage) {
+  if (d * static_cast<int64_t>(sizeof(T)) > kStageBytes) return x;
+  T* dst = reinterpret_cast<T*>(stage.bytes);
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  int64_t head = 0;
+  if (reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    head = d / V * V;
+    const uint4* src4 = reinterpret_cast<const uint4*>(x);
+    uint4* dst4 = reinterpret_cast<uint4*>(stage.bytes);
+#pragma unroll 8
+    for (int64_t i = threadIdx.x; i < head / V; i += kSelectThreads) dst4[i] = src4[i];
+  }
+#pragma unroll 4
+  for (int64_t i = head + threadIdx.x; i < d; i += kSelectThreads) dst[i] = x[i];
+  __syncthreads();
+  return dst;
+}
+
 // The kept set of a row: every key above `thresh`, and the first `take_eq` keys equal to it.
 struct Threshold {
   unsigned int thresh;

@@ -1,9 +1,10 @@
 // sparse_linear on the GPU in one launch: every block re-derives the kept set of its row (top-K
-// radix select in its prologue, select.cuh), keeps the kept features of its split-K range in shared
-// memory, runs a gather-GEMV over the column-major weight that reads only those features' rows
-// (16-byte vector loads, fp32 accumulation), and the last block of each output tile sums the
-// splits' partials in split order (deterministic, no float atomics) and adds the bias. One split:
-// no partials, the block writes y itself.
+// radix select in its prologue over the row staged in shared memory, select.cuh), keeps the kept
+// features of its split-K range in shared memory, runs a gather-GEMV over the column-major weight
+// that reads only those features' rows (16-byte vector loads, fp32 accumulation, the block's
+// kRowGroups thread groups over interleaved rows, summed in shared memory), and the last block of
+// each output tile sums the splits' partials in split order (deterministic, no float atomics) and
+// adds the bias. One split: no partials, the block writes y itself.
 #include <torch/library.h>
 
 #include "launch.cuh"
@@ -17,9 +18,11 @@ template <typename T>
 __global__ void __launch_bounds__(kSelectThreads, 1)
     topk_sparsify_kernel(const T* __restrict__ x, int64_t d, int64_t k, T* __restrict__ dense) {
   __shared__ SelectSmem sm;
+  __shared__ StageBuf stage;
   const int64_t row = blockIdx.x;
-  const Threshold th = select_threshold<T>(x + row * d, d, k, sm);
-  for_each_kept<T>(x + row * d, d, th, 0, 0, sm, dense + row * d, [](int64_t, int64_t, T) {});
+  const T* xr = stage_row<T>(x + row * d, d, stage);
+  const Threshold th = select_threshold<T>(xr, d, k, sm);
+  for_each_kept<T>(xr, d, th, 0, 0, sm, dense + row * d, [](int64_t, int64_t, T) {});
 }
 
 // Elements per 16-byte load.
@@ -34,44 +37,49 @@ __device__ __forceinline__ void load_vec(const T* p, float (&f)[vec_of<T>()]) {
   for (int i = 0; i < vec_of<T>(); ++i) f[i] = static_cast<float>(e[i]);
 }
 
-// grid (output tiles of VEC * 256, splits, M). Block (tile, split, m): outputs
-// [tile * VEC * 256, ...) of row m over the kept features of rank [split * rows_per_split, ...).
+// grid (output tiles of VEC * kGroupThreads, splits, M). Block (tile, split, m): outputs
+// [tile * VEC * kGroupThreads, ...) of row m over the kept features of rank [split * rows_per_split, ...).
 // weight element (o, i) sits at w[o * s_out + i * s_in]; the fast layout has s_out == 1.
 // partial [splits, M, out] and counters [M, tiles] (zero on entry, zero on exit) only when splits > 1.
 template <typename T, bool VECTOR>
-__global__ void __launch_bounds__(kGemvThreads, 1)
+__global__ void __launch_bounds__(kGemvThreads, kBlocksPerSm)
     sparse_linear_kernel(const T* __restrict__ x, int64_t d, int64_t k, const T* __restrict__ w, int64_t s_out,
                          int64_t s_in, const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ partial,
                          int* __restrict__ counters, int64_t rows_per_split, int64_t out) {
   static_assert(kGemvThreads == kSelectThreads, "the prologue selects with the GEMV's block");
   constexpr int VEC = vec_of<T>();
+  static_assert((kRowGroups - 1) * kGroupThreads * VEC * sizeof(float) <= sizeof(StageBuf),
+                "the groups' sums reuse the staging buffer");
   __shared__ SelectSmem sm;
+  __shared__ StageBuf stage;
   __shared__ int32_t s_idx[kMaxSplitRows];
   __shared__ float s_val[kMaxSplitRows];
   __shared__ int s_last;
   const int64_t m = blockIdx.z, split = blockIdx.y, splits = gridDim.y, M = gridDim.z;
-  const T* xr = x + m * d;
   const int64_t j0 = split * rows_per_split, j1 = min(k, j0 + rows_per_split), n = j1 > j0 ? j1 - j0 : 0;
   if (k == d) {  // every feature kept: rank == index, no selection
+    const T* xr = x + m * d;
     for (int64_t j = j0 + threadIdx.x; j < j1; j += kGemvThreads) {
       s_idx[j - j0] = static_cast<int32_t>(j);
       s_val[j - j0] = static_cast<float>(xr[j]);
     }
   } else if (k > 0) {
+    const T* xr = stage_row<T>(x + m * d, d, stage);
     const Threshold th = select_threshold<T>(xr, d, k, sm);
     for_each_kept<T>(xr, d, th, j0, j1, sm, nullptr, [&](int64_t r, int64_t i, T v) {
       s_idx[r - j0] = static_cast<int32_t>(i);
       s_val[r - j0] = static_cast<float>(v);
     });
   }
-  __syncthreads();
-  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kGemvThreads + threadIdx.x) * VEC;
+  __syncthreads();  // s_idx / s_val written; the staged row is no longer read
+  const int g = threadIdx.x / kGroupThreads, lane = threadIdx.x % kGroupThreads;
+  const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * kGroupThreads + lane) * VEC;
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
   if (VECTOR && o0 + VEC <= out) {
-#pragma unroll 4
-    for (int64_t j = 0; j < n; ++j) {
+#pragma unroll 8
+    for (int64_t j = g; j < n; j += kRowGroups) {
       float f[VEC];
       load_vec<T>(w + o0 + static_cast<int64_t>(s_idx[j]) * s_in, f);
       const float v = s_val[j];
@@ -79,7 +87,7 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
       for (int e = 0; e < VEC; ++e) acc[e] = fmaf(v, f[e], acc[e]);
     }
   } else if (o0 < out) {
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = g; j < n; j += kRowGroups) {
       const T* row = w + static_cast<int64_t>(s_idx[j]) * s_in;
       const float v = s_val[j];
 #pragma unroll
@@ -87,20 +95,41 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
         if (o0 + e < out) acc[e] = fmaf(v, static_cast<float>(row[(o0 + e) * s_out]), acc[e]);
     }
   }
-  if (splits > 1) {
-    float* dst = partial + (split * M + m) * out;
+  // Groups 1.. publish their sums; group 0 adds them in group order and owns the block's outputs.
+  float* group_sums = reinterpret_cast<float*>(stage.bytes);
+  if (g > 0) {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e)
-      if (o0 + e < out) dst[o0 + e] = acc[e];
-    if (!arrive_last(counters + m * gridDim.x + blockIdx.x, static_cast<int>(splits), &s_last)) return;
+    for (int e = 0; e < VEC; ++e) group_sums[((g - 1) * kGroupThreads + lane) * VEC + e] = acc[e];
+  }
+  __syncthreads();
+  const bool owner = g == 0;
+  if (owner) {
+    for (int gg = 0; gg < kRowGroups - 1; ++gg) {
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      if (o0 + e >= out) continue;
-      float s = 0.f;
-      for (int64_t sp = 0; sp < splits; ++sp) s += __ldcg(partial + (sp * M + m) * out + o0 + e);
-      acc[e] = s;
+      for (int e = 0; e < VEC; ++e) acc[e] += group_sums[(gg * kGroupThreads + lane) * VEC + e];
     }
   }
+  if (splits > 1) {
+    if (owner) {
+      float* dst = partial + (split * M + m) * out;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+        if (o0 + e < out) dst[o0 + e] = acc[e];
+    }
+    if (!arrive_last(counters + m * gridDim.x + blockIdx.x, static_cast<int>(splits), &s_last)) return;
+    if (owner) {  // 0 + p_0 + p_1 + ... for each output: split order, whatever the arrival order
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
+#pragma unroll 4
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const float* src = partial + (sp * M + m) * out + o0;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+          if (o0 + e < out) acc[e] += __ldcg(src + e);
+      }
+    }
+  }
+  if (!owner) return;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
     if (o0 + e >= out) continue;
@@ -176,7 +205,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& weight, int
   const auto bias_c = bias ? bias->contiguous() : at::Tensor();
   QSK_DISPATCH_FLOAT(x.scalar_type(), "sparse_linear_cuda", [&] {
     constexpr int VEC = vec_of<scalar_t>();
-    const int64_t tiles = ceil_div(out, kGemvThreads * VEC);
+    const int64_t tiles = ceil_div(out, kGroupThreads * VEC);
     const SplitPlan plan = plan_splits(k, tiles, M);
     TORCH_CHECK(plan.splits <= 65535, "sparse_linear_cuda: k = ", k, " is too large for one launch");
     at::Tensor partial;

@@ -1,8 +1,9 @@
 // ternary_linear on the GPU (SPEC 7) in one launch. Every block re-derives its row's kept set (top-K
-// radix select in its prologue, select.cuh; none for k = None or k = d) and the int8 quantization
-// of the kept entries (SPEC 4: the scale is the row's absmax, which is always kept), then runs a
-// split-K W2A8 GEMV over the canonical packed layout (SPEC 6) that reads only the kept rows of its
-// split and accumulates exactly in int32 with dp4a. Splits are summed exactly with int32 atomics
+// radix select in its prologue over the row staged in shared memory, select.cuh; none for k = None
+// or k = d) and the int8 quantization of the kept entries (SPEC 4: the scale is the row's absmax,
+// which is always kept), then runs a split-K W2A8 GEMV over the canonical packed layout (SPEC 6)
+// that reads only the kept rows of its split and accumulates exactly in int32 with dp4a, the
+// block's kRowGroups thread groups over interleaved quads of rows, summed in shared memory. Splits are summed exactly with int32 atomics
 // into a zeroed accumulator; the last block of each output tile applies the float epilogue and
 // zeroes the accumulator again. One split: the block applies the epilogue itself.
 //
@@ -40,23 +41,26 @@ __device__ __forceinline__ T ternary_epilogue(int acc, float xs, float scale, co
   return static_cast<T>(v);
 }
 
-// grid (tiles of 256 * 4 packed bytes, splits, M). Block (tile, split, m): outputs of the tile for
+// grid (tiles of kGroupThreads * 4 packed bytes, splits, M). Block (tile, split, m): outputs of the tile for
 // row m over the kept features of rank [split * rows_per_split, ...). acc_ws [M, out] and counters
 // [M, tiles] (zero on entry, zero on exit) only when splits > 1.
 template <typename T>
-__global__ void __launch_bounds__(kGemvThreads, 1)
+__global__ void __launch_bounds__(kGemvThreads, kBlocksPerSm)
     ternary_linear_kernel(const T* __restrict__ x, int64_t d, int64_t k, const uint8_t* __restrict__ packed,
                           int64_t row_bytes, bool aligned, const float* __restrict__ scale,
                           const T* __restrict__ bias, T* __restrict__ y, int32_t* __restrict__ acc_ws,
                           int* __restrict__ counters, int64_t rows_per_split, int64_t out) {
   static_assert(kGemvThreads == kSelectThreads, "the prologue selects with the GEMV's block");
+  static_assert((kRowGroups - 1) * kGroupThreads * 16 * sizeof(int) <= sizeof(StageBuf),
+                "the groups' sums reuse the staging buffer");
   __shared__ SelectSmem sm;
+  __shared__ StageBuf stage;
   __shared__ typename cub::BlockReduce<int, kGemvThreads>::TempStorage s_red;
   __shared__ int32_t s_idx[kMaxSplitRows];
   __shared__ int8_t s_xq[kMaxSplitRows];
   __shared__ int s_sum, s_last;
   const int64_t m = blockIdx.z, split = blockIdx.y, splits = gridDim.y;
-  const T* xr = x + m * d;
+  const T* xr = stage_row<T>(x + m * d, d, stage);
   const int64_t j0 = split * rows_per_split, j1 = min(k, j0 + rows_per_split), n = j1 > j0 ? j1 - j0 : 0;
   const int64_t n4 = (n + 3) / 4 * 4;
 
@@ -87,14 +91,15 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
   if (threadIdx.x == 0) s_sum = split_sum;
   __syncthreads();
 
-  const int64_t b0 = (static_cast<int64_t>(blockIdx.x) * kGemvThreads + threadIdx.x) * kBytesPerThread;
+  const int g = threadIdx.x / kGroupThreads, lane = threadIdx.x % kGroupThreads;
+  const int64_t b0 = (static_cast<int64_t>(blockIdx.x) * kGroupThreads + lane) * kBytesPerThread;
   const int64_t avail = row_bytes - b0;
   int acc[16];
 #pragma unroll
-  for (int i = 0; i < 16; ++i) acc[i] = -s_sum;
-  if (b0 < row_bytes) {
+  for (int i = 0; i < 16; ++i) acc[i] = g == 0 ? -s_sum : 0;
+  if (b0 < row_bytes) {  // group g: the quads of rows 4 g, 4 (g + kRowGroups), ...
 #pragma unroll 2
-    for (int64_t j = 0; j < n4; j += 4) {
+    for (int64_t j = 4 * g; j < n4; j += 4 * kRowGroups) {
       const unsigned int w0 = load4(packed + static_cast<int64_t>(s_idx[j]) * row_bytes + b0, avail, aligned);
       const unsigned int w1 = load4(packed + static_cast<int64_t>(s_idx[j + 1]) * row_bytes + b0, avail, aligned);
       const unsigned int w2 = load4(packed + static_cast<int64_t>(s_idx[j + 2]) * row_bytes + b0, avail, aligned);
@@ -117,17 +122,37 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
       }
     }
   }
+  // Groups 1.. publish their sums; group 0 adds them (exact) and owns the block's outputs. The
+  // barrier after the BlockReduce above ordered the last read of the staged row before this.
+  int* group_sums = reinterpret_cast<int*>(stage.bytes);
+  if (g > 0) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) group_sums[((g - 1) * kGroupThreads + lane) * 16 + i] = acc[i];
+  }
+  __syncthreads();
+  const bool owner = g == 0;
+  if (owner) {
+    for (int gg = 0; gg < kRowGroups - 1; ++gg) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) acc[i] += group_sums[(gg * kGroupThreads + lane) * 16 + i];
+    }
+  }
   const int64_t o0 = b0 * 4;  // byte b holds outputs 4b .. 4b + 3
   if (splits > 1) {
     int32_t* dst = acc_ws + m * out;
+    if (owner) {
 #pragma unroll
-    for (int i = 0; i < 16; ++i)
-      if (o0 + i < out) atomicAdd(dst + o0 + i, acc[i]);
+      for (int i = 0; i < 16; ++i)
+        if (o0 + i < out) atomicAdd(dst + o0 + i, acc[i]);
+    }
     if (!arrive_last(counters + m * gridDim.x + blockIdx.x, static_cast<int>(splits), &s_last)) return;
+    if (owner) {
 #pragma unroll
-    for (int i = 0; i < 16; ++i)
-      if (o0 + i < out) acc[i] = atomicExch(dst + o0 + i, 0);  // the total, and the zero for the next call
+      for (int i = 0; i < 16; ++i)
+        if (o0 + i < out) acc[i] = atomicExch(dst + o0 + i, 0);  // the total, and the zero for the next call
+    }
   }
+  if (!owner) return;
   const float sc = *scale;
 #pragma unroll
   for (int i = 0; i < 16; ++i)
@@ -171,7 +196,7 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
   auto y = at::empty({M, out}, x.options());
   if (M == 0 || out == 0) return y;
   auto stream = current_stream();
-  const int64_t tiles = ceil_div(row_bytes, kGemvThreads * kBytesPerThread);
+  const int64_t tiles = ceil_div(row_bytes, kGroupThreads * kBytesPerThread);
   const SplitPlan plan = plan_splits(k, tiles, M);
   TORCH_CHECK(plan.splits <= 65535, "ternary_linear_cuda: k = ", k, " is too large for one launch");
   int32_t* scratch = plan.splits > 1 ? zeroed_scratch(M * out + M * tiles, x) : nullptr;
