@@ -64,6 +64,20 @@ def test_topk_half_rows_all_ranks(isa, dtype, d, gen):
         assert torch.equal(qk.topk_sparsify(x, k, backend="cpu"), R.topk_sparsify(x, k)), k
 
 
+@pytest.mark.parametrize("d", [64, 3000])
+def test_topk_fp32_keys_sharing_their_top_bits(isa, d, gen):
+    """float32 rows whose k-th key shares its top 16 bits with hundreds of others: on AVX2 the
+    bisection over the top bits fixes only those, and radix rounds on the low 16 bits (or, for a few
+    keys, nth_element) finish. Distinct keys, so the result is exact."""
+    narrow = 1.0 + torch.randperm(d, generator=gen).float() * 2.0**-23  # one top-16-bit value: 1.0's
+    spread = distinct_magnitudes(1, d, torch.float32, gen)[0] * 4.0
+    rows = [narrow, torch.where(torch.arange(d) % 3 == 0, spread, narrow * 2.0)]  # 2.0 + ..: one top too
+    sign = torch.randint(0, 2, (2, d), generator=gen) * 2 - 1
+    x = torch.stack(rows) * sign
+    for k in sorted({1, 2, 17, d // 3, d // 2, d - 17, d - 1}):
+        assert torch.equal(qk.topk_sparsify(x, k, backend="cpu"), R.topk_sparsify(x, k)), k
+
+
 def _hard_rows(d: int, dtype: torch.dtype, gen) -> torch.Tensor:
     """Rows that stress the sampling bracket: heavy ties, sorted, heavy-tailed, a few outliers."""
     sign = torch.randint(0, 2, (6, d), generator=gen) * 2 - 1

@@ -62,7 +62,7 @@ inline uint32_t key_of(const c10::BFloat16* p, int64_t i) { return canonical_nan
 inline uint32_t key_of(const c10::Half* p, int64_t i) { return canonical_nan<c10::Half>(p[i].x & 0x7fffu); }
 inline uint32_t key_of(const uint32_t* p, int64_t i) { return p[i]; }
 
-// ---- the two vectorisable passes, portable version (also compiled for AVX2 below) ----
+// ---- the two vectorisable passes, portable version (the scalar level, and the AVX2 passes' tails) ----
 
 // Counts keys > hi into *gt and writes the keys in [lo, hi] to out (in order); returns their count.
 template <typename T>
@@ -92,11 +92,6 @@ inline __attribute__((always_inline)) void emit_scalar(const T* x, int64_t d, in
     idx[n] = static_cast<int32_t>(i);
     n += (k > thr) | take_tie;
   }
-}
-
-template <typename T>
-QSK_TARGET_AVX2 int64_t band_avx2(const T* src, int64_t n, uint32_t lo, uint32_t hi, uint32_t* out, int64_t* gt) {
-  return band_scalar(src, n, lo, hi, out, gt);
 }
 
 // ---- AVX-512: 16 keys per step, compaction by vpcompressd ----
@@ -185,12 +180,13 @@ QSK_TARGET_AVX512 void emit_avx512(const T* x, int64_t d, uint32_t thr, int64_t 
 constexpr int64_t kBisectMin = 64;
 
 // The k-th largest key (0 < k < d) and how many keys are above it, by bisection on the key value
-// of a half type; count_ge(t) counts the keys >= t (1 <= t <= the NaN key). Inlined into each
-// ISA's caller, so that count_ge inlines there too (out of line it took ~2 us more per row).
-template <typename T, typename CountGe>
-inline __attribute__((always_inline)) void bisect_kth(int64_t k, const CountGe& count_ge, uint32_t* thr,
+// of 16-bit keys no larger than top (the NaN key); count_ge(t) counts the keys >= t (1 <= t <=
+// top). Inlined into each ISA's caller, so that count_ge inlines there too (out of line it took
+// ~2 us more per row).
+template <typename CountGe>
+inline __attribute__((always_inline)) void bisect_kth(int64_t k, uint32_t top, const CountGe& count_ge, uint32_t* thr,
                                                       int64_t* n_above) {
-  uint32_t lo = 0, hi = KeyBits<T>::kNan;  // count_ge(lo) >= k throughout; the answer is in [lo, hi]
+  uint32_t lo = 0, hi = top;  // count_ge(lo) >= k throughout; the answer is in [lo, hi]
   while (lo < hi) {
     const uint32_t mid = lo + (hi - lo + 1) / 2;
     if (count_ge(mid) >= k)
@@ -199,7 +195,7 @@ inline __attribute__((always_inline)) void bisect_kth(int64_t k, const CountGe& 
       hi = mid - 1;
   }
   *thr = lo;
-  *n_above = lo == KeyBits<T>::kNan ? 0 : count_ge(lo + 1);
+  *n_above = lo == top ? 0 : count_ge(lo + 1);
 }
 
 // How many of keys[0 .. 32 steps) are >= t.
@@ -229,7 +225,7 @@ QSK_TARGET_AVX512 void kth_key_bisect(const T* x, int64_t d, int64_t k, uint16_t
     v = _mm512_mask_mov_epi16(v, _mm512_cmpgt_epu16_mask(v, inf), nan);
     _mm512_storeu_si512(keys + 32 * j, v);  // the padding lanes are 0: never counted (t >= 1)
   }
-  bisect_kth<T>(k, [&](uint32_t t) { return count_keys_ge(keys, steps, t); }, thr, n_above);
+  bisect_kth(k, KeyBits<T>::kNan, [&](uint32_t t) { return count_keys_ge(keys, steps, t); }, thr, n_above);
 }
 
 // ---- AVX2: the same bisection for half types, 16 keys per compare; emit 8 keys per step ----
@@ -282,7 +278,7 @@ QSK_TARGET_AVX2 void kth_key_bisect_avx2(const T* x, int64_t d, int64_t k, uint1
     v = _mm256_blendv_epi8(v, nan, _mm256_cmpgt_epi16(v, inf));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + 16 * j), v);  // padding lanes are 0: never counted
   }
-  bisect_kth<T>(k, [&](uint32_t t) { return count_keys_ge_avx2(keys, steps, t); }, thr, n_above);
+  bisect_kth(k, KeyBits<T>::kNan, [&](uint32_t t) { return count_keys_ge_avx2(keys, steps, t); }, thr, n_above);
 }
 
 // 8 keys of x from entry i (key_of), as int32 lanes (every key is below 2^31).
@@ -319,6 +315,35 @@ struct Compact8 {
   }
 };
 constexpr Compact8 kCompact8{};
+
+QSK_TARGET_AVX2 inline __m256i keys8(const uint32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+// band for AVX2: 8 keys per step, the keys in [lo, hi] compacted through kCompact8. Every key is
+// below 2^31, so signed compares order them. A step's 8-lane store at out + nb stays inside out's
+// n slots (nb <= i); the lanes past the kept ones are rewritten by the next step.
+template <typename T>
+QSK_TARGET_AVX2 int64_t band_avx2(const T* src, int64_t n, uint32_t lo, uint32_t hi, uint32_t* out, int64_t* gt) {
+  const __m256i below = _mm256_set1_epi32(static_cast<int>(lo) - 1);  // key >= lo <=> key > lo - 1 (lo = 0: -1)
+  const __m256i top = _mm256_set1_epi32(static_cast<int>(hi));
+  int64_t above = 0, nb = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i key = keys8(src + i);
+    const __m256i over = _mm256_cmpgt_epi32(key, top);
+    const unsigned m_over = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(over)));
+    const unsigned m_in = static_cast<unsigned>(
+        _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(over, _mm256_cmpgt_epi32(key, below)))));
+    above += kCompact8.count[m_over];
+    const __m256i perm = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompact8.perm[m_in])));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + nb), _mm256_permutevar8x32_epi32(key, perm));
+    nb += kCompact8.count[m_in];
+  }
+  int64_t tail_gt;
+  nb += band_scalar(src + i, n - i, lo, hi, out + nb, &tail_gt);
+  *gt = above + tail_gt;
+  return nb;
+}
 
 // emit for AVX2: 8 keys per step, the taken indices compacted through kCompact8. idx has room for
 // exactly k entries: a step whose 8-lane store would pass idx + k goes through a local copy.
@@ -438,48 +463,109 @@ uint32_t radix_round(const T* src, int64_t n, int shift, uint32_t prefix, int64_
   return hist[b];
 }
 
-// Finds the k-th largest key of x and how many keys are strictly above it (0 < k < d).
-// Radix select, most significant digit first: each round histograms one 8-bit digit of the
-// current set, keeps the bin that holds the target rank and compacts it (one vectorised band
-// pass) into a scratch buffer; the rounds end when every bit is fixed or the set is small.
+// Where a radix select stands: the current set is x itself (a == nullptr) or a[0..n); t is the
+// target's rank in it (1-based, from the top), `above` counts the keys above the set; every key of
+// the set shares `prefix`'s bits above shift + 8, and the next round histograms the digit at
+// `shift`; the next compaction goes to buf[cur].
+struct RadixState {
+  const uint32_t* a;
+  int64_t n, t, above;
+  int shift;
+  uint32_t prefix;
+  int cur;
+};
+
+// The radix rounds from state s to the k-th largest key and how many keys are above it. Each
+// round histograms one 8-bit digit of the current set, keeps the bin that holds the target rank
+// and compacts it (one vectorised band pass) into the other scratch buffer; the rounds end when
+// every bit is fixed or the set is small, and std::nth_element finishes.
 template <typename T>
-void kth_key(Isa isa, const T* x, int64_t d, int64_t k, uint32_t* scratch, uint32_t* thr, int64_t* n_above) {
-  uint32_t* buf[2] = {scratch, scratch + d};
-  const uint32_t* a = nullptr;  // the current set; nullptr: still x itself
-  int64_t n = d, t = k, above = 0;
-  int cur = 0;
-  uint32_t prefix = 0;
-  for (int shift = kKeyBits<T> - kDigitBits; n > kSmall; shift = std::max(0, shift - kDigitBits)) {
+void radix_rounds(Isa isa, const T* x, RadixState s, uint32_t* const buf[2], uint32_t* thr, int64_t* n_above) {
+  for (; s.n > kSmall; s.shift = std::max(0, s.shift - kDigitBits)) {
     uint32_t lo, hi;
-    const int64_t in_bin = a == nullptr ? radix_round(x, n, shift, prefix, &t, &above, &lo, &hi)
-                                        : radix_round(a, n, shift, prefix, &t, &above, &lo, &hi);
-    prefix = lo;
-    if (in_bin < n) {  // compact the bin; a set already inside it stays where it is
+    const int64_t in_bin = s.a == nullptr ? radix_round(x, s.n, s.shift, s.prefix, &s.t, &s.above, &lo, &hi)
+                                          : radix_round(s.a, s.n, s.shift, s.prefix, &s.t, &s.above, &lo, &hi);
+    s.prefix = lo;
+    if (in_bin < s.n) {  // compact the bin; a set already inside it stays where it is
       int64_t gt;
-      n = a == nullptr ? band(isa, x, n, lo, hi, buf[cur], &gt) : band(isa, a, n, lo, hi, buf[cur], &gt);
+      s.n = s.a == nullptr ? band(isa, x, s.n, lo, hi, buf[s.cur], &gt) : band(isa, s.a, s.n, lo, hi, buf[s.cur], &gt);
       // The histogram and the band pass must agree on the keys (else the writes below overrun).
-      TORCH_INTERNAL_ASSERT(n == in_bin && t >= 1 && t <= n, "select_topk: radix round disagrees with its band");
-      a = buf[cur];
-      cur ^= 1;
+      TORCH_INTERNAL_ASSERT(s.n == in_bin && s.t >= 1 && s.t <= s.n, "select_topk: radix round disagrees with its band");
+      s.a = buf[s.cur];
+      s.cur ^= 1;
     }
-    if (shift == 0) {  // every bit fixed: the whole set equals the k-th key
+    if (s.shift == 0) {  // every bit fixed: the whole set equals the k-th key
       *thr = lo;
-      *n_above = above;
+      *n_above = s.above;
       return;
     }
   }
   // Finish on a mutable copy of the (small) current set.
-  uint32_t* v = buf[cur];
-  if (a == nullptr) {
-    for (int64_t i = 0; i < n; ++i) v[i] = key_of(x, i);
+  uint32_t* v = buf[s.cur];
+  if (s.a == nullptr) {
+    for (int64_t i = 0; i < s.n; ++i) v[i] = key_of(x, i);
   } else {
-    std::memcpy(v, a, n * sizeof(uint32_t));
+    std::memcpy(v, s.a, s.n * sizeof(uint32_t));
   }
-  std::nth_element(v, v + (n - t), v + n);
-  const uint32_t kth = v[n - t];
-  for (int64_t i = n - t + 1; i < n; ++i) above += v[i] > kth;  // nth_element: these are all >= kth
+  std::nth_element(v, v + (s.n - s.t), v + s.n);
+  const uint32_t kth = v[s.n - s.t];
+  int64_t above = s.above;
+  for (int64_t i = s.n - s.t + 1; i < s.n; ++i) above += v[i] > kth;  // nth_element: these are all >= kth
   *thr = kth;
   *n_above = above;
+}
+
+// Finds the k-th largest key of x and how many keys are strictly above it (0 < k < d): radix
+// select, most significant digit first, from the whole row.
+template <typename T>
+void kth_key(Isa isa, const T* x, int64_t d, int64_t k, uint32_t* scratch, uint32_t* thr, int64_t* n_above) {
+  uint32_t* const buf[2] = {scratch, scratch + d};
+  radix_rounds(isa, x, RadixState{nullptr, d, k, 0, kKeyBits<T> - kDigitBits, 0u, 0}, buf, thr, n_above);
+}
+
+// ---- AVX2, float32: a bisection on the keys' top 16 bits, then radix rounds on the low 16 ----
+
+// The top bits of every float32 key (key >> 16: 15 bits, NaNs canonical, so every NaN has
+// KeyBits<float>::kNan >> 16) into keys (uint16, zero padded to a multiple of 16; 16 per step,
+// in the lane order of _mm256_packus_epi32, which only counting sees).
+QSK_TARGET_AVX2 void coarse_keys_avx2(const float* x, int64_t d, uint16_t* keys) {
+  const int64_t steps = (d + 15) / 16;
+  for (int64_t j = 0; j < steps; ++j) {
+    __m256i a, b;
+    if (16 * j + 16 <= d) {
+      a = keys8(x + 16 * j);
+      b = keys8(x + 16 * j + 8);
+    } else {  // the last partial step through a zeroed copy: nothing read past x[d - 1]; key 0 is never counted
+      alignas(32) float tail[16] = {};
+      std::memcpy(tail, x + 16 * j, static_cast<size_t>(d - 16 * j) * sizeof(float));
+      a = keys8(tail);
+      b = keys8(tail + 8);
+    }
+    const __m256i v = _mm256_packus_epi32(_mm256_srli_epi32(a, 16), _mm256_srli_epi32(b, 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + 16 * j), v);
+  }
+}
+
+// kth_key for a float32 row of d >= kBisectMin entries on AVX2. The top 16 key bits of the k-th
+// largest key come from a bisection over 16-bit keys (as the half types', 16 per compare), the keys
+// with those top bits are compacted into buf[0] (one band pass), and the radix rounds finish on
+// their low 16 bits: ~16 passes over 2 d bytes and 2 small rounds, where the 4 rounds from the
+// whole row histogram 31-bit keys at ~3 cycles each.
+QSK_TARGET_AVX2 void kth_key_coarse_avx2(const float* x, int64_t d, int64_t k, uint32_t* scratch, uint32_t* thr,
+                                         int64_t* n_above) {
+  uint32_t* const buf[2] = {scratch, scratch + d};
+  uint16_t* keys = reinterpret_cast<uint16_t*>(buf[1]);  // 2 d + 30 bytes, inside buf[1]'s 4 d
+  coarse_keys_avx2(x, d, keys);
+  const int64_t steps = (d + 15) / 16;
+  uint32_t top;
+  int64_t above;
+  bisect_kth(k, KeyBits<float>::kNan >> 16, [&](uint32_t t) { return count_keys_ge_avx2(keys, steps, t); }, &top,
+             &above);
+  const uint32_t lo = top << 16, hi = lo | 0xffffu;
+  int64_t gt;
+  const int64_t n = band(Isa::Avx2, x, d, lo, hi, buf[0], &gt);
+  TORCH_INTERNAL_ASSERT(gt == above && k - above >= 1 && k - above <= n, "select_topk: bisection disagrees with its band");
+  radix_rounds(Isa::Avx2, x, RadixState{buf[0], n, k - above, above, 16 - kDigitBits, lo, 1}, buf, thr, n_above);
 }
 
 template <typename T>
@@ -492,7 +578,12 @@ void select_impl(const T* x, int64_t d, int64_t k, int32_t* idx, uint32_t* scrat
   }
   uint32_t thr;
   int64_t above;
-  if constexpr (!std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (isa == Isa::Avx2 && d >= kBisectMin) {
+      kth_key_coarse_avx2(x, d, k, scratch, &thr, &above);
+      return emit(isa, x, d, k, thr, k - above, idx);
+    }
+  } else {
     if (isa == Isa::Avx512 && d >= kBisectMin) {
       kth_key_bisect(x, d, k, reinterpret_cast<uint16_t*>(scratch), &thr, &above);
       return emit(isa, x, d, k, thr, k - above, idx);

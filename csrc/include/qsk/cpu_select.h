@@ -14,7 +14,10 @@
 // exponent), keeps the bin holding the target rank and compacts it in one vectorised pass; the
 // rounds end when every key bit is fixed (2 rounds for bf16 / fp16, at most 4 for fp32) or a few
 // dozen keys are left for std::nth_element. A last vectorised pass writes the kept indices in
-// ascending order. At d = 2048 this costs ~1-2 us per row (AVX-512).
+// ascending order. At d = 2048 this costs ~1-2 us per row (AVX-512). Rows of at least 64 entries
+// find the k-th key by bisection on 16-bit keys instead (a count of the keys >= t per step, 16 or
+// 32 per compare): half types on AVX-512 and AVX2 over their own 15-bit keys; float32 on AVX2 over
+// the top 15 key bits, then radix rounds on the low 16 bits of the keys sharing those.
 #pragma once
 
 #include <c10/util/BFloat16.h>
