@@ -43,3 +43,14 @@ def test_ternary_linear(benchmark, shape, backend, sparsity, M):
     x = torch.randn(M, shape[0], dtype=torch.bfloat16)
     k = None if sparsity is None else qk.sparsity_to_k(shape[0], sparsity)
     _bench(benchmark, cases.ternary_linear(x, shape[1], k, backend), f"linear M={M}")
+
+
+# The selection alone (no weights), 64 rows of the input width, per dtype: the prologue of every
+# sparse call. Divide by 64 for the per-row time.
+@pytest.mark.parametrize("backend", _backends_for("topk_sparsify", CPU, None) or ["reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_sparsify(benchmark, shape, backend, dtype):
+    x = torch.randn(64, shape[0], dtype=dtype)
+    k = qk.sparsity_to_k(shape[0], 0.5)
+    benchmark.group = f"topk_sparsify 64 rows of {shape[0]}"
+    benchmark.pedantic(lambda: qk.topk_sparsify(x, k, backend=backend), rounds=20, warmup_rounds=3, iterations=1)
