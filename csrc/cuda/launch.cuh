@@ -64,6 +64,26 @@ inline int32_t* zeroed_scratch(int64_t n, const at::Tensor& like) {
   return t.data_ptr<int32_t>();
 }
 
+// The block's row-group sums: groups 1.. publish acc (N values per thread) into buf, shared memory
+// of at least (kRowGroups - 1) * kGroupThreads * N values that is free for this use, and group 0
+// adds them in group order. Every thread of the block calls it; true in group 0's threads, which
+// then hold the block's sums.
+template <typename A, int N>
+__device__ __forceinline__ bool sum_row_groups(A (&acc)[N], A* buf) {
+  const int g = threadIdx.x / kGroupThreads, lane = threadIdx.x % kGroupThreads;
+  if (g > 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) buf[((g - 1) * kGroupThreads + lane) * N + i] = acc[i];
+  }
+  __syncthreads();
+  if (g > 0) return false;
+  for (int gg = 0; gg < kRowGroups - 1; ++gg) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i] += buf[(gg * kGroupThreads + lane) * N + i];
+  }
+  return true;
+}
+
 // The split-K handshake, called by every thread of a block after it published its partial
 // results: true in the block that arrives last at `counter` (which is reset to 0 for the next
 // call). Its threads may then read every other block's partials (with __ldcg / atomics: past L1).

@@ -95,20 +95,8 @@ __global__ void __launch_bounds__(kGemvThreads, kBlocksPerSm)
         if (o0 + e < out) acc[e] = fmaf(v, static_cast<float>(row[(o0 + e) * s_out]), acc[e]);
     }
   }
-  // Groups 1.. publish their sums; group 0 adds them in group order and owns the block's outputs.
-  float* group_sums = reinterpret_cast<float*>(stage.bytes);
-  if (g > 0) {
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) group_sums[((g - 1) * kGroupThreads + lane) * VEC + e] = acc[e];
-  }
-  __syncthreads();
-  const bool owner = g == 0;
-  if (owner) {
-    for (int gg = 0; gg < kRowGroups - 1; ++gg) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[e] += group_sums[(gg * kGroupThreads + lane) * VEC + e];
-    }
-  }
+  // Group 0 adds the groups' sums (in group order) and owns the block's outputs.
+  const bool owner = sum_row_groups(acc, reinterpret_cast<float*>(stage.bytes));
   if (splits > 1) {
     if (owner) {
       float* dst = partial + (split * M + m) * out;

@@ -122,21 +122,9 @@ __global__ void __launch_bounds__(kGemvThreads, kBlocksPerSm)
       }
     }
   }
-  // Groups 1.. publish their sums; group 0 adds them (exact) and owns the block's outputs. The
-  // barrier after the BlockReduce above ordered the last read of the staged row before this.
-  int* group_sums = reinterpret_cast<int*>(stage.bytes);
-  if (g > 0) {
-#pragma unroll
-    for (int i = 0; i < 16; ++i) group_sums[((g - 1) * kGroupThreads + lane) * 16 + i] = acc[i];
-  }
-  __syncthreads();
-  const bool owner = g == 0;
-  if (owner) {
-    for (int gg = 0; gg < kRowGroups - 1; ++gg) {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) acc[i] += group_sums[(gg * kGroupThreads + lane) * 16 + i];
-    }
-  }
+  // Group 0 adds the groups' sums (exact) and owns the block's outputs. The barrier after the
+  // BlockReduce above ordered the last read of the staged row before the sums overwrite it.
+  const bool owner = sum_row_groups(acc, reinterpret_cast<int*>(stage.bytes));
   const int64_t o0 = b0 * 4;  // byte b holds outputs 4b .. 4b + 3
   if (splits > 1) {
     int32_t* dst = acc_ws + m * out;
