@@ -527,8 +527,8 @@ void kth_key(Isa isa, const T* x, int64_t d, int64_t k, uint32_t* scratch, uint3
 
 // The top bits of every float32 key (key >> 16: 15 bits, NaNs canonical, so every NaN has
 // KeyBits<float>::kNan >> 16) into keys (uint16, zero padded to a multiple of 16; 16 per step,
-// in the lane order of _mm256_packus_epi32, which only counting sees).
-QSK_TARGET_AVX2 void coarse_keys_avx2(const float* x, int64_t d, uint16_t* keys) {
+// in the lane order of _mm256_packus_epi32, which only counting sees); returns the step count.
+QSK_TARGET_AVX2 int64_t coarse_keys_avx2(const float* x, int64_t d, uint16_t* keys) {
   const int64_t steps = (d + 15) / 16;
   for (int64_t j = 0; j < steps; ++j) {
     __m256i a, b;
@@ -544,6 +544,7 @@ QSK_TARGET_AVX2 void coarse_keys_avx2(const float* x, int64_t d, uint16_t* keys)
     const __m256i v = _mm256_packus_epi32(_mm256_srli_epi32(a, 16), _mm256_srli_epi32(b, 16));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + 16 * j), v);
   }
+  return steps;
 }
 
 // kth_key for a float32 row of d >= kBisectMin entries on AVX2. The top 16 key bits of the k-th
@@ -555,8 +556,7 @@ QSK_TARGET_AVX2 void kth_key_coarse_avx2(const float* x, int64_t d, int64_t k, u
                                          int64_t* n_above) {
   uint32_t* const buf[2] = {scratch, scratch + d};
   uint16_t* keys = reinterpret_cast<uint16_t*>(buf[1]);  // 2 d + 30 bytes, inside buf[1]'s 4 d
-  coarse_keys_avx2(x, d, keys);
-  const int64_t steps = (d + 15) / 16;
+  const int64_t steps = coarse_keys_avx2(x, d, keys);
   uint32_t top;
   int64_t above;
   bisect_kth(k, KeyBits<float>::kNan >> 16, [&](uint32_t t) { return count_keys_ge_avx2(keys, steps, t); }, &top,
