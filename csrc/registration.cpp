@@ -35,7 +35,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Why QSPARSE_CPU_ISA was ignored ('' when it was unset or valid)");
   m.def("cpu_has_avx512_vnni", &qsk::cpu::has_avx512_vnni);
   m.def("cpu_bf16_gemm", [] { return std::string(qsk::cpu::bf16_gemm_name()); },
-        "The batched bf16 sparse_linear kernel in use: amx, avx512bf16 or none (under the ISA cap)");
+        "The bf16 batch kernel sparse_linear uses: amx (AMX tiles), avx512bf16 (vdpbf16ps GEMV panels) or none (under the ISA cap)");
   m.def("cpu_has_amx_int8", &qsk::cpu::has_amx_int8);
   m.def("cpu_sparse_kernel_max_rows",
         [](const std::string& dt) { return qsk::cpu::sparse_kernel_max_rows(float_dtype(dt)); },

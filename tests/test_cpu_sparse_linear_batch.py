@@ -175,6 +175,17 @@ def test_batch_path_thread_independent(cap, m, gen):
     assert torch.equal(a, b) and torch.equal(c, d)
 
 
+def test_bf16_rows_per_path(cap):
+    """bf16 batches up to 16 rows take the GEMV blocks with vdpbf16ps panels where the CPU has
+    AVX512-BF16 but no AMX (csrc/cpu/sparse_linear.cpp: bf16_dp_panels), 12 rows then the AMX
+    kernel up to 16 where it has AMX; at::linear above."""
+    rows, kernel_rows = _native._C.cpu_sparse_max_rows, _native._C.cpu_sparse_kernel_max_rows
+    if cap == "avx512bf16":
+        assert rows("bfloat16") == 16 and kernel_rows("bfloat16") == 16
+    elif cap == "amx":
+        assert rows("bfloat16") == 12 and kernel_rows("bfloat16") == 16
+
+
 def test_amx_is_used_where_the_cpu_has_it():
     """On a CPU with AMX-BF16 the default (uncapped) batched bf16 kernel is the AMX one."""
     if not HAS["amx"]:

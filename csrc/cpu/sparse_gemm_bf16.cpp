@@ -1,5 +1,6 @@
-// The batched bf16 sparse_linear (contract in sparse_gemv.h): AMX-BF16 tiles where the CPU has
-// them, else AVX512-BF16 dot products (vdpbf16ps), both over the same packed weight panels.
+// The batched bf16 sparse_linear on AMX-BF16 tiles (contract in sparse_gemv.h), over packed weight
+// panels. (CPUs with AVX512-BF16 but no AMX run the vdpbf16ps GEMV panels instead:
+// sparse_gemv_avx512bf16.cpp.)
 //
 // 1. Each row selects its k features; the kept list is the union over all M rows, ascending (for
 //    M >= 8 at sparsity 0.5 that is nearly every feature, so this is per-token masking of a
@@ -9,7 +10,7 @@
 //    M x cols float32 sums live in a buffer while the listed features go by in blocks of
 //    `depth`. Per block, the listed weight rows (contiguous in the column-major weight: a panel
 //    is a run of up to 1 KB of each row) are packed
-//    into the pair-interleaved ("VNNI") order both instructions read: for 16 columns, features
+//    into the pair-interleaved ("VNNI") order tdpbf16ps reads: for 16 columns, features
 //    2p and 2p + 1 of each column side by side. The packed block (~512 KB) stays in L2 while every row
 //    block reads it; it is the only copy of weight data, per thread and transient.
 // 3. Every output element sums its products in float32 over ascending tile steps of 32 listed
@@ -166,56 +167,9 @@ QSK_TARGET_AMX_BF16 void amx_depth(const uint16_t* A, int64_t Mp, int64_t lda, i
   }
 }
 
-// ---- AVX512-BF16: MR rows x 64 columns in registers (MR x 4 accumulators) ----
-
-template <int MR>
-QSK_TARGET_AVX512 void dp_block(const uint16_t* a, int64_t lda, int64_t kc, const uint16_t* b, const Blocking& bk,
-                                float* acc) {
-  const int64_t ldc = bk.cols;
-  __m512 c[MR][4];
-  for (int m = 0; m < MR; ++m)
-    for (int g = 0; g < 4; ++g) c[m][g] = _mm512_loadu_ps(acc + m * ldc + 16 * g);
-  for (int64_t p = 0; p < kc / 2; ++p) {
-    __m512bh bv[4];
-    for (int g = 0; g < 4; ++g) bv[g] = (__m512bh)_mm512_loadu_si512(b + p * bk.ps + 32 * g);
-#pragma GCC unroll 6
-    for (int m = 0; m < MR; ++m) {
-      int32_t pair;
-      std::memcpy(&pair, a + m * lda + 2 * p, sizeof pair);
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-      for (int g = 0; g < 4; ++g) c[m][g] = _mm512_dpbf16_ps(c[m][g], av, bv[g]);
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int g = 0; g < 4; ++g) _mm512_storeu_ps(acc + m * ldc + 16 * g, c[m][g]);
-}
-
-constexpr int kDpRows = 6;
-
-QSK_TARGET_AVX512 void dp_depth(const uint16_t* A, int64_t M, int64_t lda, int64_t u0, int64_t kc,
-                                const uint16_t* packed, int64_t N, int64_t j0, const Blocking& bk, float* acc) {
-  const int64_t nsub = std::min<int64_t>(bk.cols / 64, (N - j0 + 63) / 64);
-  for (int64_t m0 = 0; m0 < M; m0 += kDpRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kDpRows, M - m0));
-    const uint16_t* a = A + m0 * lda + u0;
-    for (int64_t sub = 0; sub < nsub; ++sub) {
-      const uint16_t* b = packed + 128 * sub;
-      float* c = acc + m0 * bk.cols + 64 * sub;
-      switch (rows) {
-        case 1: dp_block<1>(a, lda, kc, b, bk, c); break;
-        case 2: dp_block<2>(a, lda, kc, b, bk, c); break;
-        case 3: dp_block<3>(a, lda, kc, b, bk, c); break;
-        case 4: dp_block<4>(a, lda, kc, b, bk, c); break;
-        case 5: dp_block<5>(a, lda, kc, b, bk, c); break;
-        default: dp_block<6>(a, lda, kc, b, bk, c); break;
-      }
-    }
-  }
-}
-
 }  // namespace
 void sparse_linear_bf16_batch(const c10::BFloat16* x, int64_t M, int64_t d, int64_t k, const c10::BFloat16* wt,
-                              int64_t ld, const c10::BFloat16* bias, c10::BFloat16* y, int64_t N, bool amx,
+                              int64_t ld, const c10::BFloat16* bias, c10::BFloat16* y, int64_t N,
                               const int32_t* kept) {
   // 1. The union of the rows' kept features and the A panel.
   std::vector<int32_t> idx;
@@ -260,21 +214,18 @@ void sparse_linear_bf16_batch(const c10::BFloat16* x, int64_t M, int64_t d, int6
   at::parallel_for(0, npanels, 1, [&](int64_t p0, int64_t p1) {
     std::vector<uint16_t> packed(static_cast<size_t>(bk.depth / 2 * bk.ps));
     std::vector<float> acc(static_cast<size_t>(Mp * bk.cols));
-    if (amx) amx_configure();
+    amx_configure();
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t j0 = p * bk.cols;
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t u0 = 0; u0 < Kp; u0 += bk.depth) {
         const int64_t kc = std::min(bk.depth, Kp - u0);
         pack_block(w, ld, idx.data(), n, u0, kc, j0, N, bk, packed.data());
-        if (amx)
-          amx_depth(A.data(), Mp, lda, u0, kc, packed.data(), N, j0, bk, acc.data());
-        else
-          dp_depth(A.data(), M, lda, u0, kc, packed.data(), N, j0, bk, acc.data());
+        amx_depth(A.data(), Mp, lda, u0, kc, packed.data(), N, j0, bk, acc.data());
       }
       store_rows(acc.data(), M, bk.cols, bias, y, N, j0);
     }
-    if (amx) amx_release();
+    amx_release();
   });
 }
 

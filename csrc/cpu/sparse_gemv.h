@@ -37,7 +37,9 @@ struct SparseRows {
   const int32_t* idx;  // [n] input-feature indices, ascending
   const float* vals;   // [n][mb] activations in float32
   int64_t n;
-  int mb;  // 1 .. kMaxBlockRows
+  int mb;                            // 1 .. kMaxBlockRows
+  const uint32_t* pairs = nullptr;  // bf16 only, for sparse_gemv_panel_avx512bf16: [ceil(n / 2)][mb]
+                                    // vals of listed rows 2p (low half) and 2p + 1 (high; 0 past n) as bf16
 };
 
 // Output columns one panel call computes for a block of mb rows. The mb x cols float32
@@ -63,6 +65,12 @@ inline int64_t panel_cols(int mb) {
 template <typename T>
 void sparse_gemv_panel_avx512(const T* wt, int64_t ld, const SparseRows& rows, int64_t j0, int64_t ncols,
                               float* out, int64_t out_stride);
+// sparse_gemv_panel_avx512 for bf16 with vdpbf16ps over pairs of listed rows (u, u + 1), u even
+// (sparse_gemv_avx512bf16.cpp): out[m][j] sums, in float32 and ascending pair order, each pair's two
+// products as vdpbf16ps does, which reads subnormal inputs as 0 and flushes subnormal results
+// (callers guard against that: sparse_linear.cpp). Needs has_avx512_bf16() and rows.pairs.
+void sparse_gemv_panel_avx512bf16(const c10::BFloat16* wt, int64_t ld, const SparseRows& rows, int64_t j0,
+                                  int64_t ncols, float* out, int64_t out_stride);
 template <typename T>
 void sparse_gemv_panel_avx2(const T* wt, int64_t ld, const SparseRows& rows, int64_t j0, int64_t ncols,
                             float* out, int64_t out_stride);
@@ -77,11 +85,11 @@ void sparse_gemm_rows_avx2(const T* x, int64_t M, int64_t d, int64_t k, const in
 
 // The batched bf16 path of sparse_linear (sparse_gemm_bf16.cpp): y[M, N] = linear(topk(x, k), W)
 // + bias for bf16 x [M, d] contiguous and the column-major weight wt = W^T as [d][ld] rows, over
-// the union of the M rows' kept features, float32 accumulation. amx: AMX-BF16 tiles (needs
-// has_amx_bf16()), else AVX512-BF16 (needs has_avx512_bf16()). 0 <= k <= d, M >= 1, N >= 1.
+// the union of the M rows' kept features, float32 accumulation on AMX-BF16 tiles (needs
+// has_amx_bf16()). 0 <= k <= d, M >= 1, N >= 1.
 // kept: the rows' kept features from select_rows, or nullptr to select them here.
 void sparse_linear_bf16_batch(const c10::BFloat16* x, int64_t M, int64_t d, int64_t k, const c10::BFloat16* wt,
-                              int64_t ld, const c10::BFloat16* bias, c10::BFloat16* y, int64_t N, bool amx,
+                              int64_t ld, const c10::BFloat16* bias, c10::BFloat16* y, int64_t N,
                               const int32_t* kept);
 
 }  // namespace qsk::cpu

@@ -4,8 +4,8 @@
 // each row's k features, group the rows in blocks of <= 16 that share the union of their kept
 // features, and stream only those weight rows (sparse_gemv.h), parallel over output columns.
 // On AVX2 larger batches take the row-sparse GEMM, each row multiplying only its own kept
-// features (sparse_gemm_rows_avx2.cpp, row_gemm_wins), and bf16 batches on AVX512-BF16 / AMX the
-// batched kernel (sparse_gemm_bf16.cpp).
+// features (sparse_gemm_rows_avx2.cpp, row_gemm_wins), and bf16 batches on AMX the batched
+// kernel (sparse_gemm_bf16.cpp); with AVX512-BF16 but no AMX the blocks take vdpbf16ps panels.
 // Larger batches, or other weight layouts, take the dense path: the top-K-masked activations
 // through at::linear (oneDNN / BLAS), so a sparse layer is never much slower than a dense one;
 // except a row-major weight at k = d and M <= 2 or 4 (a dense head): dense_gemv.cpp.
@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -46,8 +47,8 @@ namespace qsk::cpu {
 // vs 0.54-0.68x at 9 rows, 0.63-0.88x vs 0.55-0.72x at 12, even at 13-14, and 0.46-0.67x vs
 // 0.56-0.81x at 16, where the 16 x 2 FMAs per weight element cost more than AMX's tiles
 // (2026-12-03, Sapphire Rapids, both threads, s = 0.5, TinyLlama's 2048 -> 2048 / 5632 and
-// 5632 -> 2048, DRAM-resident, interleaved). Without AMX the AVX512-BF16 batched kernel takes
-// over from 9 rows as before (not re-measured on Zen 4). With 16 for fp32, `python -m
+// 5632 -> 2048, DRAM-resident, interleaved). With AVX512-BF16 but no AMX (Zen 4), the blocks of
+// 2 or more rows take the vdpbf16ps panels (bf16_dp_panels), up to 16 rows: see there. With 16 for fp32, `python -m
 // qsparse_kernels.bench --shapes llama2-7b.up --batches 4 8 16 64 --sparsities 0.5 --dtypes fp32`
 // gives vs dense F.linear: M=8 1.95x, M=16 1.22x (both 0.65-0.7x through the dense path before).
 // Re-measured for fp32 on the 2-core Sapphire Rapids (both threads, s = 0.5, TinyLlama's 2048 ->
@@ -81,12 +82,26 @@ namespace qsk::cpu {
 int64_t sparse_max_rows(at::ScalarType dtype) {
   constexpr int64_t kAlways = std::numeric_limits<int64_t>::max();
   if (dtype == at::kHalf) return torch_fp16_gemm_fast() ? 16 : kAlways;
-  if (dtype == at::kBFloat16) return !torch_bf16_gemm_fast() ? kAlways : has_amx_bf16() ? 12 : 8;
+  if (dtype == at::kBFloat16)
+    return !torch_bf16_gemm_fast() ? kAlways : has_amx_bf16() ? 12 : has_avx512_bf16() ? 16 : 8;
   return 16;
 }
 
+// bf16 blocks of two or more rows take the vdpbf16ps panels (sparse_gemv_avx512bf16.cpp) where the
+// CPU has AVX512-BF16 but no AMX-BF16: half the instructions of the float32 FMA panels. Measured on
+// an AMD EPYC Zen 4 (2026-12-04, 2 threads, torch 2.14, s = 0.5, TinyLlama's 2048 -> 5632 /
+// 2048 and 5632 -> 2048, DRAM-resident, 2 x 5 interleaved rounds, F.linear time / time, the
+// float32 panels -> these): M = 2 1.77-2.37 -> 1.77-2.25, 4 1.38-1.77 -> 1.49-1.95,
+// 8 0.76-1.01 -> 1.01-1.37, 12 0.69-0.82 -> 0.94-1.31, 16 0.57-0.63 -> 0.83-1.01 (the AVX512-BF16
+// batched kernel that ran from 9 rows before: 0.66-0.72 at 16). Above 16 rows at::linear on the
+// masked activations (0.73-0.95 against the row-major F.linear: oneDNN's bf16 GEMM is slower on
+// the column-major weight) beats both: the panels reached 0.62-0.78 at 32 rows.
+bool bf16_dp_panels(int64_t M) {
+  return M >= 2 && M <= sparse_max_rows(at::kBFloat16) && has_avx512_bf16() && !has_amx_bf16();
+}
+
 // bf16 rows above sparse_max_rows take the batched kernel (sparse_gemm_bf16.cpp) up to this many
-// rows, where the CPU has AMX-BF16 or AVX512-BF16; above it at::linear on the masked activations.
+// rows, where the CPU has AMX-BF16; above it at::linear on the masked activations.
 // Measured on the 2-core Sapphire Rapids (both threads, sparsity 0.5, TinyLlama's q, k, gate,
 // down and head shapes summed, median of 3 x 7 calls, time / F.linear on the row-major weight;
 // `python benchmarks/bench_cpu_sparse_batch.py` measures the kernel alone):
@@ -94,14 +109,13 @@ int64_t sparse_max_rows(at::ScalarType dtype) {
 //   M = 16: AMX 1.52, 1.68;   M = 32: AMX 1.43, 1.11;   M = 64: AMX 1.00, 0.85
 // so AMX up to 16 rows. Neither reaches torch's own GEMM on its row-major weight below ~48 rows
 // here: the batched kernel packs each weight block and then multiplies it, one after the other
-// per thread (see sparse_gemm_bf16.cpp). The AVX512-BF16 kernel (Zen 4) is kept to the same
-// range untested against Zen 4's torch: re-measure there.
+// per thread (see sparse_gemm_bf16.cpp).
 constexpr int64_t kBf16BatchMaxRows = 16;
 
 // The largest batch for which a column-major weight runs the library's kernels (above it torch's
 // GEMM on the masked activations, except where row_gemm_wins).
 int64_t sparse_kernel_max_rows(at::ScalarType dtype) {
-  if (dtype == at::kBFloat16 && has_avx512_bf16()) return kBf16BatchMaxRows;
+  if (dtype == at::kBFloat16 && has_amx_bf16()) return kBf16BatchMaxRows;
   return sparse_max_rows(dtype);
 }
 
@@ -159,14 +173,19 @@ Bf16Range bf16_range(const c10::BFloat16* x, int64_t n) {
 }
 
 bool flushes_invisible(const c10::BFloat16* y, int64_t M, int64_t N, int64_t k, float x_max) {
+  const double per_output = static_cast<double>(k) * std::numeric_limits<float>::min() * (double{x_max} + 3.0);
+  const double bound = 4096.0 * per_output * std::sqrt(static_cast<double>(M * N));
+  // Inf / NaN outputs (or activations): flushing cannot matter, and !(a < b) keeps them. One
+  // output at or above the bound decides it (the norm is at least that), which real data reaches
+  // at the first output; only tiny results take the whole sum.
+  if (!(bound > 0.0)) return true;
   double ss = 0.0;
   for (int64_t i = 0; i < M * N; ++i) {
     const double v = static_cast<float>(y[i]);
+    if (!(std::fabs(v) < bound)) return true;
     ss += v * v;
   }
-  const double per_output = static_cast<double>(k) * std::numeric_limits<float>::min() * (double{x_max} + 3.0);
-  // Inf / NaN outputs (or activations): flushing cannot matter, and !(a < b) keeps them.
-  return !(std::sqrt(ss) < 4096.0 * per_output * std::sqrt(static_cast<double>(M * N)));
+  return !(std::sqrt(ss) < bound);
 }
 
 // bf16 -> float by shifting (vectorises in the portable kernel); the others as c10 converts them.
@@ -196,6 +215,8 @@ void panel_portable(const T* wt, int64_t ld, const SparseRows& r, int64_t j0, in
 template <typename T>
 void gemv_panel(Isa level, const T* wt, int64_t ld, const SparseRows& r, int64_t j0, int64_t ncols, float* out,
                 int64_t os) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    if (r.pairs) return sparse_gemv_panel_avx512bf16(wt, ld, r, j0, ncols, out, os);
   if (level == Isa::Avx512) return sparse_gemv_panel_avx512(wt, ld, r, j0, ncols, out, os);
   if (level == Isa::Avx2) return sparse_gemv_panel_avx2(wt, ld, r, j0, ncols, out, os);
   panel_portable(wt, ld, r, j0, ncols, out, os);
@@ -207,8 +228,34 @@ struct Block {
   int mb;
   std::vector<int32_t> idx;
   std::vector<float> vals;
-  SparseRows rows() const { return {idx.data(), vals.data(), static_cast<int64_t>(idx.size()), mb}; }
+  std::vector<uint32_t> pairs;  // for the vdpbf16ps panels (add_pairs), else empty
+  SparseRows rows() const {
+    return {idx.data(), vals.data(), static_cast<int64_t>(idx.size()), mb, pairs.empty() ? nullptr : pairs.data()};
+  }
 };
+
+// The bf16 pairs of every multi-row block (SparseRows::pairs), for the vdpbf16ps panels. Returns
+// the largest kept |activation| (NaN if one is NaN), or -1 if a kept activation is subnormal
+// (vdpbf16ps would read it as 0: the caller takes the float32 panels instead).
+float add_pairs(std::vector<Block>& blocks) {
+  uint32_t top = 0;  // the largest magnitude key (NaN above Inf)
+  for (Block& blk : blocks) {
+    if (blk.mb == 1) continue;
+    const int64_t n = static_cast<int64_t>(blk.idx.size()), mb = blk.mb;
+    blk.pairs.assign(static_cast<size_t>((n + 1) / 2 * mb), 0u);
+    for (int64_t u = 0; u < n; ++u)
+      for (int64_t m = 0; m < mb; ++m) {
+        const float v = blk.vals[u * mb + m];
+        const uint32_t key = mag_key(v);
+        if (key != 0 && key < 0x00800000u) return -1.0f;
+        top = std::max(top, key);
+        uint32_t bits;
+        std::memcpy(&bits, &v, sizeof bits);  // a bf16 value widened: its bits are the top 16
+        blk.pairs[(u / 2) * mb + m] |= (bits >> 16) << (16 * (u % 2));
+      }
+  }
+  return key_to_float(top);
+}
 
 // Builds the blocks from each row's k kept features (select_rows): ceil(M / kMaxBlockRows) blocks of
 // near-equal size.
@@ -261,10 +308,18 @@ inline int64_t span_cols(int64_t N) {
 }
 
 // y[M, N] for a column-major weight: wt = weight's storage as [d][ld] rows, ld = weight.stride(1).
+// With dp (bf16 only) the blocks of more than one row take the vdpbf16ps panels; then it returns
+// false when their subnormal flushing could show (see Bf16Range): the caller runs it again
+// without dp.
 template <typename T>
-void sparse_path(const T* x, const T* wt, int64_t ld, const T* bias, T* y, int64_t M, int64_t d, int64_t N,
-                 int64_t k, const int32_t* kept, Isa level) {
-  const std::vector<Block> blocks = build_blocks(x, M, d, k, kept);
+bool sparse_path(const T* x, const T* wt, int64_t ld, const T* bias, T* y, int64_t M, int64_t d, int64_t N,
+                 int64_t k, const int32_t* kept, Isa level, bool dp) {
+  std::vector<Block> blocks = build_blocks(x, M, d, k, kept);
+  float x_max = 0.0f;
+  if (dp) {
+    x_max = add_pairs(blocks);
+    if (x_max < 0.0f) return false;  // a subnormal kept activation
+  }
   const int64_t span = span_cols(N);
   const int64_t nspans = (N + span - 1) / span;
   int64_t span_bytes = 0;  // weight bytes one span reads over every block
@@ -291,6 +346,9 @@ void sparse_path(const T* x, const T* wt, int64_t ld, const T* bias, T* y, int64
       }
     }
   });
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    if (dp) return flushes_invisible(y, M, N, k, x_max);
+  return true;
 }
 
 }  // namespace
@@ -321,15 +379,14 @@ at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int
   }
   const bool colmajor = weight.stride(0) == 1 || N == 1;
   const bool bf16_batch = colmajor && x.scalar_type() == at::kBFloat16 && M > sparse_max_rows(at::kBFloat16) &&
-                          M <= kBf16BatchMaxRows &&
-                          has_avx512_bf16() && M > 0 && N > 0;
+                          M <= kBf16BatchMaxRows && has_amx_bf16() && M > 0 && N > 0;
   if (bf16_batch) {  // else (subnormals: see Bf16Range) at::linear below, as M > sparse_max_rows
     const Bf16Range range = bf16_range(x.data_ptr<c10::BFloat16>(), M * d);
     if (!range.subnormal) {
       auto y = at::empty({M, N}, x.options());
       sparse_linear_bf16_batch(x.data_ptr<c10::BFloat16>(), M, d, k, weight.data_ptr<c10::BFloat16>(),
                                weight.stride(1), b.defined() ? b.data_ptr<c10::BFloat16>() : nullptr,
-                               y.data_ptr<c10::BFloat16>(), N, has_amx_bf16(), kept);
+                               y.data_ptr<c10::BFloat16>(), N, kept);
       if (flushes_invisible(y.data_ptr<c10::BFloat16>(), M, N, k, range.max_abs)) return y;
     }
   }
@@ -348,6 +405,7 @@ at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int
   }
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
+  const bool dp = x.scalar_type() == at::kBFloat16 && bf16_dp_panels(M);
   std::vector<int32_t> own;  // the selection, when the caller has none
   if (kept == nullptr) {
     own = select_rows(x, k);
@@ -358,9 +416,10 @@ at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int
     if (row_gemm)
       sparse_gemm_rows_avx2<scalar_t>(x.data_ptr<scalar_t>(), M, d, k, kept, weight.data_ptr<scalar_t>(),
                                       weight.stride(1), bp, y.data_ptr<scalar_t>(), N);
-    else
+    else if (!sparse_path<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), weight.stride(1), bp,
+                                    y.data_ptr<scalar_t>(), M, d, N, k, kept, isa(), dp))
       sparse_path<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), weight.stride(1), bp,
-                            y.data_ptr<scalar_t>(), M, d, N, k, kept, isa());
+                            y.data_ptr<scalar_t>(), M, d, N, k, kept, isa(), false);
   });
   return y;
 }
