@@ -234,27 +234,53 @@ struct Block {
   }
 };
 
-// The bf16 pairs of every multi-row block (SparseRows::pairs), for the vdpbf16ps panels. Returns
-// the largest kept |activation| (NaN if one is NaN), or -1 if a kept activation is subnormal
-// (vdpbf16ps would read it as 0: the caller takes the float32 panels instead).
-float add_pairs(std::vector<Block>& blocks) {
-  uint32_t top = 0;  // the largest magnitude key (NaN above Inf)
-  for (Block& blk : blocks) {
-    if (blk.mb == 1) continue;
-    const int64_t n = static_cast<int64_t>(blk.idx.size()), mb = blk.mb;
-    blk.pairs.assign(static_cast<size_t>((n + 1) / 2 * mb), 0u);
-    for (int64_t u = 0; u < n; ++u)
-      for (int64_t m = 0; m < mb; ++m) {
-        const float v = blk.vals[u * mb + m];
-        const uint32_t key = mag_key(v);
-        if (key != 0 && key < 0x00800000u) return -1.0f;
-        top = std::max(top, key);
-        uint32_t bits;
-        std::memcpy(&bits, &v, sizeof bits);  // a bf16 value widened: its bits are the top 16
-        blk.pairs[(u / 2) * mb + m] |= (bits >> 16) << (16 * (u % 2));
+// The blocks of build_blocks for the vdpbf16ps panels: each multi-row block holds idx and pairs
+// (SparseRows::pairs, built straight from the bf16 activations) and no vals; single rows as in
+// build_blocks. Sets x_max to the largest kept |activation| (NaN if one is NaN); returns false if
+// a kept activation is subnormal (vdpbf16ps would read it as 0: the caller takes the float32 panels).
+bool build_pair_blocks(const c10::BFloat16* x, int64_t M, int64_t d, int64_t k, const int32_t* kept,
+                       std::vector<Block>& blocks, float& x_max) {
+  const int64_t nblocks = (M + kMaxBlockRows - 1) / kMaxBlockRows;
+  blocks.assign(nblocks, Block{});
+  std::vector<int32_t> pos;  // [d] a listed feature's place in the block's list, else -1
+  uint32_t top = 0;          // the largest bf16 magnitude (NaN above Inf)
+  for (int64_t b = 0, row0 = 0; b < nblocks; ++b) {
+    Block& blk = blocks[b];
+    blk.row0 = row0;
+    blk.mb = static_cast<int>((M - row0) / (nblocks - b));  // spread the rows evenly, as build_blocks
+    row0 += blk.mb;
+    const int64_t mb = blk.mb;
+    const int32_t* kr = kept + blk.row0 * k;
+    const uint16_t* xr = reinterpret_cast<const uint16_t*>(x) + blk.row0 * d;
+    for (int64_t m = 0; m < mb; ++m)
+      for (int64_t j = 0; j < k; ++j) {
+        const uint32_t mag = xr[m * d + kr[m * k + j]] & 0x7fffu;
+        if (mag != 0 && mag < 0x0080u) return false;  // subnormal
+        top = std::max(top, mag);
+      }
+    if (mb == 1) {  // a lone row reads exactly its own kept features, on the float32 panel
+      blk.idx.assign(kr, kr + k);
+      blk.vals.resize(k);
+      for (int64_t j = 0; j < k; ++j) blk.vals[j] = static_cast<float>(x[blk.row0 * d + kr[j]]);
+      continue;
+    }
+    pos.assign(static_cast<size_t>(d), -1);
+    for (int64_t j = 0; j < mb * k; ++j) pos[kr[j]] = 0;
+    for (int64_t i = 0; i < d; ++i)
+      if (pos[i] >= 0) {  // listed
+        pos[i] = static_cast<int32_t>(blk.idx.size());
+        blk.idx.push_back(static_cast<int32_t>(i));
+      }
+    blk.pairs.assign(static_cast<size_t>((blk.idx.size() + 1) / 2 * mb), 0u);
+    for (int64_t m = 0; m < mb; ++m)
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t i = kr[m * k + j];
+        const uint32_t u = static_cast<uint32_t>(pos[i]);
+        blk.pairs[(u / 2) * mb + m] |= static_cast<uint32_t>(xr[m * d + i]) << (16 * (u % 2));
       }
   }
-  return key_to_float(top);
+  x_max = key_to_float(top << 16);
+  return true;
 }
 
 // Builds the blocks from each row's k kept features (select_rows): ceil(M / kMaxBlockRows) blocks of
@@ -314,12 +340,12 @@ inline int64_t span_cols(int64_t N) {
 template <typename T>
 bool sparse_path(const T* x, const T* wt, int64_t ld, const T* bias, T* y, int64_t M, int64_t d, int64_t N,
                  int64_t k, const int32_t* kept, Isa level, bool dp) {
-  std::vector<Block> blocks = build_blocks(x, M, d, k, kept);
+  std::vector<Block> blocks;
   float x_max = 0.0f;
-  if (dp) {
-    x_max = add_pairs(blocks);
-    if (x_max < 0.0f) return false;  // a subnormal kept activation
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (dp && !build_pair_blocks(x, M, d, k, kept, blocks, x_max)) return false;
   }
+  if (!dp) blocks = build_blocks(x, M, d, k, kept);
   const int64_t span = span_cols(N);
   const int64_t nspans = (N + span - 1) / span;
   int64_t span_bytes = 0;  // weight bytes one span reads over every block
