@@ -2,15 +2,23 @@
 library's own detection (csrc/cpu/isa.cpp) so that tests can check which kernel it picks."""
 
 
-def _read() -> frozenset[str]:
+def _fields() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    out: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                out[key.strip()] = value.strip()
     except OSError:
         pass
-    return frozenset()
+    return out
 
 
-CPU_FLAGS = _read()
+_FIELDS = _fields()
+CPU_FLAGS = frozenset(_FIELDS.get("flags", "").split())
+# AMD family 0x19 with AVX-512 (Zen 4): 512-bit FMAs at the 256-bit rate, so fp32 batches take the
+# AVX2 row-sparse GEMM there too (csrc/cpu/sparse_linear.cpp: row_gemm_wins).
+ZEN4 = _FIELDS.get("vendor_id") == "AuthenticAMD" and _FIELDS.get("cpu family") == "25" and "avx512f" in CPU_FLAGS

@@ -1,5 +1,6 @@
 #include "qsk/isa.h"
 
+#include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -117,6 +118,16 @@ bool cpu_has_avx512_fp16() {
 bool cpu_has_avx512_bf16() {
   static const bool bf16 = __builtin_cpu_supports("avx512bf16");
   return bf16;
+}
+
+bool cpu_fma512_at_256_bit_rate() {
+  static const bool half_rate = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (kDetected != Isa::Avx512 || !__builtin_cpu_is("amd") || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+    const unsigned base = (eax >> 8) & 0xf, family = base == 0xf ? base + ((eax >> 20) & 0xff) : base;
+    return family == 0x19;
+  }();
+  return half_rate;
 }
 
 int64_t l1d_bytes() {

@@ -3,8 +3,8 @@
 // Small batches with a column-major weight (weight.stride(0) == 1) take the sparse path: select
 // each row's k features, group the rows in blocks of <= 16 that share the union of their kept
 // features, and stream only those weight rows (sparse_gemv.h), parallel over output columns.
-// On AVX2 larger batches take the row-sparse GEMM, each row multiplying only its own kept
-// features (sparse_gemm_rows_avx2.cpp, row_gemm_wins), and bf16 batches on AMX the batched
+// On AVX2 (and fp32 on Zen 4) larger batches take the row-sparse GEMM, each row multiplying only
+// its own kept features (sparse_gemm_rows_avx2.cpp, row_gemm_wins), and bf16 batches on AMX the batched
 // kernel (sparse_gemm_bf16.cpp); with AVX512-BF16 but no AMX the blocks take vdpbf16ps panels.
 // Larger batches, or other weight layouts, take the dense path: the top-K-masked activations
 // through at::linear (oneDNN / BLAS), so a sparse layer is never much slower than a dense one;
@@ -137,11 +137,19 @@ int64_t sparse_kernel_max_rows(at::ScalarType dtype) {
 //   fp16: M = 16 (this kernel alone, another run) 1.92-1.95 against the blocks' 2.56-3.08,
 //        32 3.44 / 3.15 -> 4.09 / 4.13, 128 3.74 / 2.97 -> 6.18 / 4.78, 512 3.22 / 2.82 -> 6.48 / 3.74.
 // Hence fp32 from 17 rows up to 64 for k <= 0.7 d and up to 128 for k <= 0.55 d (Q-Sparse's s = 0.5
-// is k = d / 2), half types from 32 rows for k <= 0.7 d. Not measured on AVX-512 CPUs (a twice
-// wider fp32 GEMM, and bf16 batch kernels of their own): they keep their paths.
+// is k = d / 2), half types from 32 rows for k <= 0.7 d.
+// fp32 takes it on AVX-512 CPUs too where 512-bit FMAs run at the 256-bit rate (Zen 4,
+// cpu_fma512_at_256_bit_rate): MKL's AVX-512 GEMM then does no more FMAs per cycle than this AVX2
+// kernel. Measured there (AMD EPYC Zen 4, 2026-12-04, same shapes and method, 2 x 5 rounds, MKL on
+// the masked activations -> this kernel): M = 32 1.04 / 0.86 -> 1.40-1.47 / 1.26-1.40, 64 0.91-1.05
+// / 0.86-0.89 -> 1.64 / 1.20-1.33, 128 0.99-1.01 / 0.92-0.95 -> 1.85-2.02 / 1.13-1.26 (512 rows:
+// 0.92-1.01 / 0.99-1.01 -> 1.24-1.33 / 0.84-1.05, outside the rule, as on Zen 3). bf16 there fell
+// to 0.37-0.62 against oneDNN's vdpbf16ps GEMM (twice the multiply-adds per instruction): the half
+// types keep their paths on AVX-512, and other AVX-512 CPUs (two 512-bit FMA ports on Intel) keep MKL.
 constexpr int64_t kRowGemmMinHalfRows = 32;
 bool row_gemm_wins(at::ScalarType dtype, int64_t M, int64_t d, int64_t k) {
-  if (isa() != Isa::Avx2 || k <= 0 || 10 * k > 7 * d) return false;
+  const bool fp32_on_zen4 = isa() == Isa::Avx512 && dtype == at::kFloat && cpu_fma512_at_256_bit_rate();
+  if ((isa() != Isa::Avx2 && !fp32_on_zen4) || k <= 0 || 10 * k > 7 * d) return false;
   if (dtype != at::kFloat) return M >= kRowGemmMinHalfRows;
   if (M <= sparse_max_rows(dtype)) return false;
   return M <= 64 || (M <= 128 && 20 * k <= 11 * d);
