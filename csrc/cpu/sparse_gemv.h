@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "qsk/isa.h"
@@ -41,6 +42,15 @@ struct SparseRows {
   const uint32_t* pairs = nullptr;  // bf16 only, for sparse_gemv_panel_avx512bf16: [ceil(n / 2)][mb]
                                     // vals of listed rows 2p (low half) and 2p + 1 (high; 0 past n) as bf16
 };
+
+// Calls f.template operator()<MB>() with MB = mb, for 1 <= mb <= kMaxBlockRows: the panel kernels'
+// instantiation per block size.
+template <typename F>
+inline void with_block_rows(int mb, F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (void)((mb == I + 1 ? (f.template operator()<I + 1>(), true) : false) || ...);
+  }(std::make_integer_sequence<int, kMaxBlockRows>{});
+}
 
 // Output columns one panel call computes for a block of mb rows. The mb x cols float32
 // accumulators live in an L1-resident buffer (16 KB), so every listed weight row is read as one

@@ -18,6 +18,7 @@
 
 #include "qsk/cpu_common.h"
 #include "qsk/isa.h"
+#include "panel_avx512.h"
 #include "sparse_gemv.h"
 
 namespace qsk::cpu {
@@ -54,11 +55,8 @@ QSK_TARGET_AVX512 inline void load_pair(const c10::BFloat16* p, __mmask32 m, __m
 
 // Restores natural column order in a bf16 panel's accumulators (see load_pair), in place.
 QSK_TARGET_AVX512 inline void unpermute_block(float* acc) {
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512 a = _mm512_loadu_ps(acc), b = _mm512_loadu_ps(acc + 16);
-  _mm512_storeu_ps(acc, _mm512_permutex2var_ps(a, lo, b));
-  _mm512_storeu_ps(acc + 16, _mm512_permutex2var_ps(a, hi, b));
+  permute_chunk(acc, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23),
+                _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
 }
 
 // The activation x[g][m] of fma_block: MB <= 4 rows hold them in registers across the panel;
@@ -103,11 +101,7 @@ template <int M0, int R, int G, typename W, typename X>
 QSK_TARGET_AVX512 inline __attribute__((always_inline)) void fma_rows(const W& wrow, const X& x, float* acc,
                                                                       int64_t os) {
   __m512 a[R][2];
-#pragma GCC unroll 8
-  for (int m = 0; m < R; ++m) {
-    a[m][0] = _mm512_loadu_ps(acc + (M0 + m) * os);
-    a[m][1] = _mm512_loadu_ps(acc + (M0 + m) * os + 16);
-  }
+  load_rows<M0, R>(a, acc, os);
 #pragma GCC unroll 4
   for (int g = 0; g < G; ++g) {
     __m512 w0, w1;
@@ -119,11 +113,7 @@ QSK_TARGET_AVX512 inline __attribute__((always_inline)) void fma_rows(const W& w
       a[m][1] = _mm512_fmadd_ps(xg, w1, a[m][1]);
     }
   }
-#pragma GCC unroll 8
-  for (int m = 0; m < R; ++m) {
-    _mm512_storeu_ps(acc + (M0 + m) * os, a[m][0]);
-    _mm512_storeu_ps(acc + (M0 + m) * os + 16, a[m][1]);
-  }
+  store_rows<M0, R>(a, acc, os);
 }
 
 // acc[m][32 columns] += sum over g < G of x(g, m) * (32 weights at rows[g] + off), in g order.
@@ -216,24 +206,7 @@ QSK_TARGET_AVX512 void panel(const T* wt, int64_t ld, const SparseRows& r, int64
 template <typename T>
 void sparse_gemv_panel_avx512(const T* wt, int64_t ld, const SparseRows& r, int64_t j0, int64_t ncols, float* out,
                               int64_t os) {
-  switch (r.mb) {
-    case 1: return panel<T, 1>(wt, ld, r, j0, ncols, out, os);
-    case 2: return panel<T, 2>(wt, ld, r, j0, ncols, out, os);
-    case 3: return panel<T, 3>(wt, ld, r, j0, ncols, out, os);
-    case 4: return panel<T, 4>(wt, ld, r, j0, ncols, out, os);
-    case 5: return panel<T, 5>(wt, ld, r, j0, ncols, out, os);
-    case 6: return panel<T, 6>(wt, ld, r, j0, ncols, out, os);
-    case 7: return panel<T, 7>(wt, ld, r, j0, ncols, out, os);
-    case 8: return panel<T, 8>(wt, ld, r, j0, ncols, out, os);
-    case 9: return panel<T, 9>(wt, ld, r, j0, ncols, out, os);
-    case 10: return panel<T, 10>(wt, ld, r, j0, ncols, out, os);
-    case 11: return panel<T, 11>(wt, ld, r, j0, ncols, out, os);
-    case 12: return panel<T, 12>(wt, ld, r, j0, ncols, out, os);
-    case 13: return panel<T, 13>(wt, ld, r, j0, ncols, out, os);
-    case 14: return panel<T, 14>(wt, ld, r, j0, ncols, out, os);
-    case 15: return panel<T, 15>(wt, ld, r, j0, ncols, out, os);
-    default: return panel<T, 16>(wt, ld, r, j0, ncols, out, os);
-  }
+  with_block_rows(r.mb, [&]<int MB>() { panel<T, MB>(wt, ld, r, j0, ncols, out, os); });
 }
 
 template void sparse_gemv_panel_avx512<float>(const float*, int64_t, const SparseRows&, int64_t, int64_t, float*,

@@ -20,6 +20,7 @@
 
 #include "qsk/cpu_common.h"
 #include "qsk/isa.h"
+#include "panel_avx512.h"
 #include "sparse_gemv.h"
 
 namespace qsk::cpu {
@@ -39,11 +40,7 @@ template <int M0, int R, int P>
 QSK_TARGET_AVX512 inline __attribute__((always_inline)) void dp_rows(const __m512bh (&w)[P][2], const uint32_t* xp,
                                                                      int mb, float* acc, int64_t os) {
   __m512 a[R][2];
-#pragma GCC unroll 8
-  for (int m = 0; m < R; ++m) {
-    a[m][0] = _mm512_loadu_ps(acc + (M0 + m) * os);
-    a[m][1] = _mm512_loadu_ps(acc + (M0 + m) * os + 16);
-  }
+  load_rows<M0, R>(a, acc, os);
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p) {
 #pragma GCC unroll 8
@@ -53,11 +50,7 @@ QSK_TARGET_AVX512 inline __attribute__((always_inline)) void dp_rows(const __m51
       a[m][1] = _mm512_dpbf16_ps(a[m][1], xv, w[p][1]);
     }
   }
-#pragma GCC unroll 8
-  for (int m = 0; m < R; ++m) {
-    _mm512_storeu_ps(acc + (M0 + m) * os, a[m][0]);
-    _mm512_storeu_ps(acc + (M0 + m) * os + 16, a[m][1]);
-  }
+  store_rows<M0, R>(a, acc, os);
 }
 
 // Every row of the block, kRowChunk rows at a time.
@@ -113,11 +106,8 @@ QSK_TARGET_AVX512 inline void pairs_into_panel(const uint16_t* base, int64_t ld,
 // Restores natural column order in 32 accumulators of one chunk (see the file comment), in place.
 QSK_TARGET_AVX512 inline void unpermute_pairs(float* acc) {
   // Column c of a 16-column half: lane L = c / 8 of the low (c % 8 < 4) or high accumulator.
-  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  const __m512 a = _mm512_loadu_ps(acc), b = _mm512_loadu_ps(acc + 16);
-  _mm512_storeu_ps(acc, _mm512_permutex2var_ps(a, first, b));
-  _mm512_storeu_ps(acc + 16, _mm512_permutex2var_ps(a, second, b));
+  permute_chunk(acc, _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23),
+                _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31));
 }
 
 template <int MB>
@@ -148,24 +138,7 @@ QSK_TARGET_AVX512 void panel(const c10::BFloat16* wt, int64_t ld, const SparseRo
 
 void sparse_gemv_panel_avx512bf16(const c10::BFloat16* wt, int64_t ld, const SparseRows& r, int64_t j0,
                                   int64_t ncols, float* out, int64_t os) {
-  switch (r.mb) {
-    case 1: return panel<1>(wt, ld, r, j0, ncols, out, os);
-    case 2: return panel<2>(wt, ld, r, j0, ncols, out, os);
-    case 3: return panel<3>(wt, ld, r, j0, ncols, out, os);
-    case 4: return panel<4>(wt, ld, r, j0, ncols, out, os);
-    case 5: return panel<5>(wt, ld, r, j0, ncols, out, os);
-    case 6: return panel<6>(wt, ld, r, j0, ncols, out, os);
-    case 7: return panel<7>(wt, ld, r, j0, ncols, out, os);
-    case 8: return panel<8>(wt, ld, r, j0, ncols, out, os);
-    case 9: return panel<9>(wt, ld, r, j0, ncols, out, os);
-    case 10: return panel<10>(wt, ld, r, j0, ncols, out, os);
-    case 11: return panel<11>(wt, ld, r, j0, ncols, out, os);
-    case 12: return panel<12>(wt, ld, r, j0, ncols, out, os);
-    case 13: return panel<13>(wt, ld, r, j0, ncols, out, os);
-    case 14: return panel<14>(wt, ld, r, j0, ncols, out, os);
-    case 15: return panel<15>(wt, ld, r, j0, ncols, out, os);
-    default: return panel<16>(wt, ld, r, j0, ncols, out, os);
-  }
+  with_block_rows(r.mb, [&]<int MB>() { panel<MB>(wt, ld, r, j0, ncols, out, os); });
 }
 
 }  // namespace qsk::cpu
