@@ -236,42 +236,37 @@ struct Block {
   int mb;
   std::vector<int32_t> idx;
   std::vector<float> vals;
-  std::vector<uint32_t> pairs;  // for the vdpbf16ps panels (add_pairs), else empty
+  std::vector<uint32_t> pairs;  // for the vdpbf16ps panels (build_pair_blocks), else empty
   SparseRows rows() const {
     return {idx.data(), vals.data(), static_cast<int64_t>(idx.size()), mb, pairs.empty() ? nullptr : pairs.data()};
   }
 };
 
-// The blocks of build_blocks for the vdpbf16ps panels: each multi-row block holds idx and pairs
-// (SparseRows::pairs, built straight from the bf16 activations) and no vals; single rows as in
-// build_blocks. Sets x_max to the largest kept |activation| (NaN if one is NaN); returns false if
-// a kept activation is subnormal (vdpbf16ps would read it as 0: the caller takes the float32 panels).
+// ceil(M / kMaxBlockRows) blocks of near-equal size over rows 0 .. M (row0 and mb set, no lists).
+std::vector<Block> split_rows(int64_t M) {
+  const int64_t nblocks = (M + kMaxBlockRows - 1) / kMaxBlockRows;
+  std::vector<Block> blocks(nblocks);
+  for (int64_t b = 0, row0 = 0; b < nblocks; ++b) {
+    blocks[b].row0 = row0;
+    blocks[b].mb = static_cast<int>((M - row0) / (nblocks - b));
+    row0 += blocks[b].mb;
+  }
+  return blocks;
+}
+
+// The blocks of build_blocks for the vdpbf16ps panels, M >= 2 (so every block has >= 2 rows): idx
+// and pairs (SparseRows::pairs, built straight from the bf16 activations), no vals. Sets x_max to
+// the largest kept |activation| (NaN if one is NaN); returns false if a kept activation is
+// subnormal (vdpbf16ps would read it as 0: the caller takes the float32 panels).
 bool build_pair_blocks(const c10::BFloat16* x, int64_t M, int64_t d, int64_t k, const int32_t* kept,
                        std::vector<Block>& blocks, float& x_max) {
-  const int64_t nblocks = (M + kMaxBlockRows - 1) / kMaxBlockRows;
-  blocks.assign(nblocks, Block{});
+  blocks = split_rows(M);
   std::vector<int32_t> pos;  // [d] a listed feature's place in the block's list, else -1
   uint32_t top = 0;          // the largest bf16 magnitude (NaN above Inf)
-  for (int64_t b = 0, row0 = 0; b < nblocks; ++b) {
-    Block& blk = blocks[b];
-    blk.row0 = row0;
-    blk.mb = static_cast<int>((M - row0) / (nblocks - b));  // spread the rows evenly, as build_blocks
-    row0 += blk.mb;
+  for (Block& blk : blocks) {
     const int64_t mb = blk.mb;
     const int32_t* kr = kept + blk.row0 * k;
     const uint16_t* xr = reinterpret_cast<const uint16_t*>(x) + blk.row0 * d;
-    for (int64_t m = 0; m < mb; ++m)
-      for (int64_t j = 0; j < k; ++j) {
-        const uint32_t mag = xr[m * d + kr[m * k + j]] & 0x7fffu;
-        if (mag != 0 && mag < 0x0080u) return false;  // subnormal
-        top = std::max(top, mag);
-      }
-    if (mb == 1) {  // a lone row reads exactly its own kept features, on the float32 panel
-      blk.idx.assign(kr, kr + k);
-      blk.vals.resize(k);
-      for (int64_t j = 0; j < k; ++j) blk.vals[j] = static_cast<float>(x[blk.row0 * d + kr[j]]);
-      continue;
-    }
     pos.assign(static_cast<size_t>(d), -1);
     for (int64_t j = 0; j < mb * k; ++j) pos[kr[j]] = 0;
     for (int64_t i = 0; i < d; ++i)
@@ -283,8 +278,10 @@ bool build_pair_blocks(const c10::BFloat16* x, int64_t M, int64_t d, int64_t k, 
     for (int64_t m = 0; m < mb; ++m)
       for (int64_t j = 0; j < k; ++j) {
         const int32_t i = kr[m * k + j];
-        const uint32_t u = static_cast<uint32_t>(pos[i]);
-        blk.pairs[(u / 2) * mb + m] |= static_cast<uint32_t>(xr[m * d + i]) << (16 * (u % 2));
+        const uint32_t bits = xr[m * d + i], mag = bits & 0x7fffu, u = static_cast<uint32_t>(pos[i]);
+        if (mag != 0 && mag < 0x0080u) return false;  // subnormal
+        top = std::max(top, mag);
+        blk.pairs[(u / 2) * mb + m] |= bits << (16 * (u % 2));
       }
   }
   x_max = key_to_float(top << 16);
@@ -295,15 +292,10 @@ bool build_pair_blocks(const c10::BFloat16* x, int64_t M, int64_t d, int64_t k, 
 // near-equal size.
 template <typename T>
 std::vector<Block> build_blocks(const T* x, int64_t M, int64_t d, int64_t k, const int32_t* kept) {
-  const int64_t nblocks = (M + kMaxBlockRows - 1) / kMaxBlockRows;
-  std::vector<Block> blocks(nblocks);
+  std::vector<Block> blocks = split_rows(M);
   std::vector<float> dense;     // [d][mb] values of the block's rows, 0 where dropped
   std::vector<uint8_t> listed;  // [d] whether some row of the block kept feature i
-  for (int64_t b = 0, row0 = 0; b < nblocks; ++b) {
-    Block& blk = blocks[b];
-    blk.row0 = row0;
-    blk.mb = static_cast<int>((M - row0) / (nblocks - b));  // spread the rows evenly
-    row0 += blk.mb;
+  for (Block& blk : blocks) {
     const int mb = blk.mb;
     if (mb == 1) {  // a lone row reads exactly its own kept features
       const int32_t* kr = kept + blk.row0 * k;
