@@ -233,6 +233,15 @@ constexpr int64_t kUnionQuadCost = 3;
 // s=0.5 M=16 9.64 vs 14.43; s=0.6125 M=2 6.72 vs 11.56, M=16 9.88 vs 17.67; 5632 x 2048 dense
 // M=2 3.27 vs 6.31, M=8 5.74 vs 5.38, M=16 6.37 vs 5.35; s=0.6125 M=16 7.91 vs 13.88.
 constexpr int64_t kUnionQuadCostAvx2 = 7;
+// With AVX512-VNNI from kTiledMinRows rows the union runs strip_tiled (register tiles of batch
+// rows), where a batch row's dot block costs ~0.85 and the decode ~6 (the codes go through
+// scratch in planes). Fitted 2026-12-04 (AMD EPYC Zen 4, 2 threads, bf16, weights rotated past
+// the LLC, 4 interleaved processes, per-row time / union time, median [min, max]): 2048 x 5632
+// dense M=2 0.71 [0.64, 0.77], M=4 0.83 [0.81, 0.95], M=8 1.11 [1.04, 1.16]; s=0.6125 M=16 0.63,
+// M=32 0.78, M=64 0.87 [0.70, 1.26] (the previous union kernel: 0.69, 0.70); 5632 x 2048
+// s=0.6125 M=16 0.74, M=64 0.86 [0.79, 1.03].
+constexpr int64_t kTiledUnionQuadCost20 = 120;  // 20 x the decode's ~6
+constexpr int64_t kTiledRowCost20 = 17;         // 20 x a batch row's ~0.85
 
 // Also returns the union size in *n_union.
 bool prefer_per_row(const int8_t* xq, int64_t M, int64_t d, Isa level, int64_t* n_union) {
@@ -247,6 +256,8 @@ bool prefer_per_row(const int8_t* xq, int64_t M, int64_t d, Isa level, int64_t* 
   int64_t uni = 0;
   for (int64_t i = 0; i < d; ++i) uni += any[i];
   *n_union = uni;
+  if (level == Isa::Avx512 && has_avx512_vnni() && M >= kTiledMinRows)
+    return 20 * own * kRowQuadCost < uni * (kTiledUnionQuadCost20 + kTiledRowCost20 * M);
   return own * kRowQuadCost < uni * ((level == Isa::Avx2 ? kUnionQuadCostAvx2 : kUnionQuadCost) + M);
 }
 

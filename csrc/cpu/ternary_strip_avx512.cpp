@@ -257,9 +257,96 @@ QSK_TARGET_AVX512 void strip_mn(const RowPlan& p, int64_t b0, int64_t nbytes, in
     store_natural(reinterpret_cast<const int32_t(*)[16]>(pacc + 16 * m), nbytes, out + m * ld);
 }
 
+// ---- M > 1 with VNNI: register tiles of batch rows (strip_tiled) ----
+// strip_mn keeps one batch row's 16 accumulators in registers, so every vpdpbusd loads its codes
+// from L1 (one 64-byte load per instruction, the load port's rate) and the accumulators go back to
+// scratch every kChunkQuads quads. strip_tiled decodes kTiledChunkQuads quads into scratch, in
+// four planes of 4 code vectors each (group g: accumulators 4g .. 4g + 3), then for each tile of
+// up to kTileRows batch rows and each group runs all the chunk's quads with the tile's
+// kTileRows x 4 accumulators in registers: per quad 4 code loads and kTileRows activation
+// broadcasts for 4 x kTileRows vpdpbusd.
+constexpr int kTileRows = 6;
+
+// pacc[16 r + i] (+)= sum over the chunk's nq quads c of vpdpbusd(codes[4 c + i], the quad's
+// activations of tile row r) for r < R, i < 4; first: the sums start from zero instead.
+template <int R>
+QSK_TARGET_AVX512 inline __attribute__((always_inline)) void tile_group(const __m512i* codes, int64_t nq,
+                                                                        const int32_t* x4, int64_t ldx, __m512i* pacc,
+                                                                        bool first) {
+  __m512i a[R][4];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) a[r][i] = first ? _mm512_setzero_si512() : pacc[16 * r + i];
+  for (int64_t c = 0; c < nq; ++c) {
+    const __m512i c0 = codes[4 * c], c1 = codes[4 * c + 1], c2 = codes[4 * c + 2], c3 = codes[4 * c + 3];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m512i x = _mm512_set1_epi32(x4[r * ldx + c]);
+      a[r][0] = _mm512_dpbusd_epi32(a[r][0], c0, x);
+      a[r][1] = _mm512_dpbusd_epi32(a[r][1], c1, x);
+      a[r][2] = _mm512_dpbusd_epi32(a[r][2], c2, x);
+      a[r][3] = _mm512_dpbusd_epi32(a[r][3], c3, x);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) pacc[16 * r + i] = a[r][i];
+}
+
+template <bool kTail>
+QSK_TARGET_AVX512 void strip_tiled(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out, int64_t ld,
+                                   int32_t* scratch) {
+  const __mmask64 mask = kTail ? _bzhi_u64(~0ull, static_cast<unsigned>(nbytes)) : ~0ull;
+  // 64 B aligned views of the scratch (strip_scratch_words reserves the slack).
+  const auto base = (reinterpret_cast<uintptr_t>(scratch) + 63) & ~static_cast<uintptr_t>(63);
+  __m512i* codes = reinterpret_cast<__m512i*>(base);  // [4 groups][kTiledChunkQuads quads][4]
+  __m512i* pacc = codes + kTiledChunkQuads * 16;       // [M][16]
+  const Prefetch pf = strip_prefetch(p, b0, kW);
+  for (int64_t q = 0; q < kPrefetchQuads; ++q) prefetch_quad(p, q, b0, pf);
+  for (int64_t q0 = 0; q0 < p.n_quads; q0 += kTiledChunkQuads) {
+    const int64_t nq = std::min(kTiledChunkQuads, p.n_quads - q0);
+    for (int64_t c = 0; c < nq; ++c) {
+      prefetch_quad(p, q0 + c + kPrefetchQuads, b0, pf);
+      __m512i v[4];
+      load_quad<kTail>(p, q0 + c, b0, mask, v);
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        __m512i* cc = codes + 4 * (g * kTiledChunkQuads + c);
+        cc[0] = plane<0>(v[g]);
+        cc[1] = plane<1>(v[g]);
+        cc[2] = plane<2>(v[g]);
+        cc[3] = plane<3>(v[g]);
+      }
+    }
+    for (int64_t m0 = 0; m0 < p.M; m0 += kTileRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, p.M - m0));
+      const int32_t* x4 = p.x4 + m0 * p.n_quads + q0;
+      for (int g = 0; g < 4; ++g) {
+        const __m512i* cg = codes + 4 * g * kTiledChunkQuads;
+        __m512i* pa = pacc + 16 * m0 + 4 * g;
+        switch (rows) {
+          case 1: tile_group<1>(cg, nq, x4, p.n_quads, pa, q0 == 0); break;
+          case 2: tile_group<2>(cg, nq, x4, p.n_quads, pa, q0 == 0); break;
+          case 3: tile_group<3>(cg, nq, x4, p.n_quads, pa, q0 == 0); break;
+          case 4: tile_group<4>(cg, nq, x4, p.n_quads, pa, q0 == 0); break;
+          case 5: tile_group<5>(cg, nq, x4, p.n_quads, pa, q0 == 0); break;
+          default: tile_group<kTileRows>(cg, nq, x4, p.n_quads, pa, q0 == 0); break;
+        }
+      }
+    }
+  }
+  for (int64_t m = 0; m < p.M; ++m)
+    store_natural(reinterpret_cast<const int32_t(*)[16]>(pacc + 16 * m), nbytes, out + m * ld);
+}
+
 template <bool kVnni>
 void strip_dispatch(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld, int32_t* scratch) {
   if (p.M == 1) return block_m1<kVnni, false>(p, b0, nbytes, acc, kBlockRowQuads, false);  // a block of one strip
+  if (kVnni && p.M >= kTiledMinRows)
+    return nbytes < kW ? strip_tiled<true>(p, b0, nbytes, acc, ld, scratch)
+                       : strip_tiled<false>(p, b0, nbytes, acc, ld, scratch);
   nbytes < kW ? strip_mn<kVnni, true>(p, b0, nbytes, acc, ld, scratch)
               : strip_mn<kVnni, false>(p, b0, nbytes, acc, ld, scratch);
 }
