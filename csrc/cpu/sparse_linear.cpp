@@ -144,12 +144,17 @@ int64_t sparse_kernel_max_rows(at::ScalarType dtype) {
 // the masked activations -> this kernel): M = 32 1.04 / 0.86 -> 1.40-1.47 / 1.26-1.40, 64 0.91-1.05
 // / 0.86-0.89 -> 1.64 / 1.20-1.33, 128 0.99-1.01 / 0.92-0.95 -> 1.85-2.02 / 1.13-1.26 (512 rows:
 // 0.92-1.01 / 0.99-1.01 -> 1.24-1.33 / 0.84-1.05, outside the rule, as on Zen 3). bf16 there fell
-// to 0.37-0.62 against oneDNN's vdpbf16ps GEMM (twice the multiply-adds per instruction): the half
-// types keep their paths on AVX-512, and other AVX-512 CPUs (two 512-bit FMA ports on Intel) keep MKL.
+// to 0.37-0.62 against oneDNN's vdpbf16ps GEMM (twice the multiply-adds per instruction): bf16
+// keeps its paths on AVX-512, and other AVX-512 CPUs (two 512-bit FMA ports on Intel) keep MKL.
+// fp16 there has no fast torch GEMM (no AVX512-FP16) and ran the GEMV blocks at every M; this
+// kernel beats them from 32 rows (Zen 4, 2026-12-04, 2 threads, s = 0.5, DRAM-resident, 4
+// alternating processes, blocks time / this kernel's, median [min, max]): 2048 -> 5632 M = 32 1.33
+// [0.92, 1.60], 64 1.73, 128 1.81, 512 1.41; 5632 -> 2048 M = 32 1.76, 128 1.62, 512 1.12 [1.00, 1.44].
 constexpr int64_t kRowGemmMinHalfRows = 32;
 bool row_gemm_wins(at::ScalarType dtype, int64_t M, int64_t d, int64_t k) {
-  const bool fp32_on_zen4 = isa() == Isa::Avx512 && dtype == at::kFloat && cpu_fma512_at_256_bit_rate();
-  if ((isa() != Isa::Avx2 && !fp32_on_zen4) || k <= 0 || 10 * k > 7 * d) return false;
+  const bool on_zen4 = isa() == Isa::Avx512 && cpu_fma512_at_256_bit_rate() &&
+                       (dtype == at::kFloat || (dtype == at::kHalf && !torch_fp16_gemm_fast()));
+  if ((isa() != Isa::Avx2 && !on_zen4) || k <= 0 || 10 * k > 7 * d) return false;
   if (dtype != at::kFloat) return M >= kRowGemmMinHalfRows;
   if (M <= sparse_max_rows(dtype)) return false;
   return M <= 64 || (M <= 128 && 20 * k <= 11 * d);
