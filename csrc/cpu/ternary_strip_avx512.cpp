@@ -209,35 +209,48 @@ QSK_TARGET_AVX512 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, in
     store_natural<kScaled>(acc_mem[s], std::min(kW, nbytes - kW * s), out + 4 * kW * s);
 }
 
+// The 64 B aligned start of a batch kernel's scratch (strip_scratch_words reserves the slack).
+inline __m512i* aligned_scratch(int32_t* scratch) {
+  return reinterpret_cast<__m512i*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~static_cast<uintptr_t>(63));
+}
+
+// Steps 1-3 for quads q0 .. q0 + nq - 1 of the strip at b0 (nbytes wide): code vector s of group g
+// of chunk quad c (plane s of v[g]) to codes[g * sg + c * sc + s], prefetching kPrefetchQuads ahead.
+template <bool kTail>
+QSK_TARGET_AVX512 inline __attribute__((always_inline)) void decode_chunk(const RowPlan& p, int64_t q0, int64_t nq,
+                                                                          int64_t b0, int64_t nbytes,
+                                                                          const Prefetch& pf, __m512i* codes,
+                                                                          int64_t sg, int64_t sc) {
+  const __mmask64 mask = kTail ? _bzhi_u64(~0ull, static_cast<unsigned>(nbytes)) : ~0ull;
+  for (int64_t c = 0; c < nq; ++c) {
+    prefetch_quad(p, q0 + c + kPrefetchQuads, b0, pf);
+    __m512i v[4];
+    load_quad<kTail>(p, q0 + c, b0, mask, v);
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      __m512i* cc = codes + g * sg + c * sc;
+      cc[0] = plane<0>(v[g]);
+      cc[1] = plane<1>(v[g]);
+      cc[2] = plane<2>(v[g]);
+      cc[3] = plane<3>(v[g]);
+    }
+  }
+}
+
 // M > 1: decode kChunkQuads quads into scratch once, then every batch row runs its dot products
 // over the decoded codes (so the decode cost is shared by the batch). Batch row m's accumulators
 // live in scratch between chunks.
 template <bool kVnni, bool kTail>
 QSK_TARGET_AVX512 void strip_mn(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out, int64_t ld,
                                 int32_t* scratch) {
-  const __mmask64 mask = kTail ? _bzhi_u64(~0ull, static_cast<unsigned>(nbytes)) : ~0ull;
-  // 64 B aligned views of the scratch (strip_scratch_words reserves the slack).
-  const auto base = (reinterpret_cast<uintptr_t>(scratch) + 63) & ~static_cast<uintptr_t>(63);
-  __m512i* codes = reinterpret_cast<__m512i*>(base);  // [kChunkQuads][16]
-  __m512i* pacc = codes + kChunkQuads * 16;            // [M][16]
+  __m512i* codes = aligned_scratch(scratch);  // [kChunkQuads][16]
+  __m512i* pacc = codes + kChunkQuads * 16;   // [M][16]
   for (int64_t i = 0; i < p.M * 16; ++i) pacc[i] = _mm512_setzero_si512();
   const Prefetch pf = strip_prefetch(p, b0, kW);
   for (int64_t q = 0; q < kPrefetchQuads; ++q) prefetch_quad(p, q, b0, pf);
   for (int64_t q0 = 0; q0 < p.n_quads; q0 += kChunkQuads) {
     const int64_t nq = std::min(kChunkQuads, p.n_quads - q0);
-    for (int64_t c = 0; c < nq; ++c) {
-      prefetch_quad(p, q0 + c + kPrefetchQuads, b0, pf);
-      __m512i v[4];
-      load_quad<kTail>(p, q0 + c, b0, mask, v);
-      __m512i* cc = codes + 16 * c;
-#pragma GCC unroll 4
-      for (int g = 0; g < 4; ++g) {
-        cc[4 * g + 0] = plane<0>(v[g]);
-        cc[4 * g + 1] = plane<1>(v[g]);
-        cc[4 * g + 2] = plane<2>(v[g]);
-        cc[4 * g + 3] = plane<3>(v[g]);
-      }
-    }
+    decode_chunk<kTail>(p, q0, nq, b0, nbytes, pf, codes, 4, 16);
     for (int64_t m = 0; m < p.M; ++m) {
       const int32_t* xm = p.x4 + m * p.n_quads + q0;
       __m512i a[16];
@@ -298,28 +311,13 @@ QSK_TARGET_AVX512 inline __attribute__((always_inline)) void tile_group(const __
 template <bool kTail>
 QSK_TARGET_AVX512 void strip_tiled(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out, int64_t ld,
                                    int32_t* scratch) {
-  const __mmask64 mask = kTail ? _bzhi_u64(~0ull, static_cast<unsigned>(nbytes)) : ~0ull;
-  // 64 B aligned views of the scratch (strip_scratch_words reserves the slack).
-  const auto base = (reinterpret_cast<uintptr_t>(scratch) + 63) & ~static_cast<uintptr_t>(63);
-  __m512i* codes = reinterpret_cast<__m512i*>(base);  // [4 groups][kTiledChunkQuads quads][4]
-  __m512i* pacc = codes + kTiledChunkQuads * 16;       // [M][16]
+  __m512i* codes = aligned_scratch(scratch);  // [4 groups][kTiledChunkQuads quads][4]
+  __m512i* pacc = codes + kTiledChunkQuads * 16;  // [M][16]
   const Prefetch pf = strip_prefetch(p, b0, kW);
   for (int64_t q = 0; q < kPrefetchQuads; ++q) prefetch_quad(p, q, b0, pf);
   for (int64_t q0 = 0; q0 < p.n_quads; q0 += kTiledChunkQuads) {
     const int64_t nq = std::min(kTiledChunkQuads, p.n_quads - q0);
-    for (int64_t c = 0; c < nq; ++c) {
-      prefetch_quad(p, q0 + c + kPrefetchQuads, b0, pf);
-      __m512i v[4];
-      load_quad<kTail>(p, q0 + c, b0, mask, v);
-#pragma GCC unroll 4
-      for (int g = 0; g < 4; ++g) {
-        __m512i* cc = codes + 4 * (g * kTiledChunkQuads + c);
-        cc[0] = plane<0>(v[g]);
-        cc[1] = plane<1>(v[g]);
-        cc[2] = plane<2>(v[g]);
-        cc[3] = plane<3>(v[g]);
-      }
-    }
+    decode_chunk<kTail>(p, q0, nq, b0, nbytes, pf, codes, 4 * kTiledChunkQuads, 4);
     for (int64_t m0 = 0; m0 < p.M; m0 += kTileRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kTileRows, p.M - m0));
       const int32_t* x4 = p.x4 + m0 * p.n_quads + q0;
