@@ -66,7 +66,9 @@ def test_decode_cli_runs_every_variant_with_breakdown(tmp_path, capsys):
     head = 64 * 100 * 2
     assert (big["dense"] - head) == 8 * (big["bitnet-b1.58"] - head)
     assert (out / "decode.png").exists()
-    split = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["dense"]][-1]
+    printed = capsys.readouterr().out
+    assert "breakdown rounds (median" in printed  # the floor's bandwidth: measured in those rounds, with its range
+    split = [line.split() for line in printed.splitlines() if line.split()[:1] == ["dense"]][-1]
     total, head, proj, rest, floor = map(float, split[1:6])
     assert abs(head + proj + rest - total) < 0.15  # each printed to 0.1 ms
     assert floor >= 0 and split[6].endswith("x")  # the projections' bandwidth floor and their ratio to it

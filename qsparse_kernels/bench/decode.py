@@ -185,15 +185,18 @@ def _swapped(model: LlamaDecoder, head: bool, projections: bool):
             setattr(parent, name, mod)
 
 
-def breakdown(models: dict[str, LlamaDecoder], prompt: torch.Tensor, n_new: int, rounds: int) -> dict[str, dict]:
+def breakdown(models: dict[str, LlamaDecoder], prompt: torch.Tensor, n_new: int,
+              rounds: int) -> tuple[dict[str, dict], list[float]]:
     """Milliseconds per decoded token spent in ``lm_head``, in the other projections and in the rest,
-    per variant.
+    per variant; and the read bandwidth (bytes/s, :func:`read_bandwidth`) measured once per round.
 
     Times each model as it is, then with ``lm_head`` replaced by a module that returns zeros, then
     with every projection replaced as well; the differences of the three times' medians over
     ``rounds`` rounds (variants interleaved round-robin) are the shares, so they add up to the
-    total. The models are restored."""
+    total. The bandwidth is measured inside the rounds because on a shared machine it moves as much
+    as the timings do (one run read 53 GB/s, the next ones 23-31). The models are restored."""
     times = {v: ([], [], []) for v in models}  # full, no head, neither head nor projections
+    bandwidths = []
     for _ in range(rounds):
         for v, model in models.items():
             full, no_head, rest = times[v]
@@ -202,11 +205,12 @@ def breakdown(models: dict[str, LlamaDecoder], prompt: torch.Tensor, n_new: int,
                 no_head.append(time_variant(model, prompt, n_new)["ms_per_token"])
             with _swapped(model, head=True, projections=True):
                 rest.append(time_variant(model, prompt, n_new)["ms_per_token"])
+        bandwidths.append(read_bandwidth(prompt.device, reps=3))
     out = {}
     for v, ts in times.items():
         full, no_head, rest = (statistics.median(t) for t in ts)
         out[v] = {"total": full, "lm_head": full - no_head, "projections": no_head - rest, "rest": rest}
-    return out
+    return out, bandwidths
 
 
 def _summary(values: list[float]) -> dict:
@@ -313,9 +317,10 @@ def main(argv=None) -> int:
     bpt = {v: weight_bytes_per_token(m) for v, m in models.items()}
     results = run_rounds(models, prompt, args.new_tokens, args.rounds, f"{label} ")
     if args.breakdown:
-        bw = read_bandwidth(torch.device(args.device))  # the floor's bandwidth, same run
         split_rounds = min(args.rounds, BREAKDOWN_ROUNDS)
-        for v, sp in breakdown(models, prompt, args.new_tokens, split_rounds).items():
+        split, bandwidths = breakdown(models, prompt, args.new_tokens, split_rounds)
+        bw = statistics.median(bandwidths)  # the floor's bandwidth, measured in the breakdown's rounds
+        for v, sp in split.items():
             results[v]["split"] = {**sp, "floor": 1e3 * projection_bytes_per_token(models[v]) / bw}
     tables.append((label, results, bpt))
     del models
@@ -350,8 +355,9 @@ def main(argv=None) -> int:
             print(f"{v:<40}{sp['total']:>9.1f}{sp['lm_head']:>9.1f}{sp['projections']:>13.1f}{sp['rest']:>9.1f}"
                   f"{sp['floor']:>12.1f}{sp['projections'] / sp['floor']:>11.2f}x")
         print("# proj floor: the projections' kept weight bytes per token / the read bandwidth measured in this "
-              f"run ({bw / 1e9:.1f} GB/s, amax over a DRAM-sized buffer; a kernel with more loads in flight can "
-              "beat it)")
+              f"run's breakdown rounds (median {bw / 1e9:.1f} GB/s [{min(bandwidths) / 1e9:.1f}, "
+              f"{max(bandwidths) / 1e9:.1f}], amax over a DRAM-sized buffer; a kernel with more loads in flight "
+              "can beat it)")
     for w in warnings:
         print(w, file=sys.stderr)
     if args.out:
