@@ -46,7 +46,8 @@ constexpr int64_t kPrefetchSteps = 4;
 inline void prefetch_rows(const char* first, int64_t ld, int n, int64_t byte) {
   for (int r = 0; r < n; ++r) _mm_prefetch(first + r * ld + byte, _MM_HINT_T1);
 }
-// The rows prefetched by the step at weight row n (of rows [0, nlimit)): how many, and the first.
+// The rows prefetched by the step at weight row n (of rows [0, nlimit)): how many, and the first
+// (only formed when there is one: a pointer past the weight's end would be undefined behaviour).
 inline int prefetch_count(int64_t n, int64_t step_rows, int64_t nlimit) {
   return static_cast<int>(std::clamp<int64_t>(nlimit - (n + kPrefetchSteps * step_rows), 0, step_rows));
 }
@@ -138,8 +139,8 @@ QSK_TARGET_AVX512 void rows_avx512(const T* x, int64_t M, int64_t d, const T* w,
   for (int64_t n = n0; n < n1; n += kRowsPerStep) {
     const int nr = static_cast<int>(std::min<int64_t>(kRowsPerStep, n1 - n));
     float* o = out + (n - n0);
-    const char* pf = prefetch_first(w, ldw, n, kRowsPerStep);
     const int npf = prefetch_count(n, kRowsPerStep, N);
+    const char* pf = npf > 0 ? prefetch_first(w, ldw, n, kRowsPerStep) : nullptr;
     switch (M) {
       case 1: step_avx512<T, 1>(x, d, w, ldw, n, nr, o, ldo, pf, npf); break;
       case 2: step_avx512<T, 2>(x, d, w, ldw, n, nr, o, ldo, pf, npf); break;
@@ -218,9 +219,11 @@ QSK_TARGET_AVX2 void rows_mr_avx2(const float* xf, int64_t dp, int64_t d, const 
                                   int64_t n1, int64_t N, float* out, int64_t ldo) {
   constexpr int NR = MR == 1 ? 4 : MR < 4 ? 2 : 1;
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR)
-    step_avx2<T, MR, NR>(xf, dp, d, w, ldw, n, out + (n - n0), ldo, prefetch_first(w, ldw, n, NR),
-                         prefetch_count(n, NR, N));
+  for (; n + NR <= n1; n += NR) {
+    const int npf = prefetch_count(n, NR, N);
+    step_avx2<T, MR, NR>(xf, dp, d, w, ldw, n, out + (n - n0), ldo, npf > 0 ? prefetch_first(w, ldw, n, NR) : nullptr,
+                         npf);
+  }
   for (; n < n1; ++n) step_avx2<T, MR, 1>(xf, dp, d, w, ldw, n, out + (n - n0), ldo, nullptr, 0);
 }
 

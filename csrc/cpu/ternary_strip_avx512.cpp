@@ -312,7 +312,9 @@ template <bool kTail>
 QSK_TARGET_AVX512 void strip_tiled(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* out, int64_t ld,
                                    int32_t* scratch) {
   __m512i* codes = aligned_scratch(scratch);  // [4 groups][kTiledChunkQuads quads][4]
-  __m512i* pacc = codes + kTiledChunkQuads * 16;  // [M][16]
+  __m512i* pacc = codes + kTiledChunkQuads * 16;  // [M][16]; the first chunk's tiles overwrite it
+  if (p.n_quads == 0)
+    for (int64_t i = 0; i < p.M * 16; ++i) pacc[i] = _mm512_setzero_si512();
   const Prefetch pf = strip_prefetch(p, b0, kW);
   for (int64_t q = 0; q < kPrefetchQuads; ++q) prefetch_quad(p, q, b0, pf);
   for (int64_t q0 = 0; q0 < p.n_quads; q0 += kTiledChunkQuads) {
