@@ -19,6 +19,7 @@ def _fields() -> dict[str, str]:
 
 _FIELDS = _fields()
 CPU_FLAGS = frozenset(_FIELDS.get("flags", "").split())
-# AMD family 0x19 with AVX-512 (Zen 4): 512-bit FMAs at the 256-bit rate, so fp32 batches take the
-# AVX2 row-sparse GEMM there too (csrc/cpu/sparse_linear.cpp: row_gemm_wins).
+# AMD family 0x19 with AVX-512 (Zen 4): 512-bit FMAs at the 256-bit rate, so fp32 (and, without a
+# fast torch fp16 GEMM, fp16) batches take the AVX2 row-sparse GEMM there too
+# (csrc/cpu/sparse_linear.cpp: row_gemm_wins).
 ZEN4 = _FIELDS.get("vendor_id") == "AuthenticAMD" and _FIELDS.get("cpu family") == "25" and "avx512f" in CPU_FLAGS

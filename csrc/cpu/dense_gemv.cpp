@@ -46,14 +46,18 @@ constexpr int64_t kPrefetchSteps = 4;
 inline void prefetch_rows(const char* first, int64_t ld, int n, int64_t byte) {
   for (int r = 0; r < n; ++r) _mm_prefetch(first + r * ld + byte, _MM_HINT_T1);
 }
-// The rows prefetched by the step at weight row n (of rows [0, nlimit)): how many, and the first
-// (only formed when there is one: a pointer past the weight's end would be undefined behaviour).
-inline int prefetch_count(int64_t n, int64_t step_rows, int64_t nlimit) {
-  return static_cast<int>(std::clamp<int64_t>(nlimit - (n + kPrefetchSteps * step_rows), 0, step_rows));
-}
+// The rows the step of step_rows rows at weight row n (of rows [0, N)) prefetches: the first and
+// how many (first is only formed when there is one: a pointer past the weight's end would be
+// undefined behaviour).
+struct RowPrefetch {
+  const char* first;
+  int n;
+};
 template <typename T>
-inline const char* prefetch_first(const T* w, int64_t ldw, int64_t n, int64_t step_rows) {
-  return reinterpret_cast<const char*>(w + (n + kPrefetchSteps * step_rows) * ldw);
+inline RowPrefetch row_prefetch(const T* w, int64_t ldw, int64_t n, int64_t step_rows, int64_t N) {
+  const int64_t r0 = n + kPrefetchSteps * step_rows;
+  const int count = static_cast<int>(std::clamp<int64_t>(N - r0, 0, step_rows));
+  return {count > 0 ? reinterpret_cast<const char*>(w + r0 * ldw) : nullptr, count};
 }
 
 // ---- portable (baseline build; also the reference for the order above) ----
@@ -111,15 +115,15 @@ QSK_TARGET_AVX512 inline float tree16_avx512(__m512 v) {
 }
 
 // Outputs n .. n + nr (nr <= kRowsPerStep) of MR rows into out[m * ldo + r].
-// npf rows from pf on are prefetched meanwhile (prefetch_count / prefetch_first).
+// The rows of pf are prefetched meanwhile (row_prefetch).
 template <typename T, int MR>
 QSK_TARGET_AVX512 void step_avx512(const T* x, int64_t d, const T* w, int64_t ldw, int64_t n, int nr, float* out,
-                                   int64_t ldo, const char* pf, int npf) {
+                                   int64_t ldo, RowPrefetch pf) {
   __m512 acc[kRowsPerStep][MR];
   for (int r = 0; r < kRowsPerStep; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t c = 0; c < d; c += 16) {
-    if (c * static_cast<int64_t>(sizeof(T)) % 64 == 0) prefetch_rows(pf, ldw * sizeof(T), npf, c * sizeof(T));
+    if (c * static_cast<int64_t>(sizeof(T)) % 64 == 0) prefetch_rows(pf.first, ldw * sizeof(T), pf.n, c * sizeof(T));
     const __mmask16 k = d - c >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (d - c)) - 1);
     __m512 xv[MR];
     for (int m = 0; m < MR; ++m) xv[m] = load16(x + m * d + c, k);
@@ -139,13 +143,12 @@ QSK_TARGET_AVX512 void rows_avx512(const T* x, int64_t M, int64_t d, const T* w,
   for (int64_t n = n0; n < n1; n += kRowsPerStep) {
     const int nr = static_cast<int>(std::min<int64_t>(kRowsPerStep, n1 - n));
     float* o = out + (n - n0);
-    const int npf = prefetch_count(n, kRowsPerStep, N);
-    const char* pf = npf > 0 ? prefetch_first(w, ldw, n, kRowsPerStep) : nullptr;
+    const RowPrefetch pf = row_prefetch(w, ldw, n, kRowsPerStep, N);
     switch (M) {
-      case 1: step_avx512<T, 1>(x, d, w, ldw, n, nr, o, ldo, pf, npf); break;
-      case 2: step_avx512<T, 2>(x, d, w, ldw, n, nr, o, ldo, pf, npf); break;
-      case 3: step_avx512<T, 3>(x, d, w, ldw, n, nr, o, ldo, pf, npf); break;
-      default: step_avx512<T, 4>(x, d, w, ldw, n, nr, o, ldo, pf, npf); break;
+      case 1: step_avx512<T, 1>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+      case 2: step_avx512<T, 2>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+      case 3: step_avx512<T, 3>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+      default: step_avx512<T, 4>(x, d, w, ldw, n, nr, o, ldo, pf); break;
     }
   }
 }
@@ -192,12 +195,12 @@ QSK_TARGET_AVX2 inline float tree16_avx2(__m256 lo, __m256 hi) {
 // registers hold the 2 x NR x MR accumulators and one weight row's 16 values.
 template <typename T, int MR, int NR>
 QSK_TARGET_AVX2 inline void step_avx2(const float* xf, int64_t dp, int64_t d, const T* w, int64_t ldw, int64_t n,
-                                      float* out, int64_t ldo, const char* pf, int npf) {
+                                      float* out, int64_t ldo, RowPrefetch pf) {
   __m256 lo[NR][MR], hi[NR][MR];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) lo[r][m] = hi[r][m] = _mm256_setzero_ps();
   for (int64_t c = 0; c < d; c += 16) {
-    if (c * static_cast<int64_t>(sizeof(T)) % 64 == 0) prefetch_rows(pf, ldw * sizeof(T), npf, c * sizeof(T));
+    if (c * static_cast<int64_t>(sizeof(T)) % 64 == 0) prefetch_rows(pf.first, ldw * sizeof(T), pf.n, c * sizeof(T));
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
       __m256 wl, wh;
@@ -219,12 +222,9 @@ QSK_TARGET_AVX2 void rows_mr_avx2(const float* xf, int64_t dp, int64_t d, const 
                                   int64_t n1, int64_t N, float* out, int64_t ldo) {
   constexpr int NR = MR == 1 ? 4 : MR < 4 ? 2 : 1;
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) {
-    const int npf = prefetch_count(n, NR, N);
-    step_avx2<T, MR, NR>(xf, dp, d, w, ldw, n, out + (n - n0), ldo, npf > 0 ? prefetch_first(w, ldw, n, NR) : nullptr,
-                         npf);
-  }
-  for (; n < n1; ++n) step_avx2<T, MR, 1>(xf, dp, d, w, ldw, n, out + (n - n0), ldo, nullptr, 0);
+  for (; n + NR <= n1; n += NR)
+    step_avx2<T, MR, NR>(xf, dp, d, w, ldw, n, out + (n - n0), ldo, row_prefetch(w, ldw, n, NR, N));
+  for (; n < n1; ++n) step_avx2<T, MR, 1>(xf, dp, d, w, ldw, n, out + (n - n0), ldo, RowPrefetch{nullptr, 0});
 }
 
 template <typename T>

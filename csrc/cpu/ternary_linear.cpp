@@ -256,7 +256,7 @@ bool prefer_per_row(const int8_t* xq, int64_t M, int64_t d, Isa level, int64_t* 
   int64_t uni = 0;
   for (int64_t i = 0; i < d; ++i) uni += any[i];
   *n_union = uni;
-  if (level == Isa::Avx512 && has_avx512_vnni() && M >= kTiledMinRows)
+  if (level == Isa::Avx512 && runs_tiled(has_avx512_vnni(), M))
     return 20 * own * kRowQuadCost < uni * (kTiledUnionQuadCost20 + kTiledRowCost20 * M);
   return own * kRowQuadCost < uni * ((level == Isa::Avx2 ? kUnionQuadCostAvx2 : kUnionQuadCost) + M);
 }

@@ -344,7 +344,7 @@ QSK_TARGET_AVX512 void strip_tiled(const RowPlan& p, int64_t b0, int64_t nbytes,
 template <bool kVnni>
 void strip_dispatch(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* acc, int64_t ld, int32_t* scratch) {
   if (p.M == 1) return block_m1<kVnni, false>(p, b0, nbytes, acc, kBlockRowQuads, false);  // a block of one strip
-  if (kVnni && p.M >= kTiledMinRows)
+  if (runs_tiled(kVnni, p.M))
     return nbytes < kW ? strip_tiled<true>(p, b0, nbytes, acc, ld, scratch)
                        : strip_tiled<false>(p, b0, nbytes, acc, ld, scratch);
   nbytes < kW ? strip_mn<kVnni, true>(p, b0, nbytes, acc, ld, scratch)

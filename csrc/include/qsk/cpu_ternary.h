@@ -95,6 +95,8 @@ constexpr int64_t kChunkQuads = 8;
 // [0.85, 1.57]; 5632 x 2048 M=16 1.15 [1.01, 1.26], M=128 1.34 [1.17, 1.47].
 constexpr int64_t kTiledChunkQuads = 64;
 constexpr int64_t kTiledMinRows = 8;
+// Whether a batch of M rows on the union plan runs strip_tiled (AVX-512 with VNNI).
+inline bool runs_tiled(bool vnni, int64_t M) { return vnni && M >= kTiledMinRows; }
 
 // ---- prefetching, shared by the vector kernels (_mm_prefetch is baseline x86-64) ----
 
