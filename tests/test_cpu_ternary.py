@@ -207,6 +207,31 @@ def test_invalid_code_3_stays_in_bounds(isa):
     assert y.shape == (3, out_f)
 
 
+@pytest.mark.parametrize("shape", [(7, 7), (63, 4097), (4097, 63), (300, 2050)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_column_range_of_a_wider_buffer(isa, dtype, shape):
+    """A packed weight that is a column range of a wider uint8 buffer (siblings stored side by side,
+    nn/_siblings.py) is read in place, row by row: bit-identical to the reference for batches of 1
+    to 17 rows (every M == 1, strip, tiled and per-row path), and no byte outside the range reaches
+    the result (the others are 0xFF: invalid code 3 everywhere). The second view ends where its
+    buffer ends, so a read past a row's bytes there is out of bounds (the sanitizer run sees it)."""
+    d, out_f = shape
+    packed, _ = random_packed(out_f, d)
+    cols = packed.shape[1]
+    wide = torch.full((d, 5 + cols + 70), 0xFF, dtype=torch.uint8)
+    tail = torch.full((d, 3 + cols), 0xFF, dtype=torch.uint8)
+    views = [wide[:, 5 : 5 + cols], tail[:, 3:]]
+    ref = Expected(packed, out_f)
+    x = distinct_x(17, d, dtype)
+    s, bias = torch.tensor(0.75), torch.randn(out_f).to(dtype)
+    for view in views:
+        view.copy_(packed)
+        assert not view.is_contiguous() or d == 1
+        for M in (1, 3, 17):
+            for k in _ks(d):
+                assert_same(KERNEL(x[:M], view, s, out_f, k, bias), ref(x[:M], s, k, bias))
+
+
 def test_opcheck():
     packed, _ = random_packed(13, 40)
     for args in [

@@ -120,6 +120,33 @@ def test_ternary_multi_equals_single(isa, threads, dtype, d, outs, rows):
             assert_identical(g, TERNARY_ONE(x, p, s, n, k, b))
 
 
+def _side_by_side(segs):
+    """The packed weights of segs as column ranges of one buffer, in order (store_side_by_side)."""
+    cat = torch.cat([p for p, _ in segs], dim=1)
+    views, at = [], 0
+    for p, _ in segs:
+        views.append(cat[:, at : at + p.shape[1]])
+        at += p.shape[1]
+    return views
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d,outs", [(7, [63, 1, 7]), (63, [4097, 7, 63]), (257, [130, 0, 33]), (300, [2048, 256, 258])])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_ternary_multi_side_by_side_equals_single(isa, threads, dtype, d, outs, rows):
+    """Segments stored side by side are read as one wider weight at M == 1 (one run of bytes per
+    kept row, padding codes of a segment's last byte in the middle of it): bit-identical to the
+    single op on each segment's own contiguous copy, as are the batch paths over the views."""
+    x = torch.randn(rows, d).to(dtype)
+    segs = [_packed(n, d) for n in outs]
+    views = _side_by_side(segs)
+    bs = [torch.randn(n).to(dtype) if i % 2 == 0 else None for i, n in enumerate(outs)]
+    for k in [None, *_ks(d)]:
+        got = TERNARY_MULTI(x, views, [s for _, s in segs], outs, k, bs)
+        for g, (p, s), n, b in zip(got, segs, outs, bs, strict=True):
+            assert_identical(g, TERNARY_ONE(x, p, s, n, k, b))
+
+
 @pytest.mark.parametrize("cap", ["amx", "avx512"])
 @pytest.mark.parametrize("rows", [2, 8, 16, 20])
 def test_ternary_multi_rows_share_one_preparation(cap, threads, rows):
@@ -466,6 +493,33 @@ def test_state_dict_checkpoint_unconvert_copy(tmp_path, mode):
         lin = qk.unconvert(fused)
         assert not _groups(lin)
         assert all(type(m) is nn.Linear for n, m in lin.named_modules() if n.endswith("proj"))
+
+
+def test_packed_siblings_stored_side_by_side(tmp_path):
+    """convert() stores packed BitLinear siblings on the CPU as column ranges of one buffer (no
+    more memory); state_dict gives contiguous copies, load_state_dict writes through the views,
+    and a layer whose buffer was replaced still gives the same outputs (unmerged)."""
+    fused, plain = _pair("llama", "ternary-sparse", torch.float32)
+    attn = fused.model.layers[0].self_attn
+    q, k, v = (attn.q_proj.packed, attn.k_proj.packed, attn.v_proj.packed)
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    assert k.data_ptr() == q.data_ptr() + q.shape[1] and v.data_ptr() == k.data_ptr() + k.shape[1]
+    assert q.stride(0) == q.shape[1] + k.shape[1] + v.shape[1]
+    mlp = fused.model.layers[1].mlp
+    assert mlp.up_proj.packed.data_ptr() == mlp.gate_proj.packed.data_ptr() + mlp.gate_proj.packed.shape[1]
+    assert torch.equal(attn.k_proj.packed, plain.model.layers[0].self_attn.k_proj.packed)
+    sd = fused.state_dict()
+    assert all(t.is_contiguous() for t in sd.values())
+    ids = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        want = plain(ids).logits
+        assert torch.equal(fused(ids).logits, want)
+        fused.load_state_dict({n: t.clone() for n, t in sd.items()})
+        assert attn.k_proj.packed.data_ptr() == q.data_ptr() + q.shape[1]  # still the views
+        assert torch.equal(fused(ids).logits, want)
+        attn.k_proj.packed = attn.k_proj.packed.contiguous()  # no longer side by side
+        assert torch.equal(fused(ids).logits, want)
+        assert torch.equal(_decode_logits(fused, ids)[-1], _decode_logits(plain, ids)[-1])
 
 
 def test_unconvert_part_dissolves_the_group():

@@ -151,11 +151,11 @@ at::Tensor ternary_single(const at::Tensor& x, const at::Tensor& packed, const a
 }
 
 // Whether segment (packed, scale, out_features, bias) takes the fused path: arguments the single
-// op accepts, already contiguous (the single op would copy them).
+// op accepts, already in a layout it reads in place (the single op would copy them).
 bool ternary_fusable(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t out_features,
                      const std::optional<at::Tensor>& b) {
   if (out_features < 0 || packed.device().type() != at::kCPU || packed.scalar_type() != at::kByte ||
-      packed.dim() != 2 || !packed.is_contiguous())
+      packed.dim() != 2 || ternary::packed_stride(packed) < 0)
     return false;
   if (packed.size(0) != x.size(1) || packed.size(1) != out_features / 4 + (out_features % 4 != 0)) return false;
   if (scale.device().type() != at::kCPU || scale.scalar_type() != at::kFloat || scale.numel() != 1 || scale.dim() > 1)

@@ -30,18 +30,27 @@ at::Tensor sparse_linear_rows(const at::Tensor& x, const at::Tensor& weight, int
 
 namespace ternary {
 
-// One packed weight [d, cols] (canonical layout, contiguous) over a shared row plan.
+// One packed weight [d, cols] (canonical layout, rows `stride` >= cols bytes apart: see
+// packed_stride) over a shared row plan.
 struct Segment {
   const uint8_t* packed;
   int64_t cols;
+  int64_t stride;
 };
+
+// The bytes from one row of packed (uint8 2-D [d, cols]) to the next when each row's cols bytes
+// are contiguous (a contiguous weight, or a column range of a wider one), else -1 (the kernels
+// need a copy).
+int64_t packed_stride(const at::Tensor& packed);
 
 // out[s] = ternary_linear(x, packed[s], scale[s], out_features[s], k, bias[s]) bit for bit, for
 // one row x [1, d] (contiguous float), with one top-K + quantization and one row-split pass
 // over every segment (the M == 1 row-split path of ternary_linear.cpp). Needs isa() Avx512 or Avx2 and
 // arguments the single op accepts (the caller, fused_linear.cpp, checks them): packed[s] uint8
-// [d, ceil(out_features[s] / 4)] contiguous, bias[s] nullptr or [out_features[s]] contiguous of
-// x's dtype, k < 0 for dense. Returns [1, out_features[s]] tensors.
+// [d, ceil(out_features[s] / 4)] with rows of contiguous bytes (packed_stride >= 0), bias[s] nullptr or [out_features[s]] contiguous of
+// x's dtype, k < 0 for dense. Returns [1, out_features[s]] tensors. Segments stored side by side
+// (column ranges of one buffer, in order: sibling weights concatenated by SiblingGroup) are read
+// as one wider weight, so each kept row is one run of bytes instead of one per segment.
 std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::vector<at::Tensor>& packed,
                                                 const std::vector<float>& scale, const std::vector<int64_t>& out_features,
                                                 int64_t k, const std::vector<const at::Tensor*>& bias);

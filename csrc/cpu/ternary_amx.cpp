@@ -47,7 +47,7 @@ QSK_TARGET_AMX_INT8 inline __attribute__((always_inline)) void decode_quad(const
   __m512i r[4];
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
-    const uint8_t* src = p.packed + static_cast<int64_t>(p.rows[4 * q + i]) * p.cols + b0;
+    const uint8_t* src = p.packed + static_cast<int64_t>(p.rows[4 * q + i]) * p.stride + b0;
     // Masked: never reads past the row end; masked-off bytes give outputs that are not stored.
     r[i] = kTail ? _mm512_maskz_loadu_epi8(mask, src) : _mm512_loadu_si512(src);
   }
@@ -114,7 +114,7 @@ QSK_TARGET_AMX_INT8 inline __attribute__((always_inline)) void tile_block(const 
 QSK_TARGET_AMX_INT8 inline __attribute__((always_inline)) void prefetch_runs(const RowPlan& p, int64_t q, int64_t b0,
                                                                              int64_t nbytes) {
   for (int r = 0; r < 4; ++r) {
-    const auto a = reinterpret_cast<uintptr_t>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0);
+    const auto a = reinterpret_cast<uintptr_t>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.stride + b0);
     for (uintptr_t l = a & ~uintptr_t{63}; l < a + static_cast<uintptr_t>(nbytes); l += 64)
       _mm_prefetch(reinterpret_cast<const char*>(l), _MM_HINT_T0);
   }

@@ -40,6 +40,12 @@
                                          AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 namespace qsk::cpu::ternary {
+
+// Only the bytes of a row need to be contiguous: the kernels address row i at packed + i * stride.
+int64_t packed_stride(const at::Tensor& packed) {
+  return packed.size(1) <= 1 || packed.stride(1) == 1 ? packed.stride(0) : -1;
+}
+
 namespace {
 
 // Fewest plan quads per part of the row-split M == 1 path (fewer rows: fewer parts).
@@ -271,7 +277,7 @@ struct Plan {
 // Rows with a nonzero x_q in at least one batch row, ascending, padded to whole quads (the padding
 // repeats a valid row with activation 0). Skipping the other rows never changes the result.
 // For M > 1 this is the union of the rows' kept sets; each row's x_q is 0 where it dropped a feature.
-void build_plan(const int8_t* xq, int64_t M, int64_t d, const uint8_t* packed, int64_t cols, Plan& plan) {
+void build_plan(const int8_t* xq, int64_t M, int64_t d, const uint8_t* packed, int64_t stride, Plan& plan) {
   auto& rows = plan.rows;
   rows.resize(d + 3);
   int64_t n = 0;
@@ -313,7 +319,7 @@ void build_plan(const int8_t* xq, int64_t M, int64_t d, const uint8_t* packed, i
       x4[m * n_quads + i / 4] |= static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint8_t>(xm[rows[i]])) << (8 * (i % 4)));
 #endif
   }
-  plan.view = RowPlan{packed, cols, rows.data(), n_quads, x4.data(), M};
+  plan.view = RowPlan{packed, stride, rows.data(), n_quads, x4.data(), M};
 }
 
 enum class Path { Avx512, Avx2, Scalar };
@@ -370,16 +376,19 @@ void batch_amx(const RowPlan& plan, int64_t cols, const Epilogue& epi) {
 // kMaxBlockAvx512 / kMaxBlockAvx2 contiguous bytes per row, and for
 // dense activations one sequential stream) into its own int32 code_dot, then the parts are summed
 // per column block (exact integers: the result does not depend on the split) and handed to
-// epi(s, a, j0, nj) with a = code_dot of outputs [j0, j0 + nj) of segment s. The segments are
-// packed weights that share the plan's rows and activations (sibling projections of one input,
-// ternary_linear_multi_m1); each is read whole by every part, in one parallel region.
+// epi(e, a, j0, nj) with a = code_dot of outputs [j0, j0 + nj) of output segment e.
+// The read segments `segs` are packed weights that share the plan's rows and activations (sibling
+// projections of one input, ternary_linear_multi_m1); each is read whole by every part, in one
+// parallel region, and their outputs, in order, are those of the output segments, of out_cols[e]
+// packed bytes each (the same total): a read segment may hold several output segments side by side.
 template <typename Epilogue>
-void row_split_m1(const RowPlan& plan, const Segment* segs, int64_t nseg, Isa level, const Epilogue& epi) {
-  const bool vnni = has_avx512_vnni();
+void row_split_m1(const RowPlan& plan, const Segment* segs, int64_t nseg, const std::vector<int64_t>& out_cols,
+                  Isa level, const Epilogue& epi) {
+  const bool vnni = has_avx512_vnni(), zen4 = cpu_fma512_at_256_bit_rate();
   const int64_t max_blk = level == Isa::Avx512 ? kMaxBlockAvx512 : kMaxBlockAvx2;
   const int64_t T = std::max<int64_t>(1, at::get_num_threads());
   const int64_t parts = std::clamp<int64_t>(plan.n_quads / kMinPartQuads, 1, T);
-  std::vector<int64_t> off(nseg + 1, 0);  // segment s's outputs are [off[s], off[s + 1]) of a part
+  std::vector<int64_t> off(nseg + 1, 0);  // read segment s's outputs are [off[s], off[s + 1]) of a part
   for (int64_t s = 0; s < nseg; ++s) off[s + 1] = off[s] + 4 * segs[s].cols;
   const int64_t width = off[nseg];
   // Uninitialised: the block kernels write every output of their block (an empty part is zeroed).
@@ -395,13 +404,13 @@ void row_split_m1(const RowPlan& plan, const Segment* segs, int64_t nseg, Isa le
         const int64_t cols = segs[s].cols;
         RowPlan sub = plan;
         sub.packed = segs[s].packed;
-        sub.cols = cols;
+        sub.stride = segs[s].stride;
         sub.rows += 4 * q0;
         sub.x4 += q0;
         sub.n_quads = q1 - q0;
         int32_t* out = partial.get() + part * width + off[s];
         const int64_t blk = std::min(cols, max_blk);
-        const int64_t chunk = row_split_chunk_quads(blk);
+        const int64_t chunk = row_split_chunk_quads(blk, zen4);
         for (int64_t b0 = 0; b0 < cols; b0 += blk) {
           const int64_t nb = std::min(blk, cols - b0);
           if (level == Isa::Avx512)
@@ -413,26 +422,30 @@ void row_split_m1(const RowPlan& plan, const Segment* segs, int64_t nseg, Isa le
     }
   });
   const int64_t outs = 1024;  // outputs per epilogue task
-  std::vector<std::pair<int64_t, int64_t>> tasks;  // (segment, first output)
-  for (int64_t s = 0; s < nseg; ++s)
-    for (int64_t j0 = 0; j0 < 4 * segs[s].cols; j0 += outs) tasks.emplace_back(s, j0);
+  const auto n_out = static_cast<int64_t>(out_cols.size());
+  std::vector<int64_t> at_out(n_out + 1, 0);  // output segment e's outputs are [at_out[e], at_out[e + 1])
+  for (int64_t e = 0; e < n_out; ++e) at_out[e + 1] = at_out[e] + 4 * out_cols[e];
+  TORCH_INTERNAL_ASSERT(at_out[n_out] == width, "row_split_m1: output segments do not cover the read segments");
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (output segment, first output)
+  for (int64_t e = 0; e < n_out; ++e)
+    for (int64_t j0 = 0; j0 < 4 * out_cols[e]; j0 += outs) tasks.emplace_back(e, j0);
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t c0, int64_t c1) {
     std::vector<int32_t> sum(outs);
     for (int64_t c = c0; c < c1; ++c) {
-      const auto [s, j0] = tasks[c];
-      const int64_t nj = std::min(outs, 4 * segs[s].cols - j0), at = off[s] + j0;
+      const auto [e, j0] = tasks[c];
+      const int64_t nj = std::min(outs, 4 * out_cols[e] - j0), at = at_out[e] + j0;
       std::copy(partial.get() + at, partial.get() + at + nj, sum.begin());
       for (int64_t part = 1; part < parts; ++part) {
         const int32_t* src = partial.get() + part * width + at;
         for (int64_t j = 0; j < nj; ++j)
           sum[j] = static_cast<int32_t>(static_cast<uint32_t>(sum[j]) + static_cast<uint32_t>(src[j]));
       }
-      epi(s, sum.data(), j0, nj);
+      epi(e, sum.data(), j0, nj);
     }
   });
 }
 
-// x [M, d] contiguous, packed contiguous (ternary_linear_segment makes them so). shared: the
+// x [M, d] contiguous, packed with rows of contiguous bytes (ternary_linear_segment makes it so). shared: the
 // rows already prepared by prepare_rows(x, k) (sibling projections), or nullptr.
 at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                                int64_t out_features, std::optional<int64_t> k_opt,
@@ -460,6 +473,8 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
                 out_features, "], got ", b.sizes());
     QSK_CHECK_CONTIGUOUS(b);
   }
+  const int64_t stride = packed_stride(packed);
+  TORCH_INTERNAL_ASSERT(stride >= 0, "ternary_linear_kernel: packed rows must be contiguous bytes");
   auto out = at::empty({M, out_features}, x.options());
   if (M == 0 || out_features == 0) return out;
   const float ws = scale.item<float>();
@@ -491,13 +506,13 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
     int64_t plan_bytes = 0;
     for (int64_t i = 0; i < static_cast<int64_t>(plans.size()); ++i) {
       plans[i].m0 = per_row ? i : 0;
-      build_plan(xq.data() + plans[i].m0 * d, per_row ? 1 : M, d, pk, cols, plans[i]);
+      build_plan(xq.data() + plans[i].m0 * d, per_row ? 1 : M, d, pk, stride, plans[i]);
       plan_bytes += 4 * plans[i].view.n_quads * W;
     }
 
     if (M == 1 && (level == Isa::Avx512 || level == Isa::Avx2)) {
-      const Segment seg{pk, cols};
-      row_split_m1(plans[0].view, &seg, 1, level, [&](int64_t, const int32_t* a, int64_t j0, int64_t nj) {
+      const Segment seg{pk, cols, stride};
+      row_split_m1(plans[0].view, &seg, 1, {cols}, level, [&](int64_t, const int32_t* a, int64_t j0, int64_t nj) {
         nj = std::min(nj, out_features - j0);  // the last packed byte may hold padding outputs
         if (nj > 0) epilogue_at(level, a, 0, rq.data(), ws, bp, op, out_features, 1, j0, nj);
       });
@@ -545,7 +560,7 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
         for (const Plan& pl : plans) {
           int32_t* a = acc.data() + pl.m0 * ld;
           if (avx2_rows) {
-            block_avx2_m1(pl.view, b0, nb, a, row_split_chunk_quads(B));
+            block_avx2_m1(pl.view, b0, nb, a, row_split_chunk_quads(B, false));
           } else if (path == Path::Avx512 && pl.view.M == 1) {
             block_avx512_m1(pl.view, b0, nb, vnni, a);
           } else if (path == Path::Avx512) {
@@ -575,7 +590,9 @@ at::Tensor ternary_linear_segment(const at::Tensor& xr, const at::Tensor& packed
   QSK_CHECK_DIM(packed, 2);
   std::optional<at::Tensor> bias;
   if (bias_opt) bias = bias_opt->contiguous();
-  return ternary_linear_rows(xr, packed.contiguous(), scale, out_features, k_opt, bias, shared);
+  // A column range of a wider buffer (sibling weights side by side) is read in place.
+  return ternary_linear_rows(xr, packed_stride(packed) >= 0 ? packed : packed.contiguous(), scale, out_features, k_opt,
+                             bias, shared);
 }
 
 // x [..., d] (any strides) -> [..., out_features].
@@ -612,10 +629,16 @@ std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::
                                                 int64_t k, const std::vector<const at::Tensor*>& bias) {
   const int64_t d = x.size(1), nseg = static_cast<int64_t>(packed.size());
   std::vector<at::Tensor> out(nseg);
-  std::vector<Segment> segs(nseg);
+  std::vector<int64_t> out_cols(nseg);
+  std::vector<Segment> segs;  // what to read: runs of segments side by side merged into one
   for (int64_t s = 0; s < nseg; ++s) {
     out[s] = at::empty({1, out_features[s]}, x.options());
-    segs[s] = {packed[s].data_ptr<uint8_t>(), out_features[s] / 4 + (out_features[s] % 4 != 0)};
+    out_cols[s] = out_features[s] / 4 + (out_features[s] % 4 != 0);
+    const Segment seg{packed[s].data_ptr<uint8_t>(), out_cols[s], packed_stride(packed[s])};
+    if (!segs.empty() && d > 1 && segs.back().stride == seg.stride && segs.back().packed + segs.back().cols == seg.packed)
+      segs.back().cols += seg.cols;
+    else
+      segs.push_back(seg);
   }
   const Isa level = isa();
   QSK_TERNARY_DISPATCH(x.scalar_type(), "ternary_linear_multi_cpu", [&] {
@@ -629,7 +652,7 @@ std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::
                                              : prepare_row_avx2(xp, d, k, xq.data(), idx.data(), sel.data());
     // 2. one plan; its packed / cols are each segment's (row_split_m1 sets them).
     Plan plan;
-    build_plan(xq.data(), 1, d, segs.empty() ? nullptr : segs[0].packed, segs.empty() ? 0 : segs[0].cols, plan);
+    build_plan(xq.data(), 1, d, segs.empty() ? nullptr : segs[0].packed, segs.empty() ? 0 : segs[0].stride, plan);
     // 3. one row-split pass over every segment; each segment's own epilogue (scale, bias).
     std::vector<const scalar_t*> bp(nseg);
     std::vector<scalar_t*> op(nseg);
@@ -637,7 +660,8 @@ std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::
       bp[s] = bias[s] ? bias[s]->data_ptr<scalar_t>() : nullptr;
       op[s] = out[s].data_ptr<scalar_t>();
     }
-    row_split_m1(plan.view, segs.data(), nseg, level, [&](int64_t s, const int32_t* a, int64_t j0, int64_t nj) {
+    row_split_m1(plan.view, segs.data(), static_cast<int64_t>(segs.size()), out_cols, level,
+                 [&](int64_t s, const int32_t* a, int64_t j0, int64_t nj) {
       nj = std::min(nj, out_features[s] - j0);  // the last packed byte may hold padding outputs
       if (nj > 0) epilogue_at(level, a, 0, &rq, scale[s], bp[s], op[s], out_features[s], 1, j0, nj);
     });

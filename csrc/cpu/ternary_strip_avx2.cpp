@@ -44,7 +44,7 @@ QSK_TARGET_AVX2 inline __attribute__((always_inline)) void decode_quad(const Row
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i)
     r[i] = _mm_loadu_si128(
-        reinterpret_cast<const __m128i*>(p.packed + static_cast<int64_t>(p.rows[4 * q + i]) * p.cols + b0));
+        reinterpret_cast<const __m128i*>(p.packed + static_cast<int64_t>(p.rows[4 * q + i]) * p.stride + b0));
   const __m128i ab_lo = _mm_unpacklo_epi8(r[0], r[1]), ab_hi = _mm_unpackhi_epi8(r[0], r[1]);
   const __m128i cd_lo = _mm_unpacklo_epi8(r[2], r[3]), cd_hi = _mm_unpackhi_epi8(r[2], r[3]);
   const __m256i h[2] = {
@@ -135,7 +135,7 @@ QSK_TARGET_AVX2 inline __attribute__((always_inline)) __m256i load_row(const uin
 
 // The block start of each plan row of quads [q0, q0 + nq): computed once per chunk, not per strip.
 inline void row_starts(const RowPlan& p, int64_t q0, int64_t nq, int64_t b0, const uint8_t** out) {
-  for (int64_t i = 0; i < 4 * nq; ++i) out[i] = p.packed + static_cast<int64_t>(p.rows[4 * q0 + i]) * p.cols + b0;
+  for (int64_t i = 0; i < 4 * nq; ++i) out[i] = p.packed + static_cast<int64_t>(p.rows[4 * q0 + i]) * p.stride + b0;
 }
 
 // The chunk's rows (row starts cur, activations x4) over the strip at offset o of the block;
@@ -205,7 +205,7 @@ QSK_TARGET_AVX2 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, int3
   // The first chunk's lines.
   for (int64_t q = 0; q < std::min(chunk, p.n_quads); ++q)
     for (int r = 0; r < 4; ++r) {
-      const char* a = reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0);
+      const char* a = reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.stride + b0);
       for (int64_t l = 0; l < nbytes + 63; l += 64) _mm_prefetch(a + std::min(l, nbytes - 1), _MM_HINT_T0);
     }
   const uint8_t* starts[2][4 * kMaxChunk];  // this chunk's row starts and the next one's

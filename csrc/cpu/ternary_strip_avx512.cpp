@@ -47,7 +47,7 @@ QSK_TARGET_AVX512 inline __attribute__((always_inline)) void load_quad(const Row
   __m512i r[4];
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
-    const uint8_t* src = p.packed + static_cast<int64_t>(p.rows[4 * q + i]) * p.cols + b0;
+    const uint8_t* src = p.packed + static_cast<int64_t>(p.rows[4 * q + i]) * p.stride + b0;
     // A masked load never touches the bytes past the row end (fault suppression), so a short
     // last strip reads exactly its own bytes; masked-off bytes read as code 0 (no contribution).
     r[i] = kTail ? _mm512_maskz_loadu_epi8(mask, src) : _mm512_loadu_si512(src);
@@ -121,7 +121,7 @@ struct RowMajorPrefetch {
   inline __attribute__((always_inline)) void step() {
     for (int64_t i = 0; i < per_step && row < rows; ++i) {
       if (line == 0) {
-        const auto a = reinterpret_cast<uintptr_t>(p->packed + static_cast<int64_t>(p->rows[4 * q0 + row]) * p->cols + b0);
+        const auto a = reinterpret_cast<uintptr_t>(p->packed + static_cast<int64_t>(p->rows[4 * q0 + row]) * p->stride + b0);
         first = a & ~uintptr_t{63};
         span = (a & 63) + static_cast<uintptr_t>(nbytes);
       }
@@ -150,7 +150,7 @@ QSK_TARGET_AVX512 inline __attribute__((always_inline)) void block_strip(const R
       pf.step();  // row-major: this (strip, quad)'s share of the chunk after next
     } else if (next + c < p.n_quads) {  // strip-major: this strip's line of the next chunk's rows, into L2
       for (int r = 0; r < 4; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * (next + c) + r]) * p.cols +
+        _mm_prefetch(reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * (next + c) + r]) * p.stride +
                                                    bs),
                      _MM_HINT_T1);
     }
@@ -188,7 +188,7 @@ QSK_TARGET_AVX512 void block_m1(const RowPlan& p, int64_t b0, int64_t nbytes, in
   for (int64_t q = 0; q < std::min((row_major ? 2 : 1) * chunk, p.n_quads); ++q)
     for (int r = 0; r < 4; ++r)
       for (int64_t s = 0; s < ns; ++s)
-        _mm_prefetch(reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0 +
+        _mm_prefetch(reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.stride + b0 +
                                                    kW * s),
                      _MM_HINT_T0);
   for (int64_t q0 = 0; q0 < p.n_quads; q0 += chunk) {

@@ -19,7 +19,7 @@ void strip_scalar(const RowPlan& p, int64_t b0, int64_t nbytes, int32_t* acc, in
         const int8_t xv = static_cast<int8_t>(static_cast<uint32_t>(xm[q]) >> (8 * r));
         if (xv == 0) continue;
         const uint32_t xu = static_cast<uint32_t>(static_cast<int32_t>(xv));
-        const uint8_t* src = p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0;
+        const uint8_t* src = p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.stride + b0;
         for (int64_t b = 0; b < nbytes; ++b) {
           const uint32_t byte = src[b];
           // Output 4b + s has code (byte >> 2s) & 3.

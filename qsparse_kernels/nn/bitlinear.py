@@ -152,6 +152,16 @@ class BitLinear(nn.Module):
             self._buffers["scale"] = scale.to(device=self._buffers["scale"].device)
         return self
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # Siblings stored side by side (nn/_siblings.py, store_side_by_side) hold column ranges of
+        # one buffer; a checkpoint gets each as its own contiguous tensor (safetensors and
+        # save_pretrained need that), a copy.
+        key = prefix + "packed"
+        packed = destination.get(key)
+        if packed is not None and not packed.is_contiguous():
+            destination[key] = packed.contiguous()
+
     # ---- loading: the state_dict decides the mode; packed weights are validated first ----
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         pk, sk, wk = prefix + "packed", prefix + "scale", prefix + "weight"

@@ -25,8 +25,12 @@ namespace qsk::cpu::ternary {
 
 // The rows to read and the activations that multiply them.
 struct RowPlan {
-  const uint8_t* packed;  // [d, cols], canonical layout
-  int64_t cols;           // bytes per packed row, ceil(out / 4)
+  // [d, cols], canonical layout, cols = ceil(out / 4) bytes per row, rows `stride` bytes apart:
+  // stride == cols for a contiguous weight, more for a column range of a wider buffer (sibling
+  // projections stored side by side, ternary_linear_multi_m1). Kernels read only [b0, b0 + nbytes)
+  // of a row, within its cols bytes (prefetch hints may reach past them).
+  const uint8_t* packed;
+  int64_t stride;
   const int32_t* rows;    // 4 * n_quads packed-row indices, each in [0, d) (padding repeats a valid row)
   int64_t n_quads;
   // [M, n_quads]: quad q of batch row m as one little-endian dword whose byte r is the int8
@@ -72,8 +76,13 @@ constexpr int64_t kRowSplitChunkBytes = 8 * 4 * 2752;
 constexpr int64_t kRowSplitShortRow = 2048;
 constexpr int64_t kRowSplitShortChunk = 4;
 // Quads per chunk of the row-split path for blocks of blk bytes per row.
-inline int64_t row_split_chunk_quads(int64_t blk) {
-  if (blk < kRowSplitShortRow) return kRowSplitShortChunk;
+// On AMD Zen 4 (zen4: cpu_fma512_at_256_bit_rate(), AMD family 0x19 with AVX-512) short chunks win
+// at every width. Measured 2026-12-05 (AMD EPYC Zen 4, 2 threads, bf16, weights rotated past the
+// LLC, 7 interleaved rounds in one process, time ratio rule / 4 quads, median [min, max], dense /
+// s = 0.6125): 4096 x 11008 1.10 [1.04, 1.24] / 0.99 [0.95, 1.06]; 2048 x 11264 (2816 B rows, the
+// fused gate / up) 1.12 [1.00, 1.14] / 1.03 [0.98, 1.05].
+inline int64_t row_split_chunk_quads(int64_t blk, bool zen4) {
+  if (blk < kRowSplitShortRow || zen4) return kRowSplitShortChunk;
   return std::clamp<int64_t>(kRowSplitChunkBytes / (4 * blk), 4, 64);
 }
 // Whole rows narrower than this (row-split path) prefetch the chunk after next row by row (whole spans in address
@@ -115,7 +124,7 @@ constexpr int64_t kMaxGroup = 8;
 
 struct Prefetch {
   int64_t ahead;  // extra lines of each row to bring into L2 at this strip (0 or group - 1)
-  bool split;     // a row's strip may span two lines (cols or the strip start is not line aligned)
+  bool split;     // a row's strip may span two lines (the row stride or the strip start is not line aligned)
   int64_t width;  // strip width in bytes
 };
 
@@ -123,17 +132,17 @@ inline Prefetch strip_prefetch(const RowPlan& p, int64_t b0, int64_t width) {
   const int64_t rows = std::max<int64_t>(1, 4 * p.n_quads);
   const int64_t group = std::clamp<int64_t>(1 + kL2BudgetLines / rows, 1, kMaxGroup);
   const bool split =
-      (p.cols % 64) != 0 || (reinterpret_cast<uintptr_t>(p.packed + b0) % 64) + static_cast<uintptr_t>(width) > 64;
+      (p.stride % 64) != 0 || (reinterpret_cast<uintptr_t>(p.packed + b0) % 64) + static_cast<uintptr_t>(width) > 64;
   return {b0 % (64 * group) == 0 ? group - 1 : 0, split, width};
 }
 
 inline __attribute__((always_inline)) void prefetch_quad(const RowPlan& p, int64_t q, int64_t b0, const Prefetch& pf) {
   if (q >= p.n_quads) return;
   for (int r = 0; r < 4; ++r) {
-    const char* a = reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.cols + b0);
+    const char* a = reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.stride + b0);
     _mm_prefetch(a, _MM_HINT_T0);
     if (pf.split) _mm_prefetch(a + pf.width - 1, _MM_HINT_T0);
-    for (int64_t l = 1; l <= pf.ahead && b0 + 64 * l < p.cols; ++l) _mm_prefetch(a + 64 * l, _MM_HINT_T1);
+    for (int64_t l = 1; l <= pf.ahead && b0 + 64 * l < p.stride; ++l) _mm_prefetch(a + 64 * l, _MM_HINT_T1);
   }
 }
 
