@@ -277,7 +277,8 @@ struct Plan {
 // Rows with a nonzero x_q in at least one batch row, ascending, padded to whole quads (the padding
 // repeats a valid row with activation 0). Skipping the other rows never changes the result.
 // For M > 1 this is the union of the rows' kept sets; each row's x_q is 0 where it dropped a feature.
-void build_plan(const int8_t* xq, int64_t M, int64_t d, const uint8_t* packed, int64_t stride, Plan& plan) {
+void build_plan(const int8_t* xq, int64_t M, int64_t d, const uint8_t* packed, int64_t cols, int64_t stride,
+                Plan& plan) {
   auto& rows = plan.rows;
   rows.resize(d + 3);
   int64_t n = 0;
@@ -319,7 +320,7 @@ void build_plan(const int8_t* xq, int64_t M, int64_t d, const uint8_t* packed, i
       x4[m * n_quads + i / 4] |= static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint8_t>(xm[rows[i]])) << (8 * (i % 4)));
 #endif
   }
-  plan.view = RowPlan{packed, stride, rows.data(), n_quads, x4.data(), M};
+  plan.view = RowPlan{packed, cols, stride, rows.data(), n_quads, x4.data(), M};
 }
 
 enum class Path { Avx512, Avx2, Scalar };
@@ -404,6 +405,7 @@ void row_split_m1(const RowPlan& plan, const Segment* segs, int64_t nseg, const 
         const int64_t cols = segs[s].cols;
         RowPlan sub = plan;
         sub.packed = segs[s].packed;
+        sub.cols = cols;
         sub.stride = segs[s].stride;
         sub.rows += 4 * q0;
         sub.x4 += q0;
@@ -445,14 +447,36 @@ void row_split_m1(const RowPlan& plan, const Segment* segs, int64_t nseg, const 
   });
 }
 
-// x [M, d] contiguous, packed with rows of contiguous bytes (ternary_linear_segment makes it so). shared: the
-// rows already prepared by prepare_rows(x, k) (sibling projections), or nullptr.
-at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                               int64_t out_features, std::optional<int64_t> k_opt,
-                               const std::optional<at::Tensor>& bias_opt, const Prepared* shared) {
+// One projection's outputs in a packed weight that may hold several side by side (sibling
+// projections stored as column ranges of one buffer): the weight's outputs [4 * byte0,
+// 4 * byte0 + out_features), with their own scale and bias, written to out.
+struct OutSegment {
+  int64_t byte0;  // the segment's first packed byte in each row
+  int64_t out_features;
+  float ws;          // weight scale
+  const void* bias;  // [out_features] in x's dtype, or nullptr
+  void* out;         // [M, out_features] in x's dtype, contiguous
+};
+
+// The epilogue of the weight's outputs [j0, j0 + nj) for batch rows [m0, m0 + rows) (a: their
+// code_dot, rows ld apart), segment by segment; padding outputs between segments are skipped.
+template <typename T>
+void epilogue_segments(Isa level, const int32_t* a, int64_t ld, const RowQuant* rq, const std::vector<OutSegment>& segs,
+                       int64_t m0, int64_t rows, int64_t j0, int64_t nj) {
+  for (const OutSegment& sg : segs) {
+    const int64_t lo = std::max(j0, 4 * sg.byte0), hi = std::min(j0 + nj, 4 * sg.byte0 + sg.out_features);
+    if (hi <= lo) continue;
+    epilogue_at(level, a + (lo - j0), ld, rq + m0, sg.ws, static_cast<const T*>(sg.bias),
+                static_cast<T*>(sg.out) + m0 * sg.out_features, sg.out_features, rows, lo - 4 * sg.byte0, hi - lo);
+  }
+}
+
+// The single op's checks of one weight over x [M, d]; returns its packed bytes per row.
+int64_t check_weight(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t out_features,
+                     std::optional<int64_t> k_opt, const std::optional<at::Tensor>& bias_opt) {
   QSK_CHECK_DEVICE(scale, at::kCPU);
   QSK_CHECK_DTYPE(scale, at::kFloat);
-  const int64_t M = x.size(0), d = x.size(1);
+  const int64_t d = x.size(1);
   TORCH_CHECK(d <= kMaxTernaryD, "ternary_linear_kernel: d = ", d, " is above ", kMaxTernaryD,
               ", the largest in_features whose int32 accumulator cannot overflow");
   TORCH_CHECK(out_features >= 0, "ternary_linear_kernel: out_features must be >= 0, got ", out_features);
@@ -473,12 +497,17 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
                 out_features, "], got ", b.sizes());
     QSK_CHECK_CONTIGUOUS(b);
   }
-  const int64_t stride = packed_stride(packed);
-  TORCH_INTERNAL_ASSERT(stride >= 0, "ternary_linear_kernel: packed rows must be contiguous bytes");
-  auto out = at::empty({M, out_features}, x.options());
-  if (M == 0 || out_features == 0) return out;
-  const float ws = scale.item<float>();
+  TORCH_INTERNAL_ASSERT(packed_stride(packed) >= 0, "ternary_linear_kernel: packed rows must be contiguous bytes");
+  return cols;
+}
 
+// x [M, d] contiguous, M >= 1, over one packed weight of `cols` bytes per row, rows `stride`
+// bytes apart (pk: row 0), whose outputs are those of segs (one projection, or siblings side by
+// side), each written with its own scale and bias. shared: the rows already prepared by
+// prepare_rows(x, k) (sibling projections), or nullptr.
+void ternary_rows(const at::Tensor& x, const uint8_t* pk, int64_t cols, int64_t stride, int64_t k,
+                  const std::vector<OutSegment>& segs, const Prepared* shared) {
+  const int64_t M = x.size(0), d = x.size(1);
   const Isa level = isa();
   const bool vnni = has_avx512_vnni();
   Path path = level == Isa::Avx512 ? Path::Avx512 : (level == Isa::Avx2 ? Path::Avx2 : Path::Scalar);
@@ -487,8 +516,8 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
 
   QSK_TERNARY_DISPATCH(x.scalar_type(), "ternary_linear_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* bp = bias_opt ? bias_opt->data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.data_ptr<scalar_t>();
+    const auto epi = [&](const int32_t* a, int64_t ld, const RowQuant* r, int64_t m0, int64_t rows, int64_t j0,
+                         int64_t nj) { epilogue_segments<scalar_t>(level, a, ld, r, segs, m0, rows, j0, nj); };
 
     // 1. top-K + quantization, per batch row.
     Prepared own;
@@ -497,7 +526,6 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
     const std::vector<RowQuant>& rq = shared ? shared->rq : own.rq;
 
     // 2. the rows to read: one plan over the union, or one plan per batch row (prefer_per_row).
-    const uint8_t* pk = packed.data_ptr<uint8_t>();
     int64_t n_union = d;
     bool per_row = M > 1 && prefer_per_row(xq.data(), M, d, level, &n_union);
     const bool amx = M >= (per_row ? kAmxMinMPerRow : kAmxMinM) && path == Path::Avx512 && has_amx_int8();
@@ -506,24 +534,21 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
     int64_t plan_bytes = 0;
     for (int64_t i = 0; i < static_cast<int64_t>(plans.size()); ++i) {
       plans[i].m0 = per_row ? i : 0;
-      build_plan(xq.data() + plans[i].m0 * d, per_row ? 1 : M, d, pk, stride, plans[i]);
+      build_plan(xq.data() + plans[i].m0 * d, per_row ? 1 : M, d, pk, cols, stride, plans[i]);
       plan_bytes += 4 * plans[i].view.n_quads * W;
     }
 
     if (M == 1 && (level == Isa::Avx512 || level == Isa::Avx2)) {
       const Segment seg{pk, cols, stride};
-      row_split_m1(plans[0].view, &seg, 1, {cols}, level, [&](int64_t, const int32_t* a, int64_t j0, int64_t nj) {
-        nj = std::min(nj, out_features - j0);  // the last packed byte may hold padding outputs
-        if (nj > 0) epilogue_at(level, a, 0, rq.data(), ws, bp, op, out_features, 1, j0, nj);
-      });
+      row_split_m1(plans[0].view, &seg, 1, {cols}, level,
+                   [&](int64_t, const int32_t* a, int64_t j0, int64_t nj) { epi(a, 0, rq.data(), 0, 1, j0, nj); });
       return;
     }
     if (amx) {
       std::vector<RowQuant> rq0(rq);  // the AMX kernel gives x_q @ t^T itself: nothing to subtract
       for (RowQuant& r : rq0) r.sum = 0;
       batch_amx(plans[0].view, cols, [&](const int32_t* a, int64_t ld, int64_t m0, int64_t m1, int64_t j0, int64_t nj) {
-        nj = std::min(nj, out_features - j0);
-        if (nj > 0) epilogue_avx512(a, ld, rq0.data() + m0, ws, bp, op + m0 * out_features, out_features, m1 - m0, j0, nj);
+        epi(a, ld, rq0.data(), m0, m1 - m0, j0, nj);
       });
       return;
     }
@@ -573,11 +598,23 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
           }
         }
         const int32_t* a = acc.data() + 4 * (b0 - bb);
-        const int64_t j0 = 4 * b0, nj = std::min(4 * nb, out_features - j0);
-        epilogue_at(level, a, ld, rq.data(), ws, bp, op, out_features, M, j0, nj);
+        epi(a, ld, rq.data(), 0, M, 4 * b0, 4 * nb);
       }
     });
   });
+}
+
+// x [M, d] contiguous, packed with rows of contiguous bytes (ternary_linear_segment makes it so),
+// bias contiguous: the single op's checks, then ternary_rows. shared: as ternary_rows.
+at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                               int64_t out_features, std::optional<int64_t> k_opt,
+                               const std::optional<at::Tensor>& bias, const Prepared* shared) {
+  const int64_t cols = check_weight(x, packed, scale, out_features, k_opt, bias);
+  auto out = at::empty({x.size(0), out_features}, x.options());
+  if (x.size(0) == 0 || out_features == 0) return out;
+  const std::vector<OutSegment> segs{
+      {0, out_features, scale.item<float>(), bias ? bias->data_ptr() : nullptr, out.data_ptr()}};
+  ternary_rows(x, packed.data_ptr<uint8_t>(), cols, packed_stride(packed), k_opt ? *k_opt : -1, segs, shared);
   return out;
 }
 
@@ -618,9 +655,40 @@ std::vector<at::Tensor> ternary_linear_multi_rows(const at::Tensor& x, at::Tenso
   QSK_TERNARY_DISPATCH(xr.scalar_type(), "ternary_linear_multi_rows", [&] {
     pre = prepare_rows(xr.data_ptr<scalar_t>(), M, d, k_opt ? *k_opt : -1, isa());
   });
-  std::vector<at::Tensor> out;
-  for (size_t s = 0; s < packed.size(); ++s)
-    out.push_back(unrows(ternary_linear_segment(xr, packed[s], scales[s], out_features[s], k_opt, biases.get(s), &pre), x));
+  // Segments stored side by side (column ranges of one buffer, in order, each in a layout the
+  // single op reads in place) are computed as one wider weight: one plan, one pass; the others
+  // each take the single op's path.
+  const auto n = static_cast<int64_t>(packed.size());
+  std::vector<at::Tensor> out(n);
+  std::vector<std::optional<at::Tensor>> bias(n);
+  for (int64_t s0 = 0, s1; s0 < n; s0 = s1) {
+    s1 = s0 + 1;
+    const auto in_place = [&](int64_t s) {
+      return packed[s].device().is_cpu() && packed[s].scalar_type() == at::kByte && packed[s].dim() == 2 &&
+             packed_stride(packed[s]) >= 0 && out_features[s] > 0;
+    };
+    if (in_place(s0) && d > 1)
+      while (s1 < n && in_place(s1) && packed_stride(packed[s1]) == packed_stride(packed[s0]) &&
+             packed[s1].data_ptr<uint8_t>() == packed[s1 - 1].data_ptr<uint8_t>() + packed[s1 - 1].size(1))
+        ++s1;
+    if (s1 == s0 + 1 || M == 0) {
+      for (int64_t s = s0; s < s1; ++s)
+        out[s] = unrows(ternary_linear_segment(xr, packed[s], scales[s], out_features[s], k_opt, biases.get(s), &pre), x);
+      continue;
+    }
+    std::vector<OutSegment> segs;
+    int64_t cols = 0;
+    for (int64_t s = s0; s < s1; ++s) {
+      if (biases.get(s)) bias[s] = biases.get(s)->contiguous();
+      const int64_t c = check_weight(xr, packed[s], scales[s], out_features[s], k_opt, bias[s]);
+      out[s] = at::empty({M, out_features[s]}, xr.options());
+      segs.push_back({cols, out_features[s], scales[s].item<float>(), bias[s] ? bias[s]->data_ptr() : nullptr,
+                      out[s].data_ptr()});
+      cols += c;
+    }
+    ternary_rows(xr, packed[s0].data_ptr<uint8_t>(), cols, packed_stride(packed[s0]), k_opt ? *k_opt : -1, segs, &pre);
+    for (int64_t s = s0; s < s1; ++s) out[s] = unrows(out[s], x);
+  }
   return out;
 }
 
@@ -652,7 +720,7 @@ std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::
                                              : prepare_row_avx2(xp, d, k, xq.data(), idx.data(), sel.data());
     // 2. one plan; its packed / cols are each segment's (row_split_m1 sets them).
     Plan plan;
-    build_plan(xq.data(), 1, d, segs.empty() ? nullptr : segs[0].packed, segs.empty() ? 0 : segs[0].stride, plan);
+    build_plan(xq.data(), 1, d, nullptr, 0, 0, plan);  // row_split_m1 sets each segment's packed, cols, stride
     // 3. one row-split pass over every segment; each segment's own epilogue (scale, bias).
     std::vector<const scalar_t*> bp(nseg);
     std::vector<scalar_t*> op(nseg);

@@ -28,8 +28,9 @@ struct RowPlan {
   // [d, cols], canonical layout, cols = ceil(out / 4) bytes per row, rows `stride` bytes apart:
   // stride == cols for a contiguous weight, more for a column range of a wider buffer (sibling
   // projections stored side by side, ternary_linear_multi_m1). Kernels read only [b0, b0 + nbytes)
-  // of a row, within its cols bytes (prefetch hints may reach past them).
+  // of a row, within its cols bytes.
   const uint8_t* packed;
+  int64_t cols;
   int64_t stride;
   const int32_t* rows;    // 4 * n_quads packed-row indices, each in [0, d) (padding repeats a valid row)
   int64_t n_quads;
@@ -142,7 +143,7 @@ inline __attribute__((always_inline)) void prefetch_quad(const RowPlan& p, int64
     const char* a = reinterpret_cast<const char*>(p.packed + static_cast<int64_t>(p.rows[4 * q + r]) * p.stride + b0);
     _mm_prefetch(a, _MM_HINT_T0);
     if (pf.split) _mm_prefetch(a + pf.width - 1, _MM_HINT_T0);
-    for (int64_t l = 1; l <= pf.ahead && b0 + 64 * l < p.stride; ++l) _mm_prefetch(a + 64 * l, _MM_HINT_T1);
+    for (int64_t l = 1; l <= pf.ahead && b0 + 64 * l < p.cols; ++l) _mm_prefetch(a + 64 * l, _MM_HINT_T1);
   }
 }
 
