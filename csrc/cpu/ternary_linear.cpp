@@ -46,6 +46,13 @@ int64_t packed_stride(const at::Tensor& packed) {
   return packed.size(1) <= 1 || packed.stride(1) == 1 ? packed.stride(0) : -1;
 }
 
+// Whether weight b (rows `stride` bytes apart, at b) continues weight a (cols bytes per row, same
+// stride) in every row: siblings stored side by side, readable as one wider weight. d > 1: with
+// one row the stride says nothing, and nothing is gained.
+static bool continues(const uint8_t* a, int64_t cols, int64_t stride_a, const uint8_t* b, int64_t stride_b, int64_t d) {
+  return d > 1 && stride_a >= 0 && stride_a == stride_b && a + cols == b;
+}
+
 namespace {
 
 // Fewest plan quads per part of the row-split M == 1 path (fewer rows: fewer parts).
@@ -667,9 +674,10 @@ std::vector<at::Tensor> ternary_linear_multi_rows(const at::Tensor& x, at::Tenso
       return packed[s].device().is_cpu() && packed[s].scalar_type() == at::kByte && packed[s].dim() == 2 &&
              packed_stride(packed[s]) >= 0 && out_features[s] > 0;
     };
-    if (in_place(s0) && d > 1)
-      while (s1 < n && in_place(s1) && packed_stride(packed[s1]) == packed_stride(packed[s0]) &&
-             packed[s1].data_ptr<uint8_t>() == packed[s1 - 1].data_ptr<uint8_t>() + packed[s1 - 1].size(1))
+    if (in_place(s0))
+      while (s1 < n && in_place(s1) &&
+             continues(packed[s1 - 1].data_ptr<uint8_t>(), packed[s1 - 1].size(1), packed_stride(packed[s1 - 1]),
+                       packed[s1].data_ptr<uint8_t>(), packed_stride(packed[s1]), d))
         ++s1;
     if (s1 == s0 + 1 || M == 0) {
       for (int64_t s = s0; s < s1; ++s)
@@ -703,7 +711,7 @@ std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::
     out[s] = at::empty({1, out_features[s]}, x.options());
     out_cols[s] = out_features[s] / 4 + (out_features[s] % 4 != 0);
     const Segment seg{packed[s].data_ptr<uint8_t>(), out_cols[s], packed_stride(packed[s])};
-    if (!segs.empty() && d > 1 && segs.back().stride == seg.stride && segs.back().packed + segs.back().cols == seg.packed)
+    if (!segs.empty() && continues(segs.back().packed, segs.back().cols, segs.back().stride, seg.packed, seg.stride, d))
       segs.back().cols += seg.cols;
     else
       segs.push_back(seg);
