@@ -522,6 +522,25 @@ def test_packed_siblings_stored_side_by_side(tmp_path):
         assert torch.equal(_decode_logits(fused, ids)[-1], _decode_logits(plain, ids)[-1])
 
 
+def test_siblings_packed_after_convert_are_stored_side_by_side():
+    """convert() of training-mode BitLinear layers groups them unpacked; packing the last sibling
+    stores the group side by side, with the outputs of separately packed layers."""
+    fused, plain = _attn_pair("same", qk.QSparseConfig(sparsity=0.5, weights="ternary"))
+    q, k, v = fused.q_proj, fused.k_proj, fused.v_proj
+    q.pack()
+    k.pack()
+    assert k.packed.data_ptr() != q.packed.data_ptr() + q.packed.shape[1]  # v is not packed yet
+    v.pack()
+    assert k.packed.data_ptr() == q.packed.data_ptr() + q.packed.shape[1]
+    assert v.packed.data_ptr() == k.packed.data_ptr() + k.packed.shape[1]
+    for m in plain.modules():
+        if isinstance(m, qk.nn.BitLinear):
+            m.pack()
+    for x in (torch.randn(1, q.in_features), torch.randn(5, q.in_features)):
+        with torch.no_grad():
+            assert torch.equal(fused(x), plain(x))
+
+
 def test_unconvert_part_dissolves_the_group():
     fused, plain = _attn_pair("same")
     qk.unconvert(fused, filter_fn=lambda m, n: n == "v_proj")

@@ -122,6 +122,10 @@ class BitLinear(nn.Module):
         del self.weight
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)
+        if self._siblings is not None:  # the last sibling packed: store them side by side (nn/_siblings.py)
+            from ._siblings import store_side_by_side
+
+            store_side_by_side(self._siblings.members)
         return self
 
     # A SiblingGroup (nn/_siblings.py) when convert() linked this layer with siblings reading the same input.
