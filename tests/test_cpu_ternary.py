@@ -284,11 +284,12 @@ def test_kernel_checks_arguments():
             KERNEL(*args)
 
 
-@pytest.mark.parametrize("shape", [(301, 16403), (140001, 9), (1001, 5003)])
+@pytest.mark.parametrize("shape", [(65, 32801), (301, 16403), (140001, 9), (1001, 5003), (301, 12285)])
 def test_row_split_wide_rows_and_many_rows(isa, shape, threads):
-    """Batch 1 on AVX-512 splits the kept rows across threads: packed rows wider than one block
-    (4101 bytes > 4096, several blocks per row), more rows than the in-place code scaling
-    allows (140001 > 132100: the shifted-code fallback), and rows of 1024-2047 bytes (1251: the
-    short-row chunks of 4 quads, ~60 chunks and a partial last one), against the reference."""
+    """Batch 1 on AVX-512 / AVX2 splits the kept rows across threads: packed rows wider than one
+    block (8201 bytes > 8192 on AVX-512, 4101 > 3072 on AVX2: several blocks per row), more rows than the in-place
+    code scaling allows (140001 > 132100: the shifted-code fallback), rows of 1024-2047 bytes
+    (1251: the short-row chunks of 4 quads, ~60 chunks and a partial last one), and rows of 3072
+    bytes (12285 outputs: AVX2's widest block, whole, padding outputs in its last byte), against the reference."""
     d, out_f = shape
     check_float32_rows(d, out_f, (1, 2), (None, d // 2 + 1), 0.02)

@@ -568,7 +568,7 @@ void ternary_rows(const at::Tensor& x, const uint8_t* pk, int64_t cols, int64_t 
     const bool avx2_rows = level == Isa::Avx2 && per_row;
     int64_t B = W;
     if (path == Path::Avx512 || avx2_rows) {
-      const int64_t U = avx2_rows ? kStripAvx2M1 : W, max_b = avx2_rows ? kMaxBlockAvx2 : kBlockAvx512;
+      const int64_t U = avx2_rows ? kStripAvx2M1 : W, max_b = avx2_rows ? kBlockAvx2Rows : kBlockAvx512;
       const int64_t T = std::max<int64_t>(1, at::get_num_threads());
       // Per-row batches re-read each block once per batch row: keep the block of the union rows
       // within L2 (kL2BudgetLines) so that those re-reads hit L2.
@@ -704,6 +704,12 @@ std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::
                                                 const std::vector<float>& scale, const std::vector<int64_t>& out_features,
                                                 int64_t k, const std::vector<const at::Tensor*>& bias) {
   const int64_t d = x.size(1), nseg = static_cast<int64_t>(packed.size());
+  const Isa level = isa();
+  // Segments side by side are read as one while the merged row fits one block of the row-split
+  // pass (read whole): wider, each block would read every other run of bytes (AVX2 path forced on
+  // AMD EPYC Zen 4, 2816-byte merged gate/up rows in 2048-byte blocks, M = 1, dense: separate /
+  // merged time 0.91-0.93; kMaxBlockAvx2 and kMaxBlockAvx512 are sized for merged rows).
+  const int64_t max_blk = level == Isa::Avx512 ? kMaxBlockAvx512 : kMaxBlockAvx2;
   std::vector<at::Tensor> out(nseg);
   std::vector<int64_t> out_cols(nseg);
   std::vector<Segment> segs;  // what to read: runs of segments side by side merged into one
@@ -711,12 +717,12 @@ std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::
     out[s] = at::empty({1, out_features[s]}, x.options());
     out_cols[s] = out_features[s] / 4 + (out_features[s] % 4 != 0);
     const Segment seg{packed[s].data_ptr<uint8_t>(), out_cols[s], packed_stride(packed[s])};
-    if (!segs.empty() && continues(segs.back().packed, segs.back().cols, segs.back().stride, seg.packed, seg.stride, d))
+    if (!segs.empty() && segs.back().cols + seg.cols <= max_blk &&
+        continues(segs.back().packed, segs.back().cols, segs.back().stride, seg.packed, seg.stride, d))
       segs.back().cols += seg.cols;
     else
       segs.push_back(seg);
   }
-  const Isa level = isa();
   QSK_TERNARY_DISPATCH(x.scalar_type(), "ternary_linear_multi_cpu", [&] {
     // 1. one top-K + quantization (prepare_row, as ternary_linear_rows does for M == 1).
     std::vector<int8_t> xq(d, 0);

@@ -53,11 +53,24 @@ constexpr int64_t kStripScalar = 64;
 // 1005 / 434; blocks of 512 B with 8-quad chunks 681 / 341, 1024 B 626 / 312; 1024 B with
 // 4-, 16-, 32-quad chunks 731 / 332, 521 / 265, 618 / 307.
 constexpr int64_t kBlockAvx512 = 1024;
-// The widest block block_avx512_m1 accepts (the row-split M == 1 path runs whole rows).
-constexpr int64_t kMaxBlockAvx512 = 4096;
+// The widest block block_avx512_m1 accepts (the row-split M == 1 path runs whole rows; its
+// accumulators live on the stack: 16 KB per KB of block, 128 KB here). 8192 rather than 4096 reads
+// Llama-2-7B's gate / up side by side (5504-byte rows) whole: AMD EPYC Zen 4, M = 1, separate
+// buffers / side by side 0.95 [0.94, 0.98] dense, 1.09 s = 0.6125 with 4096; 1.07 [1.05, 1.12] /
+// 1.11 with 8192. Single weights, 4096 / 8192, alternating processes: 2048 x 28672 (7168-byte rows)
+// dense 1.06-1.17, s = 0.6125 1.00-1.12 (one 0.70); 1024 x 24576 dense 1.03-1.14, s = 0.6125 0.96-1.06.
+constexpr int64_t kMaxBlockAvx512 = 8192;
 constexpr int64_t kBlockRowQuads = 16;
-// The widest block block_avx2_m1 accepts (its int16 and int32 sums live on the stack: 24 KB per KB of block).
-constexpr int64_t kMaxBlockAvx2 = 2048;
+// The widest block block_avx2_m1 accepts (its int16 and int32 sums live on the stack: 24 KB per KB
+// of block, 72 KB here). 3072 rather than 2048 reads TinyLlama's gate / up side by side (2816-byte
+// rows) and Llama-2-7B's gate / up (2752) whole. AVX2 path forced on AMD EPYC Zen 4, M = 1, 2048 /
+// 3072, 4 alternating processes: 4096 x 11008 dense 1.22 [1.20, 1.40], s = 0.6125 1.07 [1.04, 1.15];
+// gate/up 2048 -> 2 x 5632 side by side / separate buffers: dense 1.03-1.06, s = 0.6125 1.09-1.11
+// (0.91-0.93 and 1.06 with 2048-byte blocks). Not yet measured on an AVX2-only CPU.
+constexpr int64_t kMaxBlockAvx2 = 3072;
+// The widest block of the per-row AVX2 batch path (block_avx2_m1 per batch row): its setting
+// before kMaxBlockAvx2 grew for merged rows (tuned on AMD EPYC Zen 3, acda7a9).
+constexpr int64_t kBlockAvx2Rows = 2048;
 // The row-split M == 1 path (csrc/cpu/ternary_linear.cpp, row_split_m1) reads whole rows (up to
 // kMaxBlockAvx512 bytes) in chunks of this many quads, prefetching the next chunk into L2.
 // Measured on 4096 x 11008, AVX-512 VNNI, 2 threads, DRAM-resident, interleaved A/B (median us,
