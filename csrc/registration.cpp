@@ -8,6 +8,7 @@
 #include "qsk/schemas.h"
 
 #include "cpu/dense_gemv.h"
+#include "cpu/fused_linear.h"
 
 namespace qsk::cpu {
 int64_t sparse_kernel_max_rows(at::ScalarType dtype);  // csrc/cpu/sparse_linear.cpp
@@ -56,6 +57,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](const std::string& dt) { return qsk::cpu::row_gemv_max_rows(float_dtype(dt)); },
         "The largest batch for which CPU sparse_linear at k = d on a row-major weight runs the library's "
         "dense GEMV ('float32', 'bfloat16' or 'float16'; above it torch's GEMM)");
+  m.def("cpu_ternary_merge_max_bytes", &qsk::cpu::ternary::merge_max_bytes,
+        "The widest packed row (bytes) of ternary siblings stored side by side that the CPU M = 1 pass reads "
+        "as one weight (wider groups are not stored side by side)");
   m.def("set_cpu_isa_cap", &qsk::cpu::set_isa_cap,
         "Caps the CPU ISA ('scalar', 'avx2', 'avx512', 'avx512bf16', 'amx'; '' restores the detected one). "
         "For tests.");

@@ -541,6 +541,26 @@ def test_siblings_packed_after_convert_are_stored_side_by_side():
             assert torch.equal(fused(x), plain(x))
 
 
+@pytest.mark.parametrize("cap", ["avx2", "avx512"])
+def test_side_by_side_only_within_the_m1_block(cap):
+    """store_side_by_side leaves a group alone when its merged rows are wider than the CPU's M = 1
+    pass reads at once (each layer would then read every other run of bytes)."""
+    from qsparse_kernels.nn._siblings import store_side_by_side
+
+    _native._C.set_cpu_isa_cap(cap)
+    try:
+        limit = _native._C.cpu_ternary_merge_max_bytes()
+        assert limit == (3072 if cap == "avx2" else 8192)
+        for out in (4 * 1536, 4 * 1537):  # two layers of 1536 / 1537 bytes per row under AVX2
+            layers = [qk.nn.BitLinear(8, out).pack() for _ in range(2)]
+            stored = store_side_by_side(layers)
+            assert stored == (2 * out // 4 <= limit)
+            a, b = (m.packed for m in layers)
+            assert (b.data_ptr() == a.data_ptr() + a.shape[1]) == stored
+    finally:
+        _native._C.set_cpu_isa_cap("")
+
+
 def test_unconvert_part_dissolves_the_group():
     fused, plain = _attn_pair("same")
     qk.unconvert(fused, filter_fn=lambda m, n: n == "v_proj")

@@ -43,6 +43,13 @@ struct Segment {
 // need a copy).
 int64_t packed_stride(const at::Tensor& packed);
 
+// The widest row of siblings side by side that the M == 1 pass reads as one weight, whole, on this
+// CPU (under the ISA cap). Wider, each block of the row-split pass would read every other run of
+// bytes, which DRAM serves worse than separate buffers (AVX2 path forced on AMD EPYC Zen 4,
+// 2816-byte merged gate/up rows in 2048-byte blocks, M = 1, dense: separate / merged time
+// 0.91-0.93); so SiblingGroup stores no wider group side by side (_C.cpu_ternary_merge_max_bytes).
+int64_t merge_max_bytes();
+
 // out[s] = ternary_linear(x, packed[s], scale[s], out_features[s], k, bias[s]) bit for bit, for
 // one row x [1, d] (contiguous float), with one top-K + quantization and one row-split pass
 // over every segment (the M == 1 row-split path of ternary_linear.cpp). Needs isa() Avx512 or Avx2 and

@@ -46,6 +46,12 @@ int64_t packed_stride(const at::Tensor& packed) {
   return packed.size(1) <= 1 || packed.stride(1) == 1 ? packed.stride(0) : -1;
 }
 
+int64_t merge_max_bytes() {
+  const Isa level = isa();
+  return level == Isa::Avx512 ? kMaxBlockAvx512
+                              : (level == Isa::Avx2 ? kMaxBlockAvx2 : std::numeric_limits<int64_t>::max());
+}
+
 // Whether weight b (rows `stride` bytes apart, at b) continues weight a (cols bytes per row, same
 // stride) in every row: siblings stored side by side, readable as one wider weight. d > 1: with
 // one row the stride says nothing, and nothing is gained.
@@ -706,10 +712,8 @@ std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::
   const int64_t d = x.size(1), nseg = static_cast<int64_t>(packed.size());
   const Isa level = isa();
   // Segments side by side are read as one while the merged row fits one block of the row-split
-  // pass (read whole): wider, each block would read every other run of bytes (AVX2 path forced on
-  // AMD EPYC Zen 4, 2816-byte merged gate/up rows in 2048-byte blocks, M = 1, dense: separate /
-  // merged time 0.91-0.93; kMaxBlockAvx2 and kMaxBlockAvx512 are sized for merged rows).
-  const int64_t max_blk = level == Isa::Avx512 ? kMaxBlockAvx512 : kMaxBlockAvx2;
+  // pass (merge_max_bytes).
+  const int64_t max_blk = merge_max_bytes();
   std::vector<at::Tensor> out(nseg);
   std::vector<int64_t> out_cols(nseg);
   std::vector<Segment> segs;  // what to read: runs of segments side by side merged into one

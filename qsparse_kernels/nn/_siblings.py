@@ -26,8 +26,9 @@ per thread. Outputs are bit-identical (``torch.equal``) to the unfused layers'.
 The group holds no parameters or buffers: ``state_dict``, ``parameters()``, ``.to()``, checkpoints,
 ``save_pretrained`` and :func:`qsparse_kernels.unconvert` see the layers as without it.
 
-Packed ``BitLinear`` siblings on the CPU are stored side by side (:func:`store_side_by_side`): each
-one's ``packed`` buffer becomes a column range of one ``[in_features, sum of ceil(out / 4)]`` uint8
+Packed ``BitLinear`` siblings on the CPU are stored side by side (:func:`store_side_by_side`) when
+their merged row fits the CPU's one-row pass (8192 bytes with AVX-512, 3072 with AVX2): each one's
+``packed`` buffer becomes a column range of one ``[in_features, sum of ceil(out / 4)]`` uint8
 buffer, the same bytes in the same memory as before. The fused kernel then reads a kept input
 feature's bytes of every sibling as one run (TinyLlama's q/k/v: one 640-byte run instead of 512 +
 64 + 64 bytes in three places, which DRAM serves far worse). Each layer still works alone on its
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .. import sibling_ops
+from .. import _native, sibling_ops
 from . import _config as cfg
 from .bitlinear import BitLinear
 from .linear import QSparseLinear
@@ -232,13 +233,17 @@ def group_siblings(model: nn.Module, names=SIBLING_NAMES) -> list[str]:
 def store_side_by_side(members) -> bool:
     """Make the ``packed`` buffers of ``members`` (packed :class:`BitLinear` layers on the CPU with
     the same ``in_features``) column ranges of one uint8 ``[in_features, sum of ceil(out / 4)]``
-    buffer, in order (module docstring). No-op (returns False) for other layers, other devices, or
-    buffers already stored so. Memory does not grow: the old buffers are released."""
+    buffer, in order (module docstring). No-op (returns False) for other layers, other devices,
+    buffers already stored so, and rows wider than the CPU's M = 1 pass reads as one weight
+    (``_C.cpu_ternary_merge_max_bytes()``: 8192 bytes with AVX-512, 3072 with AVX2). Memory does
+    not grow: the old buffers are released."""
     bufs = [m._buffers.get("packed") if type(m) is BitLinear else None for m in members]
     if any(b is None or b.device.type != "cpu" or b.dtype != torch.uint8 or b.dim() != 2 for b in bufs):
         return False
     if len({b.shape[0] for b in bufs}) != 1:
         return False
+    if _native.loaded() and sum(b.shape[1] for b in bufs) > _native._C.cpu_ternary_merge_max_bytes():
+        return False  # wider than the M = 1 pass reads at once: each would read every other run of bytes
     stride = bufs[0].stride(0)
     if all(b.stride(0) == stride and b.stride(1) == 1 for b in bufs) and all(
         nxt.data_ptr() == b.data_ptr() + b.shape[1] for b, nxt in zip(bufs, bufs[1:], strict=False)
