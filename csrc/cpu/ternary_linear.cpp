@@ -52,11 +52,26 @@ int64_t merge_max_bytes() {
                               : (level == Isa::Avx2 ? kMaxBlockAvx2 : std::numeric_limits<int64_t>::max());
 }
 
-// Whether weight b (rows `stride` bytes apart, at b) continues weight a (cols bytes per row, same
-// stride) in every row: siblings stored side by side, readable as one wider weight. d > 1: with
-// one row the stride says nothing, and nothing is gained.
-static bool continues(const uint8_t* a, int64_t cols, int64_t stride_a, const uint8_t* b, int64_t stride_b, int64_t d) {
-  return d > 1 && stride_a >= 0 && stride_a == stride_b && a + cols == b;
+// The end of the run of weights from packed[s0] on that are stored side by side: each continues
+// the one before it in every row (column ranges of one buffer, in order), each is read in place and
+// not empty, and the run is at most max_bytes wide; such a run is read as one wider weight. d > 1:
+// with one row the stride says nothing, and nothing is gained.
+static int64_t side_by_side_end(at::TensorList packed, int64_t s0, int64_t d, int64_t max_bytes) {
+  const auto in_place = [&](const at::Tensor& p) {
+    return p.device().is_cpu() && p.scalar_type() == at::kByte && p.dim() == 2 && p.size(1) > 0 &&
+           packed_stride(p) >= 0;
+  };
+  const auto n = static_cast<int64_t>(packed.size());
+  int64_t s1 = s0 + 1;
+  if (d <= 1 || !in_place(packed[s0])) return s1;
+  for (int64_t width = packed[s0].size(1); s1 < n && in_place(packed[s1]); ++s1) {
+    const at::Tensor &a = packed[s1 - 1], &b = packed[s1];
+    width += b.size(1);
+    if (width > max_bytes || packed_stride(a) != packed_stride(b) ||
+        a.data_ptr<uint8_t>() + a.size(1) != b.data_ptr<uint8_t>())
+      break;
+  }
+  return s1;
 }
 
 namespace {
@@ -675,16 +690,7 @@ std::vector<at::Tensor> ternary_linear_multi_rows(const at::Tensor& x, at::Tenso
   std::vector<at::Tensor> out(n);
   std::vector<std::optional<at::Tensor>> bias(n);
   for (int64_t s0 = 0, s1; s0 < n; s0 = s1) {
-    s1 = s0 + 1;
-    const auto in_place = [&](int64_t s) {
-      return packed[s].device().is_cpu() && packed[s].scalar_type() == at::kByte && packed[s].dim() == 2 &&
-             packed_stride(packed[s]) >= 0 && out_features[s] > 0;
-    };
-    if (in_place(s0))
-      while (s1 < n && in_place(s1) &&
-             continues(packed[s1 - 1].data_ptr<uint8_t>(), packed[s1 - 1].size(1), packed_stride(packed[s1 - 1]),
-                       packed[s1].data_ptr<uint8_t>(), packed_stride(packed[s1]), d))
-        ++s1;
+    s1 = side_by_side_end(packed, s0, d, std::numeric_limits<int64_t>::max());
     if (s1 == s0 + 1 || M == 0) {
       for (int64_t s = s0; s < s1; ++s)
         out[s] = unrows(ternary_linear_segment(xr, packed[s], scales[s], out_features[s], k_opt, biases.get(s), &pre), x);
@@ -716,16 +722,16 @@ std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::
   const int64_t max_blk = merge_max_bytes();
   std::vector<at::Tensor> out(nseg);
   std::vector<int64_t> out_cols(nseg);
-  std::vector<Segment> segs;  // what to read: runs of segments side by side merged into one
   for (int64_t s = 0; s < nseg; ++s) {
     out[s] = at::empty({1, out_features[s]}, x.options());
     out_cols[s] = out_features[s] / 4 + (out_features[s] % 4 != 0);
-    const Segment seg{packed[s].data_ptr<uint8_t>(), out_cols[s], packed_stride(packed[s])};
-    if (!segs.empty() && segs.back().cols + seg.cols <= max_blk &&
-        continues(segs.back().packed, segs.back().cols, segs.back().stride, seg.packed, seg.stride, d))
-      segs.back().cols += seg.cols;
-    else
-      segs.push_back(seg);
+  }
+  std::vector<Segment> segs;  // what to read: runs of segments side by side merged into one
+  for (int64_t s0 = 0, s1; s0 < nseg; s0 = s1) {
+    s1 = side_by_side_end(packed, s0, d, max_blk);
+    int64_t cols = 0;
+    for (int64_t s = s0; s < s1; ++s) cols += out_cols[s];
+    segs.push_back({packed[s0].data_ptr<uint8_t>(), cols, packed_stride(packed[s0])});
   }
   QSK_TERNARY_DISPATCH(x.scalar_type(), "ternary_linear_multi_cpu", [&] {
     // 1. one top-K + quantization (prepare_row, as ternary_linear_rows does for M == 1).
