@@ -39,6 +39,7 @@ assigning it) only loses the speed-up.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -47,6 +48,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _native, sibling_ops
 from . import _config as cfg
+from . import _fastpath
 from .bitlinear import BitLinear
 from .linear import QSparseLinear
 
@@ -60,6 +62,10 @@ _any_autocast = cfg._any_autocast
 
 def _version(x: Tensor) -> int | None:
     return None if x.is_inference() else x._version
+
+
+def _where(x: Tensor) -> tuple:
+    return x.data_ptr(), x.shape, x.stride()
 
 
 class SiblingGroup:
@@ -76,16 +82,18 @@ class SiblingGroup:
         self.members = tuple(members)
         self.disabled = False
         self._local = threading.local()
+        self._plan = None  # the last fused call, remembered (nn/_fastpath.py); members' __setattr__ drops it
         for m in self.members:
             m._siblings = self
 
     # threading.local does not pickle or deepcopy: a copy starts with an empty cache.
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_plan")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+        self._plan = None
 
     def dissolve(self) -> None:
         """Unlink the members (each computes alone again) and drop any cached outputs."""
@@ -93,6 +101,7 @@ class SiblingGroup:
             if m.__dict__.get("_siblings") is self:
                 del m._siblings
         self._local = threading.local()
+        self._plan = None
         self.disabled = True
 
     def output(self, mod: nn.Module, x: Tensor) -> Tensor | None:
@@ -100,23 +109,27 @@ class SiblingGroup:
         if self.disabled:
             return None
         local = self._local
-        pending = getattr(local, "pending", None)
+        pending = getattr(local, "pending", None)  # [x, its version, _where(x), outputs, how many not taken]
         i = self._index(mod)
-        if pending is not None:
-            key, outs = pending
-            if key[0] is x and key[1] == _version(x) and key[2] == (x.data_ptr(), x.shape, x.stride()):
-                y = outs[i]
-                if y is None:  # this member already took its output: called again, compute alone
-                    return None
-                outs[i] = None
-                if not any(o is not None for o in outs):
-                    local.pending = None
-                return y
+        if pending is not None and pending[0] is x and pending[1] == _version(x) and pending[2] == _where(x):
+            outs = pending[3]
+            y = outs[i]
+            if y is None:  # this member already took its output: called again, compute alone
+                return None
+            outs[i] = None
+            pending[4] -= 1
+            if pending[4] == 0:
+                local.pending = None
+            return y
         if i < 0:
             return None
-        call = self._fused_call(x)
-        if call is None:
-            return None
+        plan = self._plan
+        if plan is not None and plan.matches(x):
+            call = functools.partial(plan.fn, x, *plan.args)
+        else:
+            call = self._fused_call(x)
+            if call is None:
+                return None
         if pending is not None:  # the last fused result was not taken by every member: stop fusing
             local.pending = None
             self.disabled = True
@@ -124,7 +137,7 @@ class SiblingGroup:
         outs = list(call())
         y = outs[i]
         outs[i] = None
-        local.pending = ((x, _version(x), (x.data_ptr(), x.shape, x.stride())), outs)
+        local.pending = [x, _version(x), _where(x), outs, len(outs) - 1]
         return y
 
     def _index(self, mod: nn.Module) -> int:
@@ -135,8 +148,9 @@ class SiblingGroup:
 
     def _fused_call(self, x: Tensor):
         """A function computing every member's output for ``x`` with one multi-segment call, or
-        ``None`` when the members must compute alone (module docstring). Reads the parameters and
-        buffers from the modules' dicts (``nn.Module.__getattr__`` costs ~0.5 us a lookup)."""
+        ``None`` when the members must compute alone (module docstring); remembers the call as the
+        group's plan. Reads the parameters and buffers from the modules' dicts
+        (``nn.Module.__getattr__`` costs ~0.5 us a lookup)."""
         if type(x) is not Tensor or x.dim() < 1:
             return None
         if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _function_mode_on():
@@ -154,7 +168,7 @@ class SiblingGroup:
         sparse = type(first) is QSparseLinear
         if not sparse and dt not in (torch.float32, torch.bfloat16, torch.float16):
             return None
-        weights, biases = [], []
+        weights, biases, owned = [], [], []
         for m in ms:
             if m.training:
                 return None
@@ -168,6 +182,7 @@ class SiblingGroup:
             ):
                 return None
             biases.append(b)
+            owned.append((params, "bias", b))
             if sparse:
                 w = params.get("weight")
                 if w is None or (type(w) is not nn.Parameter and type(w) is not Tensor):
@@ -175,19 +190,23 @@ class SiblingGroup:
                 if w.dtype != dt or w.device != dev or (grad and w.requires_grad):
                     return None
                 weights.append(w)
+                owned.append((params, "weight", w))
             else:
                 packed, scale = m._buffers.get("packed"), m._buffers.get("scale")
                 if packed is None or scale is None or packed.device != dev or scale.device != dev:
                     return None
                 weights.append((packed, scale))
+                owned += [(m._buffers, "packed", packed), (m._buffers, "scale", scale)]
         k = first.kept(x.shape[-1])
         if sparse:
             fn = sibling_ops.implementation("sparse_linear_multi", first.backend, dev)
-            return lambda: fn(x, weights, k, biases)
-        fn = sibling_ops.implementation("ternary_linear_multi", first.backend, dev)
-        packed = [p for p, _ in weights]
-        scales = [s for _, s in weights]
-        return lambda: fn(x, packed, scales, [m.out_features for m in ms], k, biases)
+            args = (weights, k, biases)
+        else:
+            fn = sibling_ops.implementation("ternary_linear_multi", first.backend, dev)
+            args = ([p for p, _ in weights], [s for _, s in weights], [m.out_features for m in ms], k, biases)
+        widest = max(m.out_features for m in ms)
+        self._plan = _fastpath.plan(fn, args, x, widest, first.backend, tuple(owned))
+        return functools.partial(fn, x, *args)
 
     def __repr__(self) -> str:
         return f"SiblingGroup({len(self.members)} layers, disabled={self.disabled})"

@@ -10,8 +10,10 @@ from torch import Tensor, nn
 
 from .. import _validate as check
 from .. import ops
+from ..backends import select
 from ..layout import BITS_PER_CODE, CODE_MASK, CODES_PER_BYTE, INVALID_CODE, PAD_CODE, packed_shape
 from . import _config as cfg
+from . import _fastpath
 from .fake_quant import fake_quant_act, fake_quant_weight
 
 
@@ -131,24 +133,41 @@ class BitLinear(nn.Module):
     # A SiblingGroup (nn/_siblings.py) when convert() linked this layer with siblings reading the same input.
     _siblings = None
 
+    # The last direct call, remembered (nn/_fastpath.py); dropped when an attribute is set.
+    _plan = None
+
     def forward(self, x: Tensor) -> Tensor:
         if self._siblings is not None:
             y = self._siblings.output(self, x)
             if y is not None:
                 return y
+        plan = self._plan
+        if plan is not None and plan.matches(x):
+            return plan.fn(x, *plan.args)
         k = cfg.kept(self.sparsity, self.k, x.shape[-1])
         buffers = self._buffers  # what nn.Module.__getattr__ reads, without its ~0.8 us a lookup
         packed = buffers.get("packed")
         if packed is not None:
             x, bias = cfg.autocast_args(x, cfg.param(self, "bias"))
-            return ops.ternary_linear(x, packed, buffers["scale"], self.out_features, k, bias, backend=self.backend)
+            scale, n = buffers["scale"], self.out_features
+            y = ops.ternary_linear(x, packed, scale, n, k, bias, backend=self.backend)
+            if bias is self._parameters.get("bias") and _fastpath.eager_plain():
+                fn = select("ternary_linear", self.backend, x.device)[1]
+                owned = ((buffers, "packed", packed), (buffers, "scale", scale), (self._parameters, "bias", bias))
+                self.__dict__["_plan"] = _fastpath.plan(fn, (packed, scale, n, k, bias), x, n, self.backend, owned)
+            return y
         xs = x if k is None else ops.topk_sparsify(x, k, backend=self.backend)
         xq = xs + (fake_quant_act(xs, self.backend) - xs).detach()
         w = self.weight
         wq = w + (fake_quant_weight(w) - w).detach()
         return F.linear(xq, wq, self.bias)
 
+    def __setattr__(self, name: str, value) -> None:
+        _fastpath.drop(self)  # training, sparsity, k, backend, ...: the plan depends on them
+        super().__setattr__(name, value)
+
     def _apply(self, fn, recurse=True):
+        _fastpath.drop(self)
         # .to(dtype) / .half() must not round the float32 weight scale (ternary_linear needs it exact).
         scale = self._buffers.get("scale")
         super()._apply(fn, recurse)

@@ -9,7 +9,9 @@ from torch import Tensor, nn
 
 from .. import _validate as check
 from .. import ops
+from ..backends import select
 from . import _config as cfg
+from . import _fastpath
 
 
 class QSparseLinear(nn.Module):
@@ -121,25 +123,45 @@ class QSparseLinear(nn.Module):
     # A SiblingGroup (nn/_siblings.py) when convert() linked this layer with siblings reading the same input.
     _siblings = None
 
+    # The last direct call, remembered (nn/_fastpath.py); dropped when an attribute is set.
+    _plan = None
+
     def forward(self, x: Tensor) -> Tensor:
         if self._siblings is not None:
             y = self._siblings.output(self, x)
             if y is not None:
                 return y
+        plan = self._plan
+        if plan is not None and plan.matches(x):
+            return plan.fn(x, *plan.args)
         x, weight, bias = cfg.autocast_args(x, cfg.param(self, "weight"), cfg.param(self, "bias"))
         if self.block is not None:
             # The N:M-sparsified x has at most kept() nonzeros per token, so sparse_linear's top-K
             # keeps all of them and its kernel reads only their weight rows (F.linear on the
             # column-major weight would read every row, and is ~50x slower than dense in fp16).
             x = ops.block_topk_sparsify(x, *self.block, backend=self.backend)
-        return ops.sparse_linear(x, weight, self.kept(x.shape[-1]), bias, backend=self.backend)
+            return ops.sparse_linear(x, weight, self.kept(x.shape[-1]), bias, backend=self.backend)
+        k = self.kept(x.shape[-1])
+        y = ops.sparse_linear(x, weight, k, bias, backend=self.backend)
+        params = self._parameters
+        if weight is params.get("weight") and bias is params.get("bias") and _fastpath.eager_plain():
+            fn = select("sparse_linear", self.backend, x.device)[1]
+            owned = ((params, "weight", weight), (params, "bias", bias))
+            self.__dict__["_plan"] = _fastpath.plan(fn, (weight, k, bias), x, self.out_features, self.backend, owned)
+        return y
 
     # Keep the fast layout whatever loads or converts the weight.
     def _load_from_state_dict(self, *args, **kwargs) -> None:
+        _fastpath.drop(self)
         super()._load_from_state_dict(*args, **kwargs)
         cfg.relayout_(self.weight)
 
+    def __setattr__(self, name: str, value) -> None:
+        _fastpath.drop(self)  # training, sparsity, k, block, backend, ...: the plan depends on them
+        super().__setattr__(name, value)
+
     def _apply(self, fn, recurse=True):
+        _fastpath.drop(self)
         super()._apply(fn, recurse)
         cfg.relayout_(self.weight)
         return self
