@@ -16,6 +16,10 @@ int64_t sparse_max_rows(at::ScalarType dtype);         // csrc/cpu/sparse_linear
 bool row_gemm_wins(at::ScalarType dtype, int64_t M, int64_t d, int64_t k);  // csrc/cpu/sparse_linear.cpp
 }
 
+namespace qsk {
+void define_kernel_calls(pybind11::module_& m);  // csrc/kernel_calls.cpp
+}
+
 namespace {
 // A float dtype from its torch name without the "torch." prefix.
 at::ScalarType float_dtype(const std::string& name) {
@@ -29,6 +33,7 @@ at::ScalarType float_dtype(const std::string& name) {
 TORCH_LIBRARY_FRAGMENT(qsparse, m) { qsk::define_kernel_schemas(m); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  qsk::define_kernel_calls(m);
   m.doc() = "qsparse_kernels native kernels (ops are registered in torch.ops.qsparse)";
   m.def("cpu_isa", [] { return std::string(qsk::cpu::isa_name(qsk::cpu::isa())); },
         "The CPU ISA level the kernels use: scalar, avx2 or avx512");

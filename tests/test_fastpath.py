@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qsparse_kernels as qk
-from qsparse_kernels import backends
+from qsparse_kernels import _native, backends
 from qsparse_kernels.nn import BitLinear, QSparseLinear, SiblingGroup
 
 D, OUT = 48, 20
@@ -281,3 +281,60 @@ def test_group_plan_and_its_invalidation(kind):
         for a, b in zip(_call(mods, x), _call(plain, x), strict=True):
             assert torch.equal(a, b)
     assert not group.disabled
+
+
+# ---- csrc/kernel_calls.cpp: the cpu backend's typed calls of the kernel ops ----
+
+
+def _kernel_cases():
+    torch.manual_seed(2)
+    x = torch.randn(3, D)
+    w = qk.to_fast_layout(torch.randn(OUT, D))
+    b = torch.randn(OUT)
+    packed, scale = qk.quantize_weight_ternary(torch.randn(OUT, D))
+    p2, s2 = qk.quantize_weight_ternary(torch.randn(5, D))
+    ops = torch.ops.qsparse
+    C = _native._C
+    return [
+        (C.call_sparse_linear, ops.sparse_linear_kernel.default, (x, w, 7, b)),
+        (C.call_sparse_linear, ops.sparse_linear_kernel.default, (x[:1], w, D, None)),
+        (C.call_ternary_linear, ops.ternary_linear_kernel.default, (x, packed, scale, OUT, 9, b)),
+        (C.call_ternary_linear, ops.ternary_linear_kernel.default, (x[:1], packed, scale, OUT, None, None)),
+        (C.call_sparse_linear_multi, ops.sparse_linear_multi_kernel.default, (x[:1], [w, w[:4]], 7, [b, None])),
+        (C.call_ternary_linear_multi, ops.ternary_linear_multi_kernel.default,
+         (x[:1], [packed, p2], [scale, s2], [OUT, 5], 9, [None, torch.randn(5)])),
+    ]
+
+
+@pytest.mark.skipif(not _native.loaded(), reason="qsparse_kernels._C is not built")
+def test_kernel_calls_equal_the_kernel_ops():
+    assert backends.ops("cpu")["ternary_linear"] is _native._C.call_ternary_linear
+    for call, op, args in _kernel_cases():
+        got, want = call(*args), op(*args)
+        if not isinstance(got, list):
+            got, want = [got], [want]
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+    x, w = torch.randn(2, D), torch.randn(OUT, D + 1)  # a kernel's own check: the same error
+    with pytest.raises(RuntimeError, match="must equal d"):
+        _native._C.call_sparse_linear(x, w, 3, None)
+
+
+@pytest.mark.skipif(not _native.loaded(), reason="qsparse_kernels._C is not built")
+def test_kernel_calls_are_dispatched():
+    """The typed calls go through the dispatcher: Python dispatch modes and the profiler see them."""
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for call, op, args in _kernel_cases():
+        seen.clear()
+        with Record():
+            call(*args)
+        assert str(op) in seen, (op, seen)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            call(*args)
+        assert op.name() in {e.key for e in prof.key_averages()}  # "qsparse::sparse_linear_kernel"
