@@ -151,19 +151,12 @@ at::Tensor ternary_single(const at::Tensor& x, const at::Tensor& packed, const a
 }
 
 // Whether segment (packed, scale, out_features, bias) takes the fused path: arguments the single
-// op accepts, already in a layout it reads in place (the single op would copy them).
+// op accepts (ternary::weight_problem), already in a layout it reads in place (the single op would
+// copy them).
 bool ternary_fusable(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t out_features,
                      const std::optional<at::Tensor>& b) {
-  if (out_features < 0 || packed.device().type() != at::kCPU || packed.scalar_type() != at::kByte ||
-      packed.dim() != 2 || ternary::packed_stride(packed) < 0)
-    return false;
-  if (packed.size(0) != x.size(1) || packed.size(1) != out_features / 4 + (out_features % 4 != 0)) return false;
-  if (scale.device().type() != at::kCPU || scale.scalar_type() != at::kFloat || scale.numel() != 1 || scale.dim() > 1)
-    return false;
-  if (b.has_value() && (b->device().type() != at::kCPU || b->scalar_type() != x.scalar_type() || b->dim() != 1 ||
-                        b->size(0) != out_features || !b->is_contiguous()))
-    return false;
-  return true;
+  return ternary::weight_problem(x, packed, scale, out_features, std::nullopt, b).empty() &&
+         ternary::packed_stride(packed) >= 0 && (!b || b->is_contiguous());
 }
 
 std::vector<at::Tensor> ternary_linear_multi_cpu(const at::Tensor& x, at::TensorList packed, at::TensorList scales,

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "qsk/isa.h"
@@ -42,6 +43,14 @@ struct Segment {
 // are contiguous (a contiguous weight, or a column range of a wider one), else -1 (the kernels
 // need a copy).
 int64_t packed_stride(const at::Tensor& packed);
+
+// Why (packed, scale, out_features, k, bias) is not a weight the single op accepts for the rows x
+// [M, d], in the words of its error, or "" when it is: every argument check of ternary_linear_kernel
+// on a weight, in one place (check_weight throws it; the multi op's M == 1 path takes a segment
+// with a problem as not fusable and lets the single op raise). k = nullopt skips the k check.
+// Layout is not a problem here: a packed weight whose rows are not contiguous bytes is copied.
+std::string weight_problem(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                           int64_t out_features, std::optional<int64_t> k, const std::optional<at::Tensor>& bias);
 
 // The widest row of siblings side by side that the M == 1 pass reads as one weight, whole, on this
 // CPU (under the ISA cap). Wider, each block of the row-split pass would read every other run of

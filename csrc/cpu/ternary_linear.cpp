@@ -499,34 +499,52 @@ void epilogue_segments(Isa level, const int32_t* a, int64_t ld, const RowQuant* 
   }
 }
 
-// The single op's checks of one weight over x [M, d]; returns its packed bytes per row.
+}  // namespace
+
+std::string weight_problem(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                           int64_t out_features, std::optional<int64_t> k_opt, const std::optional<at::Tensor>& bias) {
+  if (packed.device().type() != at::kCPU) return c10::str("packed must be on ", at::kCPU, ", got ", packed.device());
+  if (packed.scalar_type() != at::kByte) return c10::str("packed must be ", at::kByte, ", got ", packed.scalar_type());
+  if (packed.dim() != 2) return c10::str("packed must be 2-D, got ", packed.dim(), "-D");
+  if (scale.device().type() != at::kCPU) return c10::str("scale must be on ", at::kCPU, ", got ", scale.device());
+  if (scale.scalar_type() != at::kFloat) return c10::str("scale must be ", at::kFloat, ", got ", scale.scalar_type());
+  const int64_t d = x.size(1);
+  if (d > kMaxTernaryD)
+    return c10::str("ternary_linear_kernel: d = ", d, " is above ", kMaxTernaryD,
+                    ", the largest in_features whose int32 accumulator cannot overflow");
+  if (out_features < 0) return c10::str("ternary_linear_kernel: out_features must be >= 0, got ", out_features);
+  const int64_t cols = out_features / 4 + (out_features % 4 != 0);
+  if (packed.size(0) != d || packed.size(1) != cols)
+    return c10::str("ternary_linear_kernel: packed must have shape [in_features, ceil(out_features / 4)] = [", d, ", ",
+                    cols, "], got ", packed.sizes());
+  if (scale.numel() != 1 || scale.dim() > 1)
+    return c10::str("ternary_linear_kernel: scale must be a scalar tensor (shape () or (1,)), got shape ",
+                    scale.sizes());
+  if (k_opt && (*k_opt < 0 || *k_opt > d))
+    return c10::str("ternary_linear_kernel: k must be in [0, d = ", d, "], got ", *k_opt);
+  if (bias) {
+    const at::Tensor& b = *bias;
+    if (b.device().type() != at::kCPU) return c10::str("b must be on ", at::kCPU, ", got ", b.device());
+    if (b.scalar_type() != x.scalar_type())
+      return c10::str("ternary_linear_kernel: bias must have the dtype of x (", x.scalar_type(), "), got ",
+                      b.scalar_type());
+    if (b.dim() != 1 || b.size(0) != out_features)
+      return c10::str("ternary_linear_kernel: bias must have shape [", out_features, "], got ", b.sizes());
+  }
+  return {};
+}
+
+namespace {
+
+// The single op's checks of a weight for the rows x [M, d] (weight_problem), on arguments whose
+// layout the kernels read (rows of contiguous bytes, a contiguous bias); returns the packed row width.
 int64_t check_weight(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t out_features,
                      std::optional<int64_t> k_opt, const std::optional<at::Tensor>& bias_opt) {
-  QSK_CHECK_DEVICE(scale, at::kCPU);
-  QSK_CHECK_DTYPE(scale, at::kFloat);
-  const int64_t d = x.size(1);
-  TORCH_CHECK(d <= kMaxTernaryD, "ternary_linear_kernel: d = ", d, " is above ", kMaxTernaryD,
-              ", the largest in_features whose int32 accumulator cannot overflow");
-  TORCH_CHECK(out_features >= 0, "ternary_linear_kernel: out_features must be >= 0, got ", out_features);
-  const int64_t cols = out_features / 4 + (out_features % 4 != 0);
-  TORCH_CHECK(packed.size(0) == d && packed.size(1) == cols,
-              "ternary_linear_kernel: packed must have shape [in_features, ceil(out_features / 4)] = [", d, ", ", cols,
-              "], got ", packed.sizes());
-  TORCH_CHECK(scale.numel() == 1 && scale.dim() <= 1,
-              "ternary_linear_kernel: scale must be a scalar tensor (shape () or (1,)), got shape ", scale.sizes());
-  const int64_t k = k_opt ? *k_opt : -1;
-  if (k_opt) TORCH_CHECK(0 <= k && k <= d, "ternary_linear_kernel: k must be in [0, d = ", d, "], got ", k);
-  if (bias_opt) {
-    const at::Tensor& b = *bias_opt;
-    QSK_CHECK_DEVICE(b, at::kCPU);
-    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "ternary_linear_kernel: bias must have the dtype of x (",
-                x.scalar_type(), "), got ", b.scalar_type());
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == out_features, "ternary_linear_kernel: bias must have shape [",
-                out_features, "], got ", b.sizes());
-    QSK_CHECK_CONTIGUOUS(b);
-  }
+  const std::string problem = weight_problem(x, packed, scale, out_features, k_opt, bias_opt);
+  TORCH_CHECK(problem.empty(), problem);
+  if (bias_opt) QSK_CHECK_CONTIGUOUS(*bias_opt);
   TORCH_INTERNAL_ASSERT(packed_stride(packed) >= 0, "ternary_linear_kernel: packed rows must be contiguous bytes");
-  return cols;
+  return out_features / 4 + (out_features % 4 != 0);
 }
 
 // x [M, d] contiguous, M >= 1, over one packed weight of `cols` bytes per row, rows `stride`
@@ -650,9 +668,8 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
 at::Tensor ternary_linear_segment(const at::Tensor& xr, const at::Tensor& packed, const at::Tensor& scale,
                                   int64_t out_features, std::optional<int64_t> k_opt,
                                   const std::optional<at::Tensor>& bias_opt, const Prepared* shared) {
-  QSK_CHECK_DEVICE(packed, at::kCPU);
-  QSK_CHECK_DTYPE(packed, at::kByte);
-  QSK_CHECK_DIM(packed, 2);
+  const std::string problem = weight_problem(xr, packed, scale, out_features, k_opt, bias_opt);
+  TORCH_CHECK(problem.empty(), problem);
   std::optional<at::Tensor> bias;
   if (bias_opt) bias = bias_opt->contiguous();
   // A column range of a wider buffer (sibling weights side by side) is read in place.
