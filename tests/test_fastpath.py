@@ -4,6 +4,8 @@ path again (its result, its errors). Each test first calls the layer so that it 
 changes one thing and compares with a layer that never held one."""
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -217,6 +219,22 @@ def test_to_and_load_state_dict_drop_the_plan():
         mod.load_state_dict(other.state_dict())
         assert mod._plan is None
         assert torch.equal(mod(x), other(x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pickle_and_deepcopy_after_a_planned_call(kind):
+    mod = _layer(kind)
+    x = torch.randn(2, D)
+    with torch.no_grad():
+        y = _planned(mod, x)
+        for copied in (pickle.loads(pickle.dumps(mod)), copy.deepcopy(mod)):
+            assert "_plan" not in copied.__dict__
+            assert torch.equal(copied(x), y)
+            assert copied._plan is not None and copied._plan.args[0] is not mod._plan.args[0]
+        buf = io.BytesIO()
+        torch.save(mod, buf)
+        buf.seek(0)
+        assert torch.equal(torch.load(buf, weights_only=False)(x), y)
 
 
 # ---- sibling groups ----

@@ -162,6 +162,11 @@ class BitLinear(nn.Module):
         wq = w + (fake_quant_weight(w) - w).detach()
         return F.linear(xq, wq, self.bias)
 
+    def __getstate__(self) -> dict:  # pickle, deepcopy: a copy plans its own first call
+        state = super().__getstate__()
+        state.pop("_plan", None)
+        return state
+
     def __setattr__(self, name: str, value) -> None:
         _fastpath.drop(self)  # training, sparsity, k, backend, ...: the plan depends on them
         super().__setattr__(name, value)

@@ -156,6 +156,11 @@ class QSparseLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         cfg.relayout_(self.weight)
 
+    def __getstate__(self) -> dict:  # pickle, deepcopy: a copy plans its own first call
+        state = super().__getstate__()
+        state.pop("_plan", None)
+        return state
+
     def __setattr__(self, name: str, value) -> None:
         _fastpath.drop(self)  # training, sparsity, k, block, backend, ...: the plan depends on them
         super().__setattr__(name, value)
