@@ -524,7 +524,8 @@ std::string weight_problem(const at::Tensor& x, const at::Tensor& packed, const 
     return c10::str("ternary_linear_kernel: k must be in [0, d = ", d, "], got ", *k_opt);
   if (bias) {
     const at::Tensor& b = *bias;
-    if (b.device().type() != at::kCPU) return c10::str("b must be on ", at::kCPU, ", got ", b.device());
+    if (b.device().type() != at::kCPU)
+      return c10::str("ternary_linear_kernel: bias must be on ", at::kCPU, ", got ", b.device());
     if (b.scalar_type() != x.scalar_type())
       return c10::str("ternary_linear_kernel: bias must have the dtype of x (", x.scalar_type(), "), got ",
                       b.scalar_type());
