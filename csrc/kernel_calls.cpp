@@ -21,8 +21,8 @@ c10::TypedOperatorHandle<Sig> kernel_op(const char* name) {
 using OptTensor = std::optional<at::Tensor>;
 
 at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight, int64_t k, const OptTensor& bias) {
-  static const auto op =
-      kernel_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const OptTensor&)>("qsparse::sparse_linear_kernel");
+  static const auto op = kernel_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, const OptTensor&)>(
+      "qsparse::sparse_linear_kernel");
   return op.call(x, weight, k, bias);
 }
 
