@@ -356,3 +356,32 @@ def test_kernel_calls_are_dispatched():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             call(*args)
         assert op.name() in {e.key for e in prof.key_averages()}  # "qsparse::sparse_linear_kernel"
+
+
+# ---- a converted Hugging Face model after planned calls ----
+
+
+@pytest.mark.parametrize("config", [qk.QSparseConfig(sparsity=0.5),
+                                    qk.QSparseConfig(sparsity=0.6, weights="ternary", pack=True)])
+def test_hf_model_after_generate_saves_moves_and_loads(tmp_path, config):
+    """generate() leaves plans in every layer and group; save_pretrained / from_pretrained, .to()
+    and a second generate() give what a model that never planned gives."""
+    transformers = pytest.importorskip("transformers")
+    from tests.test_hf_models import DECODER_KW
+
+    torch.manual_seed(3)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER_KW)).eval()
+    model = qk.convert(copy.deepcopy(base), config)
+    ids = torch.randint(0, DECODER_KW["vocab_size"], (1, 5))
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        first = model.generate(ids, **kw)
+        layer = model.model.layers[0]
+        assert layer.self_attn.q_proj._siblings._plan is not None and layer.self_attn.o_proj._plan is not None
+        assert torch.equal(model.generate(ids, **kw), first)  # the planned calls
+        model.save_pretrained(tmp_path)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+        assert torch.equal(loaded.generate(ids, **kw), first)
+        model.to(torch.bfloat16)
+        fresh = qk.convert(copy.deepcopy(base), config).to(torch.bfloat16)
+        assert torch.equal(model(ids).logits, fresh(ids).logits)
