@@ -28,21 +28,20 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _validate as check
+from .._ops import _function_mode_on, _get_dispatch_mode
 from ..backends import requested
+from ._config import _any_autocast
 
 _Parameter = torch.nn.Parameter
-_function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 
 
 def eager_plain() -> bool:
     """True outside ``torch.compile`` tracing, dispatch and function modes, and autocast."""
-    return not (_is_compiling() or _function_mode_on() or _any_autocast() or _get_current_dispatch_mode() is not None)
+    return not (_is_compiling() or _function_mode_on() or _any_autocast() or _get_dispatch_mode() is not None)
 
 
 def _version(t: Tensor) -> int | None:
@@ -53,8 +52,8 @@ class Plan:
     """One planned call ``fn(x, *args)`` and what must hold for the next call to reuse it.
 
     ``owned``: ``(dict, key, tensor)`` triples, the module dicts (``_buffers``, ``_parameters``)
-    that must still hold these tensors (``None`` for an absent bias); ``grad``: the tensors whose
-    ``requires_grad`` matters when grad mode is on.
+    that must still hold these tensors (``None`` for an absent bias); ``versions``: the float ones
+    with their ``_version`` (also those whose ``requires_grad`` matters when grad mode is on).
     """
 
     __slots__ = (
@@ -69,7 +68,6 @@ class Plan:
         "owned",
         "versions",
         "pointers",
-        "grad",
     )
 
     def __init__(self, fn, args: tuple, x: Tensor, out_features: int, backend: str, owned: tuple) -> None:
@@ -83,7 +81,6 @@ class Plan:
         tensors = [t for _, _, t in owned if t is not None]
         self.versions = tuple((t, t._version) for t in tensors if t.is_floating_point())
         self.pointers = tuple((t, t.data_ptr()) for t in tensors if type(t) is _Parameter)
-        self.grad = tuple(t for t in tensors if t.is_floating_point())
 
     def matches(self, x: Tensor) -> bool:
         """Whether calling ``fn(x, *args)`` is what the full path would do now (module docstring)."""
@@ -106,7 +103,7 @@ class Plan:
         for t, p in self.pointers:
             if t.data_ptr() != p:
                 return False
-        if _grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self.grad)):
+        if _grad_enabled() and (x.requires_grad or any(t.requires_grad for t, _ in self.versions)):
             return False
         return True
 

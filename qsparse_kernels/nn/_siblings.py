@@ -44,11 +44,10 @@ import threading
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import _native, sibling_ops
-from . import _config as cfg
 from . import _fastpath
+from ._fastpath import _version
 from .bitlinear import BitLinear
 from .linear import QSparseLinear
 
@@ -56,12 +55,6 @@ from .linear import QSparseLinear
 # the compact Llama of qsparse_kernels.bench use these names).
 SIBLING_NAMES: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
-_function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
-_any_autocast = cfg._any_autocast
-
-
-def _version(x: Tensor) -> int | None:
-    return None if x.is_inference() else x._version
 
 
 def _where(x: Tensor) -> tuple:
@@ -153,9 +146,7 @@ class SiblingGroup:
         (``nn.Module.__getattr__`` costs ~0.5 us a lookup)."""
         if type(x) is not Tensor or x.dim() < 1:
             return None
-        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _function_mode_on():
-            return None
-        if _any_autocast():
+        if not _fastpath.eager_plain():
             return None
         grad = torch.is_grad_enabled()
         if grad and x.requires_grad:
