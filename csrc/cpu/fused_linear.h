@@ -44,6 +44,9 @@ struct Segment {
 // need a copy).
 int64_t packed_stride(const at::Tensor& packed);
 
+// Packed bytes per row of a weight with out_features outputs: ceil(out_features / 4) (SPEC 6).
+inline int64_t packed_cols(int64_t out_features) { return out_features / 4 + (out_features % 4 != 0); }
+
 // Why (packed, scale, out_features, k, bias) is not a weight the single op accepts for the rows x
 // [M, d], in the words of its error, or "" when it is: every argument check of ternary_linear_kernel
 // on a weight, in one place (check_weight throws it; the multi op's M == 1 path takes a segment

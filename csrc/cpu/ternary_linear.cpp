@@ -513,7 +513,7 @@ std::string weight_problem(const at::Tensor& x, const at::Tensor& packed, const 
     return c10::str("ternary_linear_kernel: d = ", d, " is above ", kMaxTernaryD,
                     ", the largest in_features whose int32 accumulator cannot overflow");
   if (out_features < 0) return c10::str("ternary_linear_kernel: out_features must be >= 0, got ", out_features);
-  const int64_t cols = out_features / 4 + (out_features % 4 != 0);
+  const int64_t cols = packed_cols(out_features);
   if (packed.size(0) != d || packed.size(1) != cols)
     return c10::str("ternary_linear_kernel: packed must have shape [in_features, ceil(out_features / 4)] = [", d, ", ",
                     cols, "], got ", packed.sizes());
@@ -545,7 +545,7 @@ int64_t check_weight(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(problem.empty(), problem);
   if (bias_opt) QSK_CHECK_CONTIGUOUS(*bias_opt);
   TORCH_INTERNAL_ASSERT(packed_stride(packed) >= 0, "ternary_linear_kernel: packed rows must be contiguous bytes");
-  return out_features / 4 + (out_features % 4 != 0);
+  return packed_cols(out_features);
 }
 
 // x [M, d] contiguous, M >= 1, over one packed weight of `cols` bytes per row, rows `stride`
@@ -742,7 +742,7 @@ std::vector<at::Tensor> ternary_linear_multi_m1(const at::Tensor& x, const std::
   std::vector<int64_t> out_cols(nseg);
   for (int64_t s = 0; s < nseg; ++s) {
     out[s] = at::empty({1, out_features[s]}, x.options());
-    out_cols[s] = out_features[s] / 4 + (out_features[s] % 4 != 0);
+    out_cols[s] = packed_cols(out_features[s]);
   }
   std::vector<Segment> segs;  // what to read: runs of segments side by side merged into one
   for (int64_t s0 = 0, s1; s0 < nseg; s0 = s1) {
