@@ -12,6 +12,7 @@ from . import (
     _hf_hook,
     _native,  # noqa: F401  (loads the C++ extension when it was built)
     _ops,  # noqa: F401  (registers the custom ops)
+    attention,
     nn,
     ops,
     scaling,
@@ -31,6 +32,7 @@ __all__ = [
     "use_backend",
     *ops.__all__,
     "nn",
+    "attention",
     "scaling",
     "convert",
     "unconvert",

@@ -14,20 +14,20 @@ from qsparse_kernels.bench import hf_generate  # noqa: E402
 from qsparse_kernels.bench.llama import LlamaShape  # noqa: E402
 
 
-@pytest.mark.parametrize("dtype", [None, "fp16", "fp32"])
-def test_hf_generate_cli_tiny(tmp_path, capsys, dtype):
+@pytest.mark.parametrize(("dtype", "attention"), [(None, None), ("fp16", "sdpa"), ("fp32", None)])
+def test_hf_generate_cli_tiny(tmp_path, capsys, dtype, attention):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96}))
     assert hf_generate.main(["--hf-config", str(cfg), "--rounds", "2", "--new-tokens", "3",
-                             "--prompt-len", "4", "9"] + (["--dtype", dtype] if dtype else [])) == 0
+                             "--prompt-len", "4", "9"] + (["--dtype", dtype] if dtype else [])
+                            + (["--attention", attention] if attention else [])) == 0
     out = capsys.readouterr().out
-    assert out.count(f"layers, {dtype or 'bf16'};") == 2
+    assert out.count(f"layers, {dtype or 'bf16'}, attention {attention or 'upcast'};") == 2
     rows = [line.split()[:2] for line in out.splitlines() if line.split()[:1] in (["hf"], ["compact"])]
     for v in hf_generate.DEFAULT_VARIANTS:  # HF and compact rows, two prompt lengths
         assert rows.count(["hf", v]) == 2 and rows.count(["compact", v]) == 2
     assert out.count("## prompt") == 2
-
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -37,3 +37,17 @@ def test_hf_model_has_the_requested_dtype(dtype):
     model = hf_generate.hf_model(shape, "qsparse-0.5", dtype=dtype)
     floats = [p for p in model.parameters() if p.is_floating_point()]
     assert floats and all(p.dtype == dtype for p in floats)
+
+
+def test_hf_model_attention():
+    """Dense and converted alike: ``upcast`` (the default) is qsparse_kernels.attention's, ``sdpa``
+    transformers' own; anything else is refused."""
+    from qsparse_kernels.attention import HF_NAME
+
+    shape = LlamaShape(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=96)
+    for variant in ("dense", "bitnet-b1.58"):
+        assert hf_generate.hf_model(shape, variant).config._attn_implementation == HF_NAME
+        assert hf_generate.hf_model(shape, variant, attention="sdpa").config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="attention: expected one of"):
+        hf_generate.hf_model(shape, "dense", attention="eager")

@@ -1,5 +1,6 @@
 """The decode benchmark's compact Llama computes what Hugging Face's LlamaForCausalLM computes."""
 
+import pytest
 import torch
 
 from qsparse_kernels.bench.llama import LlamaDecoder, LlamaShape
@@ -56,7 +57,7 @@ def test_decode_cli_runs_every_variant_with_breakdown(tmp_path, capsys):
     assert [r["variant"] for r in rows if r["model"] == models[0]] == list(decode.VARIANTS)
     assert [r["variant"] for r in rows if r["model"] == models[1]] == decode.LLC_VARIANTS
     for r in rows:
-        assert float(r["decode_tok_s"]) > 0 and r["rounds"] == "2"
+        assert float(r["decode_tok_s"]) > 0 and r["rounds"] == "2" and r["attention"] == "upcast"
         assert float(r["ms_per_token_min"]) <= float(r["ms_per_token"]) <= float(r["ms_per_token_max"])
         assert float(r["decode_speedup_min"]) <= float(r["decode_speedup"]) <= float(r["decode_speedup_max"])
     dense = [r for r in rows if r["variant"] == "dense"]
@@ -72,6 +73,24 @@ def test_decode_cli_runs_every_variant_with_breakdown(tmp_path, capsys):
     total, head, proj, rest, floor = map(float, split[1:6])
     assert abs(head + proj + rest - total) < 0.15  # each printed to 0.1 ms
     assert floor >= 0 and split[6].endswith("x")  # the projections' bandwidth floor and their ratio to it
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_choices(dtype):
+    """``upcast`` (bf16 / fp16 CPU attention in float32) and ``sdpa`` compute the same logits within
+    the model dtype's rounding; an unknown name is refused."""
+    from qsparse_kernels.bench import decode
+
+    shape = LlamaShape(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=50)
+    up, native = (decode.build(shape, "dense", "cpu", dtype=dtype, attention=a) for a in ("upcast", "sdpa"))
+    assert up.layers[0].self_attn.attend is not native.layers[0].self_attn.attend
+    prompt = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = (m.step(prompt, m.new_cache(2, 9, "cpu", dtype), 0) for m in (up, native))
+    torch.testing.assert_close(a, b, rtol=0, atol=8 * torch.finfo(dtype).eps * b.abs().max().item())
+    with pytest.raises(ValueError, match="attention: expected one of"):
+        LlamaDecoder(shape, attention="eager")
 
 
 def test_llc_model_leaves_the_cache():

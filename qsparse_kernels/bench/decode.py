@@ -17,6 +17,10 @@ with as many layers as make the *ternary* weights read per token >= 4x this mach
 no float weights), and its float variants cycle a pool of distinct layers that together hold
 >= 4x the LLC (a layer's weights come back after the others have flushed them), so the run never
 holds two full dense copies. Both models print their weight bytes per token beside the LLC.
+
+Attention is the same for every variant, dense included: ``--attention upcast`` (the default)
+computes bf16 / fp16 CPU attention in float32 (:mod:`qsparse_kernels.attention`), ``--attention
+sdpa`` runs torch's SDPA in the model's dtype (slower on the CPU; Hugging Face's default).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 from torch import nn
 
 from .harness import LLC_FACTOR, llc_bytes, machine_summary, read_bandwidth
-from .llama import LlamaDecoder, LlamaShape
+from .llama import ATTENTION, ATTENTION_HELP, LlamaDecoder, LlamaShape
 
 # name -> QSparseConfig keyword arguments (None: the dense model as built, lm_head an nn.Linear).
 # Every converted variant's lm_head is a DenseHead (convert's default: dense, row-major, the
@@ -81,18 +85,19 @@ def _random_init(model: nn.Module, gen: torch.Generator) -> None:
 
 
 def build(shape: LlamaShape, variant: str, device: str, dtype=torch.bfloat16, seed: int = 0,
-          distinct_layers: int | None = None, direct_ternary: bool = False) -> LlamaDecoder:
+          distinct_layers: int | None = None, direct_ternary: bool = False, attention: str = "upcast") -> LlamaDecoder:
     """The model for one variant: random weights from ``seed``, converted in place.
 
     ``distinct_layers``: only that many distinct decoder layers, cycled over the
     ``num_hidden_layers`` positions (the same bytes per token, less memory; the LLC row's float
     variants). ``direct_ternary``: ternary variants get packed ``BitLinear`` layers with random
-    codes directly, without float weights (the LLC row)."""
+    codes directly, without float weights (the LLC row). ``attention``: a key of
+    :data:`.llama.ATTENTION`, the same for every variant of a run."""
     import qsparse_kernels as qk
 
     cfg = VARIANTS[variant]
     with torch.device("meta"):
-        model = LlamaDecoder(shape)
+        model = LlamaDecoder(shape, attention)
     if distinct_layers:
         model.layers = nn.ModuleList(model.layers[i % distinct_layers] for i in range(shape.num_hidden_layers))
     ternary_direct = cfg is not None and cfg.get("weights") == "ternary" and direct_ternary
@@ -294,6 +299,7 @@ def main(argv=None) -> int:
     p.add_argument("--llc-config", help="HF config.json for the LLC row's layer shapes (default: Llama-2-7B)")
     p.add_argument("--llc-layers", type=int, help="the LLC row's layer count (default: from this machine's LLC)")
     p.add_argument("--llc-new-tokens", type=int, default=16)
+    p.add_argument("--attention", default="upcast", choices=list(ATTENTION), help=ATTENTION_HELP)
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
@@ -306,14 +312,14 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(1)
     variants = ["dense"] + [v for v in args.variants if v != "dense"]
     print(f"# decode on {mach['device']} ({mach['isa']}, {mach['threads']} threads, LLC {llc / 2**20:.0f} MiB): "
-          f"{args.rounds} interleaved rounds", file=sys.stderr)
+          f"{args.rounds} interleaved rounds, attention {args.attention}", file=sys.stderr)
     tables = []  # (model label, results, bytes per token)
 
     # Row 1: the model as given (TinyLlama-1.1B shapes by default).
     prompt = torch.randint(0, shape.vocab_size, (1, args.prompt_len), generator=gen).to(args.device)
     label = "tinyllama-1.1b" if not args.hf_config else os.path.basename(args.hf_config)
     print(f"# {label}: {shape}, prompt {args.prompt_len}, {args.new_tokens} new tokens", file=sys.stderr)
-    models = _build_all(shape, variants, args.device, label)
+    models = _build_all(shape, variants, args.device, label, attention=args.attention)
     bpt = {v: weight_bytes_per_token(m) for v, m in models.items()}
     results = run_rounds(models, prompt, args.new_tokens, args.rounds, f"{label} ")
     if args.breakdown:
@@ -334,7 +340,8 @@ def main(argv=None) -> int:
               f"{args.llc_new_tokens} new tokens", file=sys.stderr)
         prompt = torch.randint(0, big.vocab_size, (1, args.prompt_len), generator=gen).to(args.device)
         big_variants = [v for v in LLC_VARIANTS if v in variants]
-        models = _build_all(big, big_variants, args.device, big_label, distinct_layers=pool, direct_ternary=True)
+        models = _build_all(big, big_variants, args.device, big_label, distinct_layers=pool, direct_ternary=True,
+                            attention=args.attention)
         bpt_big = {v: weight_bytes_per_token(m) for v, m in models.items()}
         res_big = run_rounds(models, prompt, args.llc_new_tokens, args.rounds, "llc-row ")
         tables.append((big_label, res_big, bpt_big))
@@ -361,7 +368,7 @@ def main(argv=None) -> int:
     for w in warnings:
         print(w, file=sys.stderr)
     if args.out:
-        _write(args.out, tables, mach)
+        _write(args.out, tables, mach, args.attention)
     return 0
 
 
@@ -378,16 +385,17 @@ CSV_FIELDS = ["model", "variant", "rounds", "ms_per_token", "ms_per_token_min", 
               "decode_speedup", "decode_speedup_min", "decode_speedup_max", "prefill_ms", "prefill_ms_min",
               "prefill_ms_max", "prefill_speedup", "prefill_speedup_min", "prefill_speedup_max",
               "weight_bytes_per_token", "lm_head_ms", "projections_ms", "rest_ms", "device", "isa", "threads",
-              "llc_mib"]
+              "llc_mib", "attention"]
 
 
-def _write(out: str, tables, mach: dict) -> None:
+def _write(out: str, tables, mach: dict, attention: str) -> None:
     os.makedirs(out, exist_ok=True)
     rows = []
     for label, res, bpt in tables:
         for v, r in res.items():
             row = {"model": label, "variant": v, "rounds": r["rounds"], "decode_tok_s": 1e3 / r["ms_per_token"]["p50"],
-                   "weight_bytes_per_token": bpt[v], **{k: mach[k] for k in ("device", "isa", "threads", "llc_mib")}}
+                   "weight_bytes_per_token": bpt[v], **{k: mach[k] for k in ("device", "isa", "threads", "llc_mib")},
+                   "attention": attention}
             for key in ("ms_per_token", "decode_speedup", "prefill_ms", "prefill_speedup"):
                 row[key], row[key + "_min"], row[key + "_max"] = r[key]["p50"], r[key]["min"], r[key]["max"]
             sp = r.get("split", {})

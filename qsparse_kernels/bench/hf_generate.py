@@ -2,6 +2,7 @@
 fast in the framework users run as in the lean decoder the decode benchmark times?
 
     python -m qsparse_kernels.bench.hf_generate [--layers N] [--rounds 5] [--prompt-len 16 128] [--dtype fp16]
+        [--attention sdpa]
 
 Builds, per variant (``dense``, ``qsparse-0.5``, ``bitnet-b1.58``, ``bitnet-b1.58+qsparse-0.6125``),
 an HF ``LlamaForCausalLM`` and the compact :class:`.llama.LlamaDecoder` with TinyLlama-1.1B shapes
@@ -26,16 +27,20 @@ import time
 
 import torch
 
+from ..attention import use_cpu_attention
 from .cases import DTYPES
 from .decode import VARIANTS, _random_init, build, convert_variant
 from .harness import machine_summary
-from .llama import LlamaShape
+from .llama import ATTENTION, ATTENTION_HELP, LlamaShape
 
 DEFAULT_VARIANTS = ["dense", "qsparse-0.5", "bitnet-b1.58", "bitnet-b1.58+qsparse-0.6125"]
 
 
-def hf_model(shape: LlamaShape, variant: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
-    """HF ``LlamaForCausalLM`` with ``shape``, random ``dtype`` weights from ``seed``, converted as ``variant``."""
+def hf_model(shape: LlamaShape, variant: str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+             attention: str = "upcast"):
+    """HF ``LlamaForCausalLM`` with ``shape``, random ``dtype`` weights from ``seed``, converted as
+    ``variant``; ``attention`` (:data:`.llama.ATTENTION`'s keys): ``upcast`` sets it to
+    :func:`qsparse_kernels.attention.use_cpu_attention`, ``sdpa`` keeps HF's default."""
     import transformers
 
     cfg = transformers.LlamaConfig(
@@ -51,6 +56,10 @@ def hf_model(shape: LlamaShape, variant: str, seed: int = 0, dtype: torch.dtype 
     _random_init(model, torch.Generator().manual_seed(seed))
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)  # to_empty left its inv_freq unset
     convert_variant(model, variant)
+    if attention == "upcast":
+        use_cpu_attention(model)
+    elif attention != "sdpa":
+        raise ValueError(f"attention: expected one of {list(ATTENTION)}, got {attention!r}")
     model.generation_config.pad_token_id = 0
     return model.eval()
 
@@ -98,6 +107,7 @@ def main(argv=None) -> int:
                    choices=list(VARIANTS))
     p.add_argument("--no-compact", action="store_true", help="time HF generate() only")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="the models' weights and activations")
+    p.add_argument("--attention", default="upcast", choices=list(ATTENTION), help=ATTENTION_HELP)
     args = p.parse_args(argv)
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2")
@@ -108,12 +118,13 @@ def main(argv=None) -> int:
     kinds = ["hf"] + ([] if args.no_compact else ["compact"])
     mach = machine_summary(torch.device("cpu"))
     print(f"# HF generate() vs compact Llama on {mach['device']} ({mach['isa']}, {mach['threads']} threads); "
-          f"{args.dtype}; {shape}", file=sys.stderr)
+          f"{args.dtype}, attention {args.attention}; {shape}", file=sys.stderr)
     models, dt = {}, DTYPES[args.dtype]
     for kind in kinds:
         for v in variants:
             t0 = time.perf_counter()
-            models[kind, v] = hf_model(shape, v, dtype=dt) if kind == "hf" else build(shape, v, "cpu", dtype=dt)
+            models[kind, v] = (hf_model(shape, v, dtype=dt, attention=args.attention) if kind == "hf"
+                               else build(shape, v, "cpu", dtype=dt, attention=args.attention))
             print(f"#   built {kind} {v} in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     timers = {"hf": time_hf, "compact": time_compact}
     gen = torch.Generator().manual_seed(1)
@@ -129,7 +140,8 @@ def main(argv=None) -> int:
                 print(f"#   prompt {plen} round {r + 1}/{args.rounds}: "
                       + ", ".join(f"{k}/{v} {runs[k, v][-1]['ms_per_token']:.1f}" for k, v in models),
                       file=sys.stderr, flush=True)
-            print(f"\n## prompt {plen}, {args.new_tokens} new tokens, {shape.num_hidden_layers} layers, {args.dtype}; "
+            print(f"\n## prompt {plen}, {args.new_tokens} new tokens, {shape.num_hidden_layers} layers, {args.dtype}, "
+                  f"attention {args.attention}; "
                   f"median [min, max] of {args.rounds} interleaved rounds")
             print(f"{'model':>8} {'variant':<30}| {'decode ms/token':>24} | {'x dense':>24} |"
                   f" {'prefill ms':>24} | {'x dense':>24} | {'HF/compact':>24}")

@@ -17,6 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import sdpa
+
+#: The compact model's attention choices: ``upcast`` (the default) computes bf16 / fp16 CPU
+#: attention in float32 (:mod:`qsparse_kernels.attention`), ``sdpa`` is torch's SDPA in the model's
+#: dtype (Hugging Face's default). The same for every variant of a run.
+ATTENTION = {"upcast": sdpa, "sdpa": F.scaled_dot_product_attention}
+ATTENTION_HELP = ("every variant's attention (dense's too): upcast = bf16/fp16 CPU attention computed in float32 "
+                  "(qsparse_kernels.attention; torch's bf16 CPU SDPA takes ~4x as long at 144 cached tokens), "
+                  "sdpa = torch's SDPA in the model's dtype (Hugging Face's default)")
+
 
 @dataclass(frozen=True)
 class LlamaShape:
@@ -62,10 +72,11 @@ def _rotate_half(x):
 
 
 class Attention(nn.Module):
-    def __init__(self, s: LlamaShape):
+    def __init__(self, s: LlamaShape, attention: str = "upcast"):
         super().__init__()
         hd = s.head_dim
         self.s = s
+        self.attend = ATTENTION[attention]
         self.q_proj = nn.Linear(s.hidden_size, s.num_attention_heads * hd, bias=False)
         self.k_proj = nn.Linear(s.hidden_size, s.num_key_value_heads * hd, bias=False)
         self.v_proj = nn.Linear(s.hidden_size, s.num_key_value_heads * hd, bias=False)
@@ -85,7 +96,7 @@ class Attention(nn.Module):
         keys, values = cache_k[:, :, : pos + T], cache_v[:, :, : pos + T]
         # As Hugging Face's Llama (sdpa): one query (decode) attends to every cached key, so the
         # causal mask is for prefill only (SDPA's is_causal aligns the mask top-left).
-        out = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, enable_gqa=True)
+        out = self.attend(q, keys, values, is_causal=T > 1, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -101,10 +112,10 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, s: LlamaShape):
+    def __init__(self, s: LlamaShape, attention: str = "upcast"):
         super().__init__()
         self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
-        self.self_attn = Attention(s)
+        self.self_attn = Attention(s, attention)
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.mlp = MLP(s)
 
@@ -114,13 +125,16 @@ class Layer(nn.Module):
 
 
 class LlamaDecoder(nn.Module):
-    """Greedy decoder. ``generate(prompt [B, T0], n)`` returns ``[B, n]`` new token ids."""
+    """Greedy decoder. ``generate(prompt [B, T0], n)`` returns ``[B, n]`` new token ids.
+    ``attention``: a key of :data:`ATTENTION`."""
 
-    def __init__(self, s: LlamaShape):
+    def __init__(self, s: LlamaShape, attention: str = "upcast"):
         super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"attention: expected one of {sorted(ATTENTION)}, got {attention!r}")
         self.shape = s
         self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
-        self.layers = nn.ModuleList(Layer(s) for _ in range(s.num_hidden_layers))
+        self.layers = nn.ModuleList(Layer(s, attention) for _ in range(s.num_hidden_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
 
