@@ -104,16 +104,19 @@ def test_opcheck_row_major_dense(gen):
 
 
 def _documented_order(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """dense_gemv.cpp's sum order in float32: 16 partial sums over chunks of 16 (zero padded), then
-    s[l] += s[l + h] for h = 8, 4, 2, 1. For bf16 / fp16 inputs each product is exact in float32, so
-    ``s + x * w`` rounds once, like the kernels' fused multiply-add."""
+    """dense_gemv.cpp's sum order in float32: 16 partial sums over chunks of 16 V values (V = 2 for
+    bf16, else 1; zero padded), lane l taking values V l .. V l + V - 1 of each chunk in turn, then
+    s[l] += s[l + h] for h = 8, 4, 2, 1. For bf16 / fp16 inputs each product is exact in float32,
+    so ``s + x * w`` rounds once, like the kernels' fused multiply-add."""
     m, d = x.shape
-    pad = (-d) % 16
-    xp = F.pad(x.float(), (0, pad)).reshape(m, 1, -1, 16)
-    wp = F.pad(w.float(), (0, pad)).reshape(1, w.shape[0], -1, 16)
+    v = 2 if x.dtype == torch.bfloat16 else 1
+    pad = (-d) % (16 * v)
+    xp = F.pad(x.float(), (0, pad)).reshape(m, 1, -1, 16, v)
+    wp = F.pad(w.float(), (0, pad)).reshape(1, w.shape[0], -1, 16, v)
     s = torch.zeros(m, w.shape[0], 16)
     for c in range(xp.shape[2]):
-        s = s + xp[:, :, c] * wp[:, :, c]
+        for j in range(v):
+            s = s + xp[:, :, c, :, j] * wp[:, :, c, :, j]
     for h in (8, 4, 2, 1):
         s = s[..., :h] + s[..., h : 2 * h]
     return s[..., 0]
@@ -127,10 +130,31 @@ def test_library_kernel_runs_in_its_documented_order(dtype, isa, gen):
     limit = _native._C.cpu_row_gemv_max_rows(str(dtype).removeprefix("torch."))
     rows = [m for m in (1, 2, 3, 4, 5, 9) if m <= limit]
     assert rows[:2] == [1, 2]
-    for d in (5, 63, 1000):
+    for d in (5, 17, 32, 47, 63, 1000):  # bf16 chunks of 32: short, a half, one, one and a half, ...
         w = torch.randn(37, d, generator=gen).to(dtype)
         b = torch.randn(37, generator=gen).to(dtype)
         for m in rows:
             x = torch.randn(m, d, generator=gen).to(dtype)
             want = (_documented_order(x, w) + b.float()).to(dtype)
             assert torch.equal(_with_isa(isa, lambda x=x, w=w, b=b: _gemv(x, w, b)), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("isa", ISAS)
+def test_sum_order_shows_on_a_crafted_input(dtype, isa):
+    """Random inputs rarely show a float32 summation order through the bf16 / fp16 rounding of the
+    result. Here every lane l of the order adds the products 1, then 2^24, then -2^24: in that
+    order 1 + 2^24 rounds to 2^24 (a tie, to even) and the lane ends at 0; the exact sum, or
+    -2^24 before 2^24, gives 1. So the kernel must give 0 where the exact result is 16 (one per
+    lane), on every ISA path, for each of 2 rows and any output position."""
+    # lane l's values: bf16 (2 per lane per chunk of 32) 2l, then 32 + 2l and 33 + 2l; fp16 (1 per
+    # lane per chunk of 16) l, 16 + l, 32 + l
+    lanes = torch.arange(16)
+    at = [2 * lanes, 32 + 2 * lanes, 33 + 2 * lanes] if dtype == torch.bfloat16 else [lanes, 16 + lanes, 32 + lanes]
+    x, w = torch.zeros(2, 64), torch.zeros(5, 64)
+    for i, (xv, wv) in zip(at, [(1.0, 1.0), (2.0**12, 2.0**12), (2.0**12, -(2.0**12))], strict=True):
+        x[:, i], w[:, i] = xv, wv
+    x, w = x.to(dtype), w.to(dtype)
+    assert F.linear(x.double(), w.double()).eq(16).all()  # the exact result
+    assert _documented_order(x, w).eq(0).all()
+    assert _with_isa(isa, lambda: _gemv(x, w)).eq(0).all()

@@ -8,10 +8,17 @@
 // where the hardware prefetchers restart, so each step prefetches (into L2) the rows that
 // kPrefetchSteps steps later will read, one line per line consumed.
 //
-// Sum order (the same on every ISA path, thread count, N and output position): 16 partial sums
-// s[l] = fma(x[16 c + l], w[16 c + l], s[l]) over c = 0, 1, ... (zero padded past d), then
-// s[l] += s[l + h] for h = 8, 4, 2, 1, then + bias in float32, one rounding to the output dtype.
-// Products are exact in float32 for bf16 / fp16 inputs; fp32 inputs are fused-multiply-added.
+// Sum order (the same on every ISA path, thread count, N and output position): 16 partial sums,
+// lane l of chunk c (of 16 V values, V = 2 for bf16 and 1 for fp32 / fp16) taking the values
+// i = 16 V c + V l + j for j = 0 .. V - 1 in turn: s[l] = fma(x[i], w[i], s[l]) (zero padded past
+// d); then s[l] += s[l + h] for h = 8, 4, 2, 1, then + bias in float32, one rounding to the output
+// dtype. Products are exact in float32 for bf16 / fp16 inputs; fp32 inputs are fused-multiply-added.
+// bf16 takes two values per lane because a dword of bf16 data widens to two floats with one shift
+// (the low half) and one AND (the high half), without a shuffle. With one value per lane (a
+// widening shuffle per 16 values) the AVX-512 kernel was bound by those instructions: Zen 4,
+// 2 threads, bf16 M = 1, 3 alternating processes, GB/s one value / two: a 4 MB weight (in cache)
+// 48-49 / 69-72, 2048 -> 5632 (23 MB) 46-52 / 74-77, a TinyLlama head (131 MB, from DRAM) 33-37 /
+// 52-57 while the host's amax read 49-51 GB/s, 29-32 / 28-34 (both at DRAM speed) while it read 33.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -20,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 // GCC 12 reports its own masked-load / convert intrinsics as reading an uninitialised value (a
@@ -34,13 +42,20 @@ namespace qsk::cpu {
 namespace {
 
 constexpr int kRowsPerStep = 4;  // weight rows whose dot products run side by side
+// V of the sum order (the top): values per lane per chunk.
+template <typename T>
+constexpr int kPerLane = std::is_same_v<T, c10::BFloat16> ? 2 : 1;
+
 // How many steps ahead the weight rows are prefetched. bf16 head 2048 -> 32000 (131 MB, M = 1, 2
 // threads, AMD EPYC Zen 4, 2026-12-04, 4 alternating processes each, time without / with):
 // 1 step ahead into L1 0.96-1.24, 2 steps 1.03-1.44, 4 steps 1.06-1.46, 4 steps into L2
 // 1.11-1.35, 8 steps 0.94-1.28. With 4 into L2, 6 alternating processes (DRAM-resident): bf16
 // M = 1 1.25 [1.14, 1.38], M = 4 0.98 [0.83, 1.03] (compute-bound there), fp32 1.20, fp16 1.40,
 // 5632 -> 2048 bf16 1.30; the AVX2 path (forced, same CPU) bf16 M = 1 1.27, M = 2 1.35, fp32 1.08.
-constexpr int64_t kPrefetchSteps = 4;
+// bf16 in the two-value order (2026-12-05, a step twice as fast): 4 steps 51.7, 34.4, 52.3 GB/s,
+// 8 steps 52.6, 56.1, 57.5, 16 steps 36.7, 50.2, 51.2 (3 alternating processes, same head).
+template <typename T>
+constexpr int64_t kPrefetchSteps = kPerLane<T> == 2 ? 8 : 4;
 
 // Prefetches line `byte` (a multiple of 64) of the n rows from `first` on, ld bytes apart, into L2.
 inline void prefetch_rows(const char* first, int64_t ld, int n, int64_t byte) {
@@ -55,7 +70,7 @@ struct RowPrefetch {
 };
 template <typename T>
 inline RowPrefetch row_prefetch(const T* w, int64_t ldw, int64_t n, int64_t step_rows, int64_t N) {
-  const int64_t r0 = n + kPrefetchSteps * step_rows;
+  const int64_t r0 = n + kPrefetchSteps<T> * step_rows;
   const int count = static_cast<int>(std::clamp<int64_t>(N - r0, 0, step_rows));
   return {count > 0 ? reinterpret_cast<const char*>(w + r0 * ldw) : nullptr, count};
 }
@@ -80,28 +95,27 @@ inline float tree16(float* s) {
 template <typename T>
 void rows_portable(const T* x, int64_t M, int64_t d, const T* w, int64_t ldw, int64_t n0, int64_t n1, float* out,
                    int64_t ldo) {
+  constexpr int V = kPerLane<T>;
   for (int64_t n = n0; n < n1; ++n) {
     const T* wr = w + n * ldw;
     for (int64_t m = 0; m < M; ++m) {
       const T* xr = x + m * d;
       float s[16] = {};
-      for (int64_t c = 0; c < d; c += 16)
-        for (int l = 0; l < 16; ++l) {
-          const int64_t i = c + l;
-          const float xv = i < d ? widen16(xr, i) : 0.0f, wv = i < d ? widen16(wr, i) : 0.0f;
-          s[l] = std::fma(xv, wv, s[l]);
-        }
+      for (int64_t c = 0; c < d; c += 16 * V)
+        for (int l = 0; l < 16; ++l)
+          for (int j = 0; j < V; ++j) {
+            const int64_t i = c + V * l + j;
+            const float xv = i < d ? widen16(xr, i) : 0.0f, wv = i < d ? widen16(wr, i) : 0.0f;
+            s[l] = std::fma(xv, wv, s[l]);
+          }
       out[m * ldo + (n - n0)] = tree16(s);
     }
   }
 }
 
-// ---- AVX-512: 16 lanes = the 16 partial sums ----
+// ---- AVX-512: 16 lanes = the 16 partial sums (fp32 / fp16 here, bf16 in step_avx512_bf16) ----
 
 QSK_TARGET_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-QSK_TARGET_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
 QSK_TARGET_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
@@ -137,6 +151,37 @@ QSK_TARGET_AVX512 void step_avx512(const T* x, int64_t d, const T* w, int64_t ld
     for (int m = 0; m < MR; ++m) out[m * ldo + r] = tree16_avx512(acc[r][m]);
 }
 
+// bf16: 32 values per step, one 64-byte load per row; the even values widen with one shift (the
+// low half of each dword), the odd ones with one AND (the high half), and lane l takes value
+// 32 c + 2 l, then 32 c + 2 l + 1 (the order at the top).
+QSK_TARGET_AVX512 inline void split_bf16(const c10::BFloat16* p, __mmask32 k, __m512& even, __m512& odd) {
+  const __m512i v = _mm512_maskz_loadu_epi16(k, p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+template <int MR>
+QSK_TARGET_AVX512 void step_avx512_bf16(const c10::BFloat16* x, int64_t d, const c10::BFloat16* w, int64_t ldw,
+                                        int64_t n, int nr, float* out, int64_t ldo, RowPrefetch pf) {
+  __m512 acc[kRowsPerStep][MR];
+  for (int r = 0; r < kRowsPerStep; ++r)
+    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; c += 32) {
+    prefetch_rows(pf.first, ldw * 2, pf.n, c * 2);
+    const __mmask32 k = d - c >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << (d - c)) - 1);
+    __m512 xe[MR], xo[MR];
+    for (int m = 0; m < MR; ++m) split_bf16(x + m * d + c, k, xe[m], xo[m]);
+    for (int r = 0; r < kRowsPerStep; ++r) {
+      if (r >= nr) break;
+      __m512 we, wo;
+      split_bf16(w + (n + r) * ldw + c, k, we, wo);
+      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_fmadd_ps(xo[m], wo, _mm512_fmadd_ps(xe[m], we, acc[r][m]));
+    }
+  }
+  for (int r = 0; r < nr; ++r)
+    for (int m = 0; m < MR; ++m) out[m * ldo + r] = tree16_avx512(acc[r][m]);
+}
+
 template <typename T>
 QSK_TARGET_AVX512 void rows_avx512(const T* x, int64_t M, int64_t d, const T* w, int64_t ldw, int64_t n0, int64_t n1,
                                    int64_t N, float* out, int64_t ldo) {
@@ -144,11 +189,20 @@ QSK_TARGET_AVX512 void rows_avx512(const T* x, int64_t M, int64_t d, const T* w,
     const int nr = static_cast<int>(std::min<int64_t>(kRowsPerStep, n1 - n));
     float* o = out + (n - n0);
     const RowPrefetch pf = row_prefetch(w, ldw, n, kRowsPerStep, N);
-    switch (M) {
-      case 1: step_avx512<T, 1>(x, d, w, ldw, n, nr, o, ldo, pf); break;
-      case 2: step_avx512<T, 2>(x, d, w, ldw, n, nr, o, ldo, pf); break;
-      case 3: step_avx512<T, 3>(x, d, w, ldw, n, nr, o, ldo, pf); break;
-      default: step_avx512<T, 4>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      switch (M) {
+        case 1: step_avx512_bf16<1>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+        case 2: step_avx512_bf16<2>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+        case 3: step_avx512_bf16<3>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+        default: step_avx512_bf16<4>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+      }
+    } else {
+      switch (M) {
+        case 1: step_avx512<T, 1>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+        case 2: step_avx512<T, 2>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+        case 3: step_avx512<T, 3>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+        default: step_avx512<T, 4>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+      }
     }
   }
 }
@@ -165,12 +219,6 @@ QSK_TARGET_AVX2 inline void load_tail_avx2(const T* p, int64_t left, __m256& lo,
   hi = _mm256_load_ps(buf + 8);
 }
 
-QSK_TARGET_AVX2 inline void load16_avx2(const c10::BFloat16* p, int64_t left, __m256& lo, __m256& hi) {
-  if (left < 16) return load_tail_avx2(p, left, lo, hi);
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
-  hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
-}
 QSK_TARGET_AVX2 inline void load16_avx2(const c10::Half* p, int64_t left, __m256& lo, __m256& hi) {
   if (left < 16) return load_tail_avx2(p, left, lo, hi);
   lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -190,30 +238,81 @@ QSK_TARGET_AVX2 inline float tree16_avx2(__m256 lo, __m256 hi) {
   return _mm_cvtss_f32(e);
 }
 
+// bf16 values c .. c + 15 of a row (zero past d): the even ones widened (lanes 0..7), the odd ones.
+QSK_TARGET_AVX2 inline void split16_avx2(const c10::BFloat16* row, int64_t c, int64_t d, __m256& even, __m256& odd) {
+  __m256i v;
+  if (d - c >= 16) {
+    v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));
+  } else {
+    alignas(32) uint16_t buf[16] = {};
+    if (d > c) std::memcpy(buf, row + c, static_cast<size_t>(d - c) * sizeof(uint16_t));
+    v = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+  }
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
 // NR weight rows x MR batch rows of outputs n .. n + NR - 1: xf is x in float32, zero padded to
-// dp (a multiple of 16) columns, so each FMA takes its x operand from memory (L1) and the
-// registers hold the 2 x NR x MR accumulators and one weight row's 16 values.
+// dp (a multiple of 16 V) columns (widen_x_avx2), so each FMA takes its x operand from memory (L1)
+// and the registers hold the 2 x NR x MR accumulators (lanes 0..7 and 8..15) and one weight row's
+// values of the step.
 template <typename T, int MR, int NR>
 QSK_TARGET_AVX2 inline void step_avx2(const float* xf, int64_t dp, int64_t d, const T* w, int64_t ldw, int64_t n,
                                       float* out, int64_t ldo, RowPrefetch pf) {
+  constexpr int V = kPerLane<T>;
   __m256 lo[NR][MR], hi[NR][MR];
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) lo[r][m] = hi[r][m] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < d; c += 16) {
+  for (int64_t c = 0; c < d; c += 16 * V) {
     if (c * static_cast<int64_t>(sizeof(T)) % 64 == 0) prefetch_rows(pf.first, ldw * sizeof(T), pf.n, c * sizeof(T));
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
-      __m256 wl, wh;
-      load16_avx2(w + (n + r) * ldw + c, d - c, wl, wh);
+      if constexpr (V == 2) {  // widen_x_avx2's chunk: lanes 0..7 even, odd, lanes 8..15 even, odd
+        const T* row = w + (n + r) * ldw;
+        __m256 we, wo;
+        split16_avx2(row, c, d, we, wo);
 #pragma GCC unroll 4
-      for (int m = 0; m < MR; ++m) {
-        lo[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xf + m * dp + c), wl, lo[r][m]);
-        hi[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xf + m * dp + c + 8), wh, hi[r][m]);
+        for (int m = 0; m < MR; ++m) {
+          const float* xc = xf + m * dp + c;
+          lo[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xc + 8), wo, _mm256_fmadd_ps(_mm256_loadu_ps(xc), we, lo[r][m]));
+        }
+        split16_avx2(row, c + 16, d, we, wo);
+#pragma GCC unroll 4
+        for (int m = 0; m < MR; ++m) {
+          const float* xc = xf + m * dp + c + 16;
+          hi[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xc + 8), wo, _mm256_fmadd_ps(_mm256_loadu_ps(xc), we, hi[r][m]));
+        }
+      } else {
+        __m256 wl, wh;
+        load16_avx2(w + (n + r) * ldw + c, d - c, wl, wh);
+#pragma GCC unroll 4
+        for (int m = 0; m < MR; ++m) {
+          lo[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xf + m * dp + c), wl, lo[r][m]);
+          hi[r][m] = _mm256_fmadd_ps(_mm256_loadu_ps(xf + m * dp + c + 8), wh, hi[r][m]);
+        }
       }
     }
   }
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MR; ++m) out[m * ldo + r] = tree16_avx2(lo[r][m], hi[r][m]);
+}
+
+// x [M, d] widened to float32 (exact for every T), zero padded to dp columns, in the order
+// step_avx2 reads it: as is for V = 1; for bf16 each chunk of 32 as its values 2 l (l < 8),
+// 2 l + 1, 16 + 2 l, 16 + 2 l + 1.
+template <typename T>
+std::vector<float> widen_x_avx2(const T* x, int64_t M, int64_t d, int64_t dp) {
+  std::vector<float> xf(M * dp, 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < d; ++i) {
+      int64_t at = i;
+      if constexpr (kPerLane<T> == 2) {
+        const int64_t o = i % 32, q = o % 16;
+        at = i - o + 16 * (o / 16) + 8 * (q % 2) + q / 2;
+      }
+      xf[m * dp + at] = widen16(x + m * d, i);
+    }
+  return xf;
 }
 
 // Weight rows 4 (1 batch row), 2 (2-3 rows) or 1 (4 rows) at a time: at most 12 accumulators.
@@ -230,10 +329,9 @@ QSK_TARGET_AVX2 void rows_mr_avx2(const float* xf, int64_t dp, int64_t d, const 
 template <typename T>
 QSK_TARGET_AVX2 void rows_avx2(const T* x, int64_t M, int64_t d, const T* w, int64_t ldw, int64_t n0, int64_t n1,
                                int64_t N, float* out, int64_t ldo) {
-  const int64_t dp = (d + 15) / 16 * 16;
-  std::vector<float> xf(M * dp, 0.0f);  // exact: every T widens to float32 without rounding
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < d; ++i) xf[m * dp + i] = widen16(x + m * d, i);
+  constexpr int64_t chunk = 16 * kPerLane<T>;
+  const int64_t dp = (d + chunk - 1) / chunk * chunk;
+  const std::vector<float> xf = widen_x_avx2(x, M, d, dp);
   switch (M) {
     case 1: return rows_mr_avx2<T, 1>(xf.data(), dp, d, w, ldw, n0, n1, N, out, ldo);
     case 2: return rows_mr_avx2<T, 2>(xf.data(), dp, d, w, ldw, n0, n1, N, out, ldo);
