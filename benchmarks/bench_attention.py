@@ -2,11 +2,17 @@
 (the same inputs attended in float32, the result cast back), one decoder layer's worth.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_attention.py [--dtype bf16 fp16] [--rounds 7]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_attention.py --hf [--prompt-len 16 128] [--rounds 3]
 
 TinyLlama-1.1B heads (32 query, 4 key-value, head dim 64), batch 1. Decode: one query over L
 cached keys (L = prompt + tokens so far); prefill: T causal queries. Variants interleaved
 round-robin over ``--rounds`` rounds of bursts; each row: median us per call [min, max] of the
 rounds, and torch's time over the float32 path's (median of per-round ratios [min, max]).
+
+``--hf``: end to end instead. Hugging Face ``LlamaForCausalLM.generate()`` with TinyLlama-1.1B
+shapes in bf16 (random weights), dense and converted (``--variants``), each model decoding with
+transformers' ``sdpa`` and with :func:`qsparse_kernels.attention.use_cpu_attention` in turn, every
+(model, attention) pair once per round, interleaved: decode ms/token, median [min, max].
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from qsparse_kernels import attention
 from qsparse_kernels.attention import sdpa
 from qsparse_kernels.bench.harness import round_order
 
@@ -38,11 +45,48 @@ def measure(fns: dict, rounds: int, calls: int) -> dict[str, list[float]]:
     return per
 
 
+def cell(ts: list[float]) -> str:
+    return f"{statistics.median(ts):8.1f} [{min(ts):7.1f}, {max(ts):7.1f}]"
+
+
+def hf_end_to_end(variants: list[str], prompt_lens: list[int], new_tokens: int, rounds: int) -> None:
+    from qsparse_kernels.bench.hf_generate import hf_model, time_hf
+    from qsparse_kernels.bench.llama import LlamaShape
+
+    shape = LlamaShape()
+    models = {v: hf_model(shape, v, attention="sdpa") for v in variants}
+    impls = {"sdpa": "sdpa", "upcast": attention.register()}
+    gen = torch.Generator().manual_seed(1)
+    print(f"# HF generate(), TinyLlama-1.1B shapes, bf16, {torch.get_num_threads()} threads; decode ms/token, "
+          f"median of {rounds} interleaved rounds [min, max]; {new_tokens} new tokens")
+    print(f"{'prompt':>6} {'variant':<30} | {'sdpa':>24} | {'upcast':>24} | {'sdpa / upcast':>18}")
+    with torch.inference_mode():
+        for plen in prompt_lens:
+            prompt = torch.randint(0, shape.vocab_size, (1, plen), generator=gen)
+            per = {(v, a): [] for v in models for a in impls}
+            for r in range(rounds + 1):  # round 0 warms up
+                for v, a in round_order(per, r):
+                    models[v].set_attn_implementation(impls[a])
+                    t = time_hf(models[v], prompt if r else prompt[:, :4], new_tokens if r else 3)["ms_per_token"]
+                    if r:
+                        per[v, a].append(t)
+            for v in models:
+                ratio = [a / b for a, b in zip(per[v, "sdpa"], per[v, "upcast"], strict=True)]
+                print(f"{plen:>6} {v:<30} | {cell(per[v, 'sdpa'])} | {cell(per[v, 'upcast'])} |"
+                      f" {statistics.median(ratio):5.2f} [{min(ratio):4.2f}, {max(ratio):4.2f}]", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16"])
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--hf", action="store_true", help="HF generate() end to end instead (see the top)")
+    ap.add_argument("--variants", nargs="+", default=["dense", "bitnet-b1.58", "bitnet-b1.58+qsparse-0.6125"])
+    ap.add_argument("--prompt-len", type=int, nargs="+", default=[16, 128])
+    ap.add_argument("--new-tokens", type=int, default=12)
     args = ap.parse_args(argv)
+    if args.hf:
+        return hf_end_to_end(args.variants, args.prompt_len, args.new_tokens, args.rounds)
     gen = torch.Generator().manual_seed(0)
     print(f"# attention, 32 / 4 heads of 64, batch 1, {torch.get_num_threads()} threads; median of {args.rounds} "
           "interleaved rounds [min, max]")
@@ -60,10 +104,6 @@ def main(argv: list[str] | None = None) -> None:
             with torch.inference_mode():
                 per = measure(fns, args.rounds, calls)
             ratio = [a / b for a, b in zip(per["torch"], per["ours"], strict=True)]
-
-            def cell(ts):
-                return f"{statistics.median(ts):8.1f} [{min(ts):7.1f}, {max(ts):7.1f}]"
-
             print(f"{name:>5} {T:>4} {L:>5} | {cell(per['torch'])} | {cell(per['ours'])} |"
                   f" {statistics.median(ratio):5.2f} [{min(ratio):4.2f}, {max(ratio):4.2f}]", flush=True)
 

@@ -54,3 +54,17 @@ def test_topk_sparsify(benchmark, shape, backend, dtype):
     k = qk.sparsity_to_k(shape[0], 0.5)
     benchmark.group = f"topk_sparsify 64 rows of {shape[0]}"
     benchmark.pedantic(lambda: qk.topk_sparsify(x, k, backend=backend), rounds=20, warmup_rounds=3, iterations=1)
+
+
+# One decoder layer's attention decoding over 144 cached tokens (TinyLlama heads, bf16): torch's
+# SDPA in bf16 against qsparse_kernels.attention.sdpa (the same inputs attended in float32).
+@pytest.mark.parametrize("impl", ["torch", "upcast"])
+def test_attention_decode(benchmark, impl):
+    from qsparse_kernels.attention import sdpa
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 32, 1, 64, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 4, 144, 64, generator=gen).bfloat16() for _ in range(2))
+    fn = torch.nn.functional.scaled_dot_product_attention if impl == "torch" else sdpa
+    benchmark.group = "attention decode, 32 / 4 heads of 64, 144 keys, bf16"
+    benchmark.pedantic(lambda: fn(q, k, v, enable_gqa=True), rounds=20, warmup_rounds=3, iterations=1)

@@ -1,6 +1,6 @@
 """The cpu backend's dense GEMV over a row-major weight (csrc/cpu/dense_gemv.cpp): sparse_linear at
-k = d on an nn.Linear-layout weight with at most cpu_row_gemv_max_rows rows (2 for bf16 and 4 for
-fp32 and fp16 where torch's GEMM in that dtype is fast, else every row count), the path
+k = d on an nn.Linear-layout weight with at most cpu_row_gemv_max_rows rows (4, or 2 for bf16 on a CPU
+with AMX-BF16, where torch's GEMM in that dtype is fast, else every row count), the path
 :class:`qsparse_kernels.nn.DenseHead` takes. Parity vs float64 on odd shapes, every dtype, every
 ISA path; results identical across ISA paths, thread counts and output slices (one fixed sum order);
 strided (sliced) weights, bias, NaN / Inf propagation, and the rows above the limit (torch's GEMM).

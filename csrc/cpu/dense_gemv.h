@@ -35,9 +35,13 @@ inline bool torch_bf16_gemm_fast() {
 // On an AVX2-only Zen 3 (2026-12-03, same shape, 15 interleaved pairs, F.linear time / time):
 // bf16 M = 1: 1.22 [0.94, 1.28], 2: 1.80; fp16 1.13, 1.66, 4: 2.54; fp32 1.47, 2.90, 4: 4.87.
 // Where torch's 16-bit GEMM is slow (above), those dtypes take the GEMV at every M.
+// On Zen 4 (AVX512-BF16, no AMX; 2026-12-05, the two-value bf16 order, 5 interleaved rounds,
+// F.linear time / time) bf16 takes the GEMV up to 4 rows as fp32 and fp16 do: the head M = 1 1.84
+// [1.81, 1.94], 2: 1.66, 3: 1.62, 4: 1.44 [1.37, 1.54], 6: 1.08, 8: 0.89; 2048 -> 5632 (in cache)
+// 2.61, 1.68, 1.38, 4: 1.09 [1.02, 1.16], 6: 0.80.
 inline int64_t row_gemv_max_rows(c10::ScalarType dtype) {
   constexpr int64_t kAlways = std::numeric_limits<int64_t>::max();
-  if (dtype == c10::kBFloat16) return torch_bf16_gemm_fast() ? 2 : kAlways;
+  if (dtype == c10::kBFloat16) return !torch_bf16_gemm_fast() ? kAlways : cpu_has_amx_bf16() ? 2 : kMaxRowGemvRows;
   if (dtype == c10::kHalf) return torch_fp16_gemm_fast() ? kMaxRowGemvRows : kAlways;
   return kMaxRowGemvRows;
 }

@@ -120,6 +120,11 @@ bool cpu_has_avx512_bf16() {
   return bf16;
 }
 
+bool cpu_has_amx_bf16() {
+  static const bool amx = __builtin_cpu_supports("amx-bf16");
+  return amx;
+}
+
 bool cpu_fma512_at_256_bit_rate() {
   static const bool half_rate = [] {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;

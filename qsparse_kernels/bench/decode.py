@@ -42,7 +42,7 @@ from .llama import ATTENTION, ATTENTION_HELP, LlamaDecoder, LlamaShape
 
 # name -> QSparseConfig keyword arguments (None: the dense model as built, lm_head an nn.Linear).
 # Every converted variant's lm_head is a DenseHead (convert's default: dense, row-major, the
-# library's dense GEMV at 1-2 rows); "linear_head" keeps it the plain nn.Linear (torch's GEMV),
+# library's dense GEMV at 1-4 rows); "linear_head" keeps it the plain nn.Linear (torch's GEMV),
 # which isolates what the DenseHead does to a token.
 VARIANTS = {
     "dense": None,

@@ -32,12 +32,13 @@ class DenseHead(nn.Linear):
 
     Shapes: ``x [..., in_features]`` -> ``[..., out_features]`` in ``x.dtype``.
 
-    Dispatch: on the CPU, without autograd, for at most 2 (bfloat16) or 4 (float32, float16) rows
-    (decode, and the last position a generation prefill keeps), and for every row count in a 16-bit
-    dtype whose torch GEMM is slow on this CPU (no AVX512-BF16 / AVX512-FP16), with the weight's
-    dtype: ``sparse_linear(x, weight, k=in_features, bias)``, whose kernel reads each weight row
-    once for up to 4 rows (csrc/cpu/dense_gemv.cpp; ~1.4x the read rate of torch's bf16 GEMV on a
-    TinyLlama head on Sapphire Rapids; dense_gemv.h has the measured row limits). Everything else
+    Dispatch: on the CPU, without autograd, for at most 4 rows (2 in bfloat16 on a CPU with
+    AMX-BF16, where torch's GEMM runs on tiles from 3 rows) (decode, small batches, and the last
+    position a generation prefill keeps), and for every row count in a 16-bit dtype whose torch
+    GEMM is slow on this CPU (no AVX512-BF16 / AVX512-FP16), with the weight's dtype:
+    ``sparse_linear(x, weight, k=in_features, bias)``, whose kernel reads each weight row once for
+    up to 4 rows (csrc/cpu/dense_gemv.cpp; on a TinyLlama head ~1.4x the read rate of torch's bf16
+    GEMV on Sapphire Rapids, 1.8x on Zen 4; dense_gemv.h has the measured row limits). Everything else
     (more rows, training, other devices) is ``F.linear``, exactly as ``nn.Linear``.
     """
 

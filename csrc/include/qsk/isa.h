@@ -32,6 +32,9 @@ bool cpu_has_avx512_fp16();
 // Whether the CPU has AVX512-BF16 (vdpbf16ps). Not capped, as cpu_has_avx512_fp16: whether torch's
 // bf16 GEMM (oneDNN) is fast.
 bool cpu_has_avx512_bf16();
+// Whether the CPU has AMX-BF16. Not capped, as cpu_has_avx512_bf16: whether torch's bf16 GEMM
+// (oneDNN, which requests the tile state itself) runs on AMX tiles.
+bool cpu_has_amx_bf16();
 // Whether the CPU executes 512-bit FMAs at its 256-bit rate (two 256-bit halves): AMD family 0x19
 // with AVX-512, i.e. Zen 4. Not capped. There an AVX2 kernel's FMAs match an AVX-512 GEMM's.
 bool cpu_fma512_at_256_bit_rate();
