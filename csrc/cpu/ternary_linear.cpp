@@ -539,6 +539,10 @@ namespace {
 
 // The single op's checks of a weight for the rows x [M, d] (weight_problem), on arguments whose
 // layout the kernels read (rows of contiguous bytes, a contiguous bias); returns the packed row width.
+// The value of a scale check_weight accepted (a one-element float32 CPU tensor), read in place:
+// Tensor::item() goes through the dispatcher (aten::item, ~1.5 us a call).
+inline float scale_value(const at::Tensor& scale) { return *scale.const_data_ptr<float>(); }
+
 int64_t check_weight(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t out_features,
                      std::optional<int64_t> k_opt, const std::optional<at::Tensor>& bias_opt) {
   const std::string problem = weight_problem(x, packed, scale, out_features, k_opt, bias_opt);
@@ -660,7 +664,7 @@ at::Tensor ternary_linear_rows(const at::Tensor& x, const at::Tensor& packed, co
   auto out = at::empty({x.size(0), out_features}, x.options());
   if (x.size(0) == 0 || out_features == 0) return out;
   const std::vector<OutSegment> segs{
-      {0, out_features, scale.item<float>(), bias ? bias->data_ptr() : nullptr, out.data_ptr()}};
+      {0, out_features, scale_value(scale), bias ? bias->data_ptr() : nullptr, out.data_ptr()}};
   ternary_rows(x, packed.data_ptr<uint8_t>(), cols, packed_stride(packed), k_opt ? *k_opt : -1, segs, shared);
   return out;
 }
@@ -720,7 +724,7 @@ std::vector<at::Tensor> ternary_linear_multi_rows(const at::Tensor& x, at::Tenso
       if (biases.get(s)) bias[s] = biases.get(s)->contiguous();
       const int64_t c = check_weight(xr, packed[s], scales[s], out_features[s], k_opt, bias[s]);
       out[s] = at::empty({M, out_features[s]}, xr.options());
-      segs.push_back({cols, out_features[s], scales[s].item<float>(), bias[s] ? bias[s]->data_ptr() : nullptr,
+      segs.push_back({cols, out_features[s], scale_value(scales[s]), bias[s] ? bias[s]->data_ptr() : nullptr,
                       out[s].data_ptr()});
       cols += c;
     }
