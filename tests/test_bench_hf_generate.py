@@ -51,3 +51,21 @@ def test_hf_model_attention():
         assert hf_generate.hf_model(shape, variant, attention="sdpa").config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="attention: expected one of"):
         hf_generate.hf_model(shape, "dense", attention="eager")
+
+
+def test_time_hf_generates_every_token_when_the_model_says_eos():
+    """The end-of-sequence token is switched off for the timing (not forced away with a logits
+    processor): a model that always predicts it still yields the requested tokens, and its own
+    generation config is left as it was."""
+    shape = LlamaShape(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=96)
+    model = hf_generate.hf_model(shape, "dense", dtype=torch.float32)
+    eos = model.generation_config.eos_token_id
+    assert eos is not None
+    model.lm_head.register_forward_hook(lambda mod, args, out: out.index_fill(-1, torch.tensor([eos]).flatten(), 1e4))
+    prompt = torch.randint(3, 96, (1, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert model.generate(prompt, max_new_tokens=5, do_sample=False).shape[1] == 5  # stops at once
+        t = hf_generate.time_hf(model, prompt, 5)
+    assert t["ms_per_token"] > 0 and t["prefill_ms"] > 0
+    assert model.generation_config.eos_token_id == eos
