@@ -69,11 +69,16 @@ def test_sdpa_scale_and_passthrough():
 transformers = pytest.importorskip("transformers")
 
 
-def _llama(dtype):
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+
+
+def _decoder(dtype, family="llama"):
+    config_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[family])
+    cfg = config_cls(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    return model_cls(cfg).to(dtype).eval()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -82,7 +87,7 @@ def test_hf_attention_matches_float64(dtype):
     -> within one rounding of float64, [B, T, H, E]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    module = _llama(dtype).model.layers[0].self_attn
+    module = _decoder(dtype).model.layers[0].self_attn
     gen = torch.Generator().manual_seed(5)
     for T, L in ((1, 9), (6, 6)):
         q = torch.randn(2, 4, T, 16, generator=gen).to(dtype)
@@ -97,10 +102,11 @@ def test_hf_attention_matches_float64(dtype):
         assert rel_err(y, ref) <= torch.finfo(dtype).eps / 2 + 1e-5
 
 
-def test_use_cpu_attention_keeps_padding_masks():
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_use_cpu_attention_keeps_padding_masks(family):
     """In float32 it is transformers' SDPA itself, so a left-padded batch's logits are equal:
     transformers builds the same masks for it (a custom name without a mask function gets none)."""
-    model = _llama(torch.float32)
+    model = _decoder(torch.float32, family)
     ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -116,7 +122,7 @@ def test_use_cpu_attention_generates_in_bf16(tmp_path):
     """A converted bf16 model generates with it, and a saved copy loads with transformers' default."""
     import qsparse_kernels as qk
 
-    model = qk.convert(_llama(torch.bfloat16), qk.QSparseConfig(sparsity=0.5))
+    model = qk.convert(_decoder(torch.bfloat16), qk.QSparseConfig(sparsity=0.5))
     attention.use_cpu_attention(model)
     prompt = torch.randint(1, 96, (1, 5), generator=torch.Generator().manual_seed(4))
     out = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
