@@ -113,12 +113,7 @@ void rows_portable(const T* x, int64_t M, int64_t d, const T* w, int64_t ldw, in
   }
 }
 
-// ---- AVX-512: 16 lanes = the 16 partial sums (fp32 / fp16 here, bf16 in step_avx512_bf16) ----
-
-QSK_TARGET_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-QSK_TARGET_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
+// ---- AVX-512: 16 lanes = the 16 partial sums ----
 
 QSK_TARGET_AVX512 inline float tree16_avx512(__m512 v) {
   const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));  // l + 8
@@ -128,54 +123,42 @@ QSK_TARGET_AVX512 inline float tree16_avx512(__m512 v) {
   return _mm_cvtss_f32(e);
 }
 
+// The 16 V values c .. c + 16 V - 1 of a row (mask k: those below d; the rest read as 0) as V
+// float32 vectors in the order at the top: lane l of vector j = value c + V l + j. bf16 widens
+// without a shuffle: the even values of a 64-byte load with one shift (the low half of each dword),
+// the odd ones with one AND (the high half).
+QSK_TARGET_AVX512 inline void load_step(const float* p, uint32_t k, __m512 (&v)[1]) {
+  v[0] = _mm512_maskz_loadu_ps(static_cast<__mmask16>(k), p);
+}
+QSK_TARGET_AVX512 inline void load_step(const c10::Half* p, uint32_t k, __m512 (&v)[1]) {
+  v[0] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>(k), p));
+}
+QSK_TARGET_AVX512 inline void load_step(const c10::BFloat16* p, uint32_t k, __m512 (&v)[2]) {
+  const __m512i raw = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(k), p);
+  v[0] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  v[1] = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
 // Outputs n .. n + nr (nr <= kRowsPerStep) of MR rows into out[m * ldo + r].
 // The rows of pf are prefetched meanwhile (row_prefetch).
 template <typename T, int MR>
 QSK_TARGET_AVX512 void step_avx512(const T* x, int64_t d, const T* w, int64_t ldw, int64_t n, int nr, float* out,
                                    int64_t ldo, RowPrefetch pf) {
+  constexpr int V = kPerLane<T>;
   __m512 acc[kRowsPerStep][MR];
   for (int r = 0; r < kRowsPerStep; ++r)
     for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < d; c += 16) {
+  for (int64_t c = 0; c < d; c += 16 * V) {
     if (c * static_cast<int64_t>(sizeof(T)) % 64 == 0) prefetch_rows(pf.first, ldw * sizeof(T), pf.n, c * sizeof(T));
-    const __mmask16 k = d - c >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (d - c)) - 1);
-    __m512 xv[MR];
-    for (int m = 0; m < MR; ++m) xv[m] = load16(x + m * d + c, k);
+    const uint32_t k = d - c >= 16 * V ? (V == 2 ? 0xffffffffu : 0xffffu) : (1u << (d - c)) - 1;
+    __m512 xv[MR][V];
+    for (int m = 0; m < MR; ++m) load_step(x + m * d + c, k, xv[m]);
     for (int r = 0; r < kRowsPerStep; ++r) {
       if (r >= nr) break;
-      const __m512 wv = load16(w + (n + r) * ldw + c, k);
-      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_fmadd_ps(xv[m], wv, acc[r][m]);
-    }
-  }
-  for (int r = 0; r < nr; ++r)
-    for (int m = 0; m < MR; ++m) out[m * ldo + r] = tree16_avx512(acc[r][m]);
-}
-
-// bf16: 32 values per step, one 64-byte load per row; the even values widen with one shift (the
-// low half of each dword), the odd ones with one AND (the high half), and lane l takes value
-// 32 c + 2 l, then 32 c + 2 l + 1 (the order at the top).
-QSK_TARGET_AVX512 inline void split_bf16(const c10::BFloat16* p, __mmask32 k, __m512& even, __m512& odd) {
-  const __m512i v = _mm512_maskz_loadu_epi16(k, p);
-  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-}
-
-template <int MR>
-QSK_TARGET_AVX512 void step_avx512_bf16(const c10::BFloat16* x, int64_t d, const c10::BFloat16* w, int64_t ldw,
-                                        int64_t n, int nr, float* out, int64_t ldo, RowPrefetch pf) {
-  __m512 acc[kRowsPerStep][MR];
-  for (int r = 0; r < kRowsPerStep; ++r)
-    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < d; c += 32) {
-    prefetch_rows(pf.first, ldw * 2, pf.n, c * 2);
-    const __mmask32 k = d - c >= 32 ? static_cast<__mmask32>(0xffffffffu) : static_cast<__mmask32>((1u << (d - c)) - 1);
-    __m512 xe[MR], xo[MR];
-    for (int m = 0; m < MR; ++m) split_bf16(x + m * d + c, k, xe[m], xo[m]);
-    for (int r = 0; r < kRowsPerStep; ++r) {
-      if (r >= nr) break;
-      __m512 we, wo;
-      split_bf16(w + (n + r) * ldw + c, k, we, wo);
-      for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_fmadd_ps(xo[m], wo, _mm512_fmadd_ps(xe[m], we, acc[r][m]));
+      __m512 wv[V];
+      load_step(w + (n + r) * ldw + c, k, wv);
+      for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < V; ++j) acc[r][m] = _mm512_fmadd_ps(xv[m][j], wv[j], acc[r][m]);
     }
   }
   for (int r = 0; r < nr; ++r)
@@ -189,20 +172,11 @@ QSK_TARGET_AVX512 void rows_avx512(const T* x, int64_t M, int64_t d, const T* w,
     const int nr = static_cast<int>(std::min<int64_t>(kRowsPerStep, n1 - n));
     float* o = out + (n - n0);
     const RowPrefetch pf = row_prefetch(w, ldw, n, kRowsPerStep, N);
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      switch (M) {
-        case 1: step_avx512_bf16<1>(x, d, w, ldw, n, nr, o, ldo, pf); break;
-        case 2: step_avx512_bf16<2>(x, d, w, ldw, n, nr, o, ldo, pf); break;
-        case 3: step_avx512_bf16<3>(x, d, w, ldw, n, nr, o, ldo, pf); break;
-        default: step_avx512_bf16<4>(x, d, w, ldw, n, nr, o, ldo, pf); break;
-      }
-    } else {
-      switch (M) {
-        case 1: step_avx512<T, 1>(x, d, w, ldw, n, nr, o, ldo, pf); break;
-        case 2: step_avx512<T, 2>(x, d, w, ldw, n, nr, o, ldo, pf); break;
-        case 3: step_avx512<T, 3>(x, d, w, ldw, n, nr, o, ldo, pf); break;
-        default: step_avx512<T, 4>(x, d, w, ldw, n, nr, o, ldo, pf); break;
-      }
+    switch (M) {
+      case 1: step_avx512<T, 1>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+      case 2: step_avx512<T, 2>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+      case 3: step_avx512<T, 3>(x, d, w, ldw, n, nr, o, ldo, pf); break;
+      default: step_avx512<T, 4>(x, d, w, ldw, n, nr, o, ldo, pf); break;
     }
   }
 }
