@@ -19,30 +19,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from qsparse_kernels import attention
 from qsparse_kernels.attention import sdpa
-from qsparse_kernels.bench.harness import round_order
+from qsparse_kernels.bench.harness import interleaved_bursts, round_order
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # (queries, keys): decode at a few context lengths, then prefill
 SHAPES = [(1, 17), (1, 144), (1, 512), (1, 2048), (16, 16), (128, 128)]
-
-
-def measure(fns: dict, rounds: int, calls: int) -> dict[str, list[float]]:
-    per = {name: [] for name in fns}
-    for r in range(rounds + 1):  # round 0 warms up
-        for name in round_order(fns, r):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fns[name]()
-            if r:
-                per[name].append((time.perf_counter() - t0) / calls * 1e6)
-    return per
 
 
 def cell(ts: list[float]) -> str:
@@ -102,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                    "ours": lambda q=q, k=k, v=v, c=causal: sdpa(q, k, v, is_causal=c, enable_gqa=True)}
             calls = max(3, min(300, 200_000 // (T * L)))
             with torch.inference_mode():
-                per = measure(fns, args.rounds, calls)
+                per = interleaved_bursts(fns, args.rounds, calls)
             ratio = [a / b for a, b in zip(per["torch"], per["ours"], strict=True)]
             print(f"{name:>5} {T:>4} {L:>5} | {cell(per['torch'])} | {cell(per['ours'])} |"
                   f" {statistics.median(ratio):5.2f} [{min(ratio):4.2f}, {max(ratio):4.2f}]", flush=True)

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from torch import nn
 
 import qsparse_kernels as qk
-from qsparse_kernels.bench.harness import round_order
+from qsparse_kernels.bench.harness import interleaved_bursts
 from qsparse_kernels.nn import BitLinear, QSparseLinear
 from qsparse_kernels.nn._siblings import SiblingGroup
 
@@ -35,7 +34,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def variants(d: int, dtype: torch.dtype) -> dict:
-    """name -> (zero-argument call, calls per invocation)."""
+    """name -> zero-argument call."""
     lins = [nn.Linear(d, d, bias=False).to(dtype) for _ in range(3)]
     lin = lins[0]
     x = torch.randn(1, d, dtype=dtype)
@@ -54,28 +53,15 @@ def variants(d: int, dtype: torch.dtype) -> dict:
     k = qk.sparsity_to_k(d, 0.5)
     kb = qk.sparsity_to_k(d, 0.6125)
     return {
-        "nn.Linear": (lambda: lin(x), 1),
-        "QSparseLinear s=0.5": (lambda: qs(x), 1),
-        "  op sparse_linear": (lambda: qk.sparse_linear(x, qs.weight, k), 1),
-        "BitLinear packed s=0": (lambda: bl0(x), 1),
-        "BitLinear packed s=0.6125": (lambda: bl(x), 1),
-        "  op ternary_linear": (lambda: qk.ternary_linear(x, bl.packed, bl.scale, d, kb), 1),
-        "3x nn.Linear (q/k/v)": (lambda: [m(x) for m in lins], 1),
-        "fused q/k/v QSparseLinear": (lambda: [m(x) for m in trio], 1),
+        "nn.Linear": lambda: lin(x),
+        "QSparseLinear s=0.5": lambda: qs(x),
+        "  op sparse_linear": lambda: qk.sparse_linear(x, qs.weight, k),
+        "BitLinear packed s=0": lambda: bl0(x),
+        "BitLinear packed s=0.6125": lambda: bl(x),
+        "  op ternary_linear": lambda: qk.ternary_linear(x, bl.packed, bl.scale, d, kb),
+        "3x nn.Linear (q/k/v)": lambda: [m(x) for m in lins],
+        "fused q/k/v QSparseLinear": lambda: [m(x) for m in trio],
     }
-
-
-def measure(fns: dict, rounds: int, calls: int) -> dict[str, list[float]]:
-    per = {name: [] for name in fns}
-    for r in range(rounds + 1):  # round 0 warms up
-        for name in round_order(fns, r):
-            fn = fns[name][0]
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            if r:
-                per[name].append((time.perf_counter() - t0) / calls * 1e6)
-    return per
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     fns = variants(args.d, DTYPES[args.dtype])
     with torch.inference_mode():
-        per = measure(fns, args.rounds, args.calls)
+        per = interleaved_bursts(fns, args.rounds, args.calls)
     base = per["nn.Linear"]
     print(f"# per-call cost, {args.d} -> {args.d}, {args.dtype}, M = 1, {torch.get_num_threads()} threads; "
           f"median of {args.rounds} interleaved rounds of {args.calls} calls [min, max]")

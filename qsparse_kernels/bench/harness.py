@@ -145,6 +145,22 @@ def round_order(items: Sequence, r: int) -> list:
     return items[r:] + items[:r]
 
 
+def interleaved_bursts(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, list[float]]:
+    """us per call of each ``fns`` entry: bursts of ``calls`` calls timed as a whole, the entries
+    interleaved (:func:`round_order`) over ``rounds`` rounds after a warm-up round; one time per
+    round. For calls short enough that one timer read would be noise (CPU, synchronous)."""
+    per = {name: [] for name in fns}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name in round_order(fns, r):
+            fn = fns[name]
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            if r:
+                per[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return per
+
+
 def _samples(fn, n_variants, device, reps, warmup, before) -> list[float]:
     for i in range(warmup):
         if before:
