@@ -94,14 +94,12 @@ def test_round_order_rotates_so_no_variant_always_follows_the_same_one():
 
 def test_interleaved_bursts_times_every_entry_each_round():
     """One time per round and entry (the warm-up round not kept), each burst of `calls` calls."""
-    from qsparse_kernels.bench.harness import interleaved_bursts
-
     counts = {"a": 0, "b": 0}
 
     def bump(name):
         counts[name] += 1
 
-    per = interleaved_bursts({"a": lambda: bump("a"), "b": lambda: bump("b")}, rounds=3, calls=5)
+    per = harness.interleaved_bursts({"a": lambda: bump("a"), "b": lambda: bump("b")}, rounds=3, calls=5)
     assert counts == {"a": 20, "b": 20}  # (3 + 1 warm-up) rounds x 5 calls
     assert {k: len(v) for k, v in per.items()} == {"a": 3, "b": 3}
     assert all(t > 0 for ts in per.values() for t in ts)
