@@ -45,6 +45,8 @@ def hf_model(shape: LlamaShape, variant: str, seed: int = 0, dtype: torch.dtype 
     :func:`qsparse_kernels.attention.use_cpu_attention`, ``sdpa`` keeps HF's default."""
     import transformers
 
+    if attention not in ATTENTION:
+        raise ValueError(f"attention: expected one of {list(ATTENTION)}, got {attention!r}")
     cfg = transformers.LlamaConfig(
         hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
@@ -60,8 +62,6 @@ def hf_model(shape: LlamaShape, variant: str, seed: int = 0, dtype: torch.dtype 
     convert_variant(model, variant)
     if attention == "upcast":
         use_cpu_attention(model)
-    elif attention != "sdpa":
-        raise ValueError(f"attention: expected one of {list(ATTENTION)}, got {attention!r}")
     model.generation_config.pad_token_id = 0
     return model.eval()
 
