@@ -60,6 +60,12 @@ std::vector<at::Tensor> ternary_linear_multi(const at::Tensor& x, const std::vec
   return op.call(x, packed, scales, out_features, k, as_list(biases));
 }
 
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  static const auto op =
+      kernel_op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("qsparse::rms_norm_kernel");
+  return op.call(x, weight, eps);
+}
+
 }  // namespace
 
 void define_kernel_calls(pybind11::module_& m) {
@@ -71,6 +77,7 @@ void define_kernel_calls(pybind11::module_& m) {
         "qsparse::sparse_linear_multi_kernel(x, weights, k, biases)");
   m.def("call_ternary_linear_multi", &ternary_linear_multi, release(),
         "qsparse::ternary_linear_multi_kernel(x, packed, scales, out_features, k, biases)");
+  m.def("call_rms_norm", &rms_norm, release(), "qsparse::rms_norm_kernel(x, weight, eps)");
 }
 
 }  // namespace qsk

@@ -60,8 +60,9 @@ from ._frozen import FrozenMapping
 from .backends import CHOICES
 from .bitnet_import import from_hf_bitnet, is_hf_bitnet
 from .convert_report import ConversionReport, build_report, linear_layers, weight_bytes_per_token
-from .nn import BitLinear, DenseHead, QSparseLinear
+from .nn import BitLinear, DenseHead, QSparseLinear, RMSNorm
 from .nn._siblings import group_siblings, ungroup
+from .nn.rms_norm import LLAMA_STYLE
 
 WEIGHT_MODES = ("dense", "ternary")
 HEAD_NAMES = ("lm_head", "classifier")
@@ -269,6 +270,7 @@ def convert(
     return_report: bool = False,
     fuse_siblings: bool = True,
     fast_head: bool = True,
+    fast_norm: bool = True,
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Replace the selected ``nn.Linear`` layers of ``model`` in place; returns ``model`` (and the
     :class:`~qsparse_kernels.convert_report.ConversionReport` with ``return_report=True``;
@@ -290,6 +292,11 @@ def convert(
     ``classifier``, or ``model.get_output_embeddings()``, that the conversion left alone) becomes a
     :class:`~qsparse_kernels.nn.DenseHead`: still dense, same Parameters, layout and tying, but
     its CPU inference at 1 to 4 rows runs the library's dense GEMV.
+
+    ``fast_norm`` (default True): the model's RMSNorm modules of a class that computes HF Llama's
+    RMSNorm (:data:`~qsparse_kernels.nn.rms_norm.LLAMA_STYLE`) become a
+    :class:`~qsparse_kernels.nn.RMSNorm` (same ``weight`` Parameter), whose CPU inference is one
+    kernel call instead of ~9 torch ops (:func:`use_fast_norm`).
 
     Raises ``ValueError`` for a pattern that wins for no layer, a layer the config cannot apply
     to (the message names the layer), or a model that is already converted (unless ``filter_fn``
@@ -331,6 +338,8 @@ def convert(
     root = new.get(id(model), model)
     if fast_head:
         use_dense_head(root)
+    if fast_norm:
+        use_fast_norm(root)
     _sync_hf(root)
     groups = group_siblings(root) if fuse_siblings else []
     report = build_report(before, root, {plan[key][0]: mod for key, mod in new.items()}, groups)
@@ -349,6 +358,16 @@ def use_dense_head(model: nn.Module) -> None:
         if type(mod) is nn.Linear and (name.rsplit(".", 1)[-1] in HEAD_NAMES or mod is out):
             heads[id(mod)] = DenseHead.from_linear(mod)
     _replace_modules(model, heads)
+
+
+def use_fast_norm(model: nn.Module) -> int:
+    """Make each module of ``model`` whose class computes HF Llama's RMSNorm (its name is in
+    :data:`~qsparse_kernels.nn.rms_norm.LLAMA_STYLE`) a :class:`~qsparse_kernels.nn.RMSNorm`
+    sharing its ``weight``, in place; returns how many. What ``convert(fast_norm=True)`` and
+    loading a converted checkpoint do; :func:`unconvert` turns them back."""
+    new = {id(m): RMSNorm.from_module(m) for m in model.modules() if type(m).__name__ in LLAMA_STYLE}
+    _replace_modules(model, new)
+    return len(new)
 
 
 def _replace_modules(model: nn.Module, new: dict[int, nn.Module]) -> None:
@@ -388,7 +407,8 @@ def unconvert(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
     ``QSparseLinear`` and training-mode ``BitLinear`` layers become ``nn.Linear`` sharing their
     ``weight`` and ``bias`` Parameters (so optimizers keep them): the same function without top-K
     (and, for ``BitLinear``, without fake quantization); a ``DenseHead`` becomes the plain
-    ``nn.Linear`` it was. A packed ``BitLinear`` holds no float
+    ``nn.Linear`` it was, and an :class:`~qsparse_kernels.nn.RMSNorm` made by ``convert`` the module
+    of the class it replaced. A packed ``BitLinear`` holds no float
     weight: it raises ``ValueError`` naming the layer (``filter_fn(module, name) -> bool`` can leave
     it out). Shapes: unchanged, ``[..., in_features] -> [..., out_features]``.
     """
@@ -411,6 +431,8 @@ def unconvert(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
     for name, m in model.named_modules():
         if type(m) is DenseHead and (filter_fn is None or filter_fn(m, name)):
             new[id(m)] = _plain_head(m)
+        elif type(m) is RMSNorm and m._hf_class is not None and (filter_fn is None or filter_fn(m, name)):
+            new[id(m)] = m.to_module()
     _replace_modules(model, new)
     root = new.get(id(model), model)
     _sync_hf(root)

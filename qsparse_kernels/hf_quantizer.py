@@ -245,9 +245,10 @@ class QSparseHfQuantizer(HfQuantizer):
                 if problem is not None:
                     raise _err(problem)
         group_siblings(model)  # q/k/v and gate/up share one kernel call, as after convert()
-        from .convert import use_dense_head
+        from .convert import use_dense_head, use_fast_norm
 
         use_dense_head(model)  # the dense output head through the library's GEMV, as after convert()
+        use_fast_norm(model)  # its RMSNorms in one kernel call each, as after convert()
         return model
 
     def get_state_dict_and_metadata(self, model):

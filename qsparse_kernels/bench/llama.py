@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import sdpa
+from ..nn.rms_norm import reference as rms_norm_reference
 
 #: The compact model's attention choices: ``upcast`` (the default) computes bf16 / fp16 CPU
 #: attention in float32 (:mod:`qsparse_kernels.attention`), ``sdpa`` is torch's SDPA in the model's
@@ -56,14 +57,17 @@ class LlamaShape:
         return self.hidden_size // self.num_attention_heads
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+class LlamaRMSNorm(nn.Module):
+    """HF's ``LlamaRMSNorm``: its class name, attributes and math (normalise in float32, cast back,
+    then scale), so ``convert(fast_norm=True)`` swaps it for the library's as it does HF's."""
 
-    def forward(self, x):  # HF's order: normalise in float32, cast back, then scale
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        return rms_norm_reference(x, self.weight, self.variance_epsilon)
 
 
 def _rotate_half(x):
@@ -114,9 +118,9 @@ class MLP(nn.Module):
 class Layer(nn.Module):
     def __init__(self, s: LlamaShape, attention: str = "upcast"):
         super().__init__()
-        self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+        self.input_layernorm = LlamaRMSNorm(s.hidden_size, s.rms_norm_eps)
         self.self_attn = Attention(s, attention)
-        self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(s.hidden_size, s.rms_norm_eps)
         self.mlp = MLP(s)
 
     def forward(self, x, cos, sin, ck, cv, pos):
@@ -135,7 +139,7 @@ class LlamaDecoder(nn.Module):
         self.shape = s
         self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
         self.layers = nn.ModuleList(Layer(s, attention) for _ in range(s.num_hidden_layers))
-        self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+        self.norm = LlamaRMSNorm(s.hidden_size, s.rms_norm_eps)
         self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
 
     def _rope(self, pos: int, T: int, device, dtype):

@@ -4,6 +4,7 @@
 * :class:`BitLinear`: BitNet b1.58 (fake-quantized training, packed ternary inference), optional top-K.
 * :class:`ReLU2` / :func:`relu2`: squared ReLU; :class:`ReLU2GLU`: the Q-Sparse FFN block.
 * :class:`DenseHead`: the dense output head (``lm_head``) through the library's GEMV (``convert`` makes it).
+* :class:`RMSNorm`: HF Llama's RMSNorm in one CPU kernel call (``convert`` makes it).
 * :class:`SiblingGroup`: sibling layers (q/k/v, gate/up) computed with one kernel call (``convert`` makes them).
 """
 
@@ -14,6 +15,7 @@ from .dense_head import DenseHead
 from .fake_quant import fake_quant_act, fake_quant_weight
 from .ffn import ReLU2GLU
 from .linear import QSparseLinear
+from .rms_norm import RMSNorm
 
 __all__ = [
     "QSparseLinear",
@@ -25,4 +27,5 @@ __all__ = [
     "fake_quant_weight",
     "SiblingGroup",
     "DenseHead",
+    "RMSNorm",
 ]

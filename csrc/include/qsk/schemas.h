@@ -31,6 +31,9 @@ inline void define_kernel_schemas(torch::Library& m) {
   m.def(
       "ternary_linear_multi_kernel(Tensor x, Tensor[] packed, Tensor[] scales, int[] out_features, int? k, "
       "Tensor?[] biases) -> Tensor[]");
+  // x [..., d] float (any strides), weight [d] of x's dtype, eps >= 0 -> [..., d] contiguous: Hugging
+  // Face Llama's RMSNorm (csrc/cpu/rms_norm.cpp; qsparse_kernels/nn/rms_norm.py). CPU only.
+  m.def("rms_norm_kernel(Tensor x, Tensor weight, float eps) -> Tensor");
 }
 
 }  // namespace qsk
