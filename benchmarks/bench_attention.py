@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from qsparse_kernels import attention
 from qsparse_kernels.attention import sdpa
-from qsparse_kernels.bench.harness import interleaved_bursts, round_order
+from qsparse_kernels.bench.harness import interleaved_bursts
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # (queries, keys): decode at a few context lengths, then prefill
@@ -37,30 +37,16 @@ def cell(ts: list[float]) -> str:
 
 
 def hf_end_to_end(variants: list[str], prompt_lens: list[int], new_tokens: int, rounds: int) -> None:
-    from qsparse_kernels.bench.hf_generate import hf_model, time_hf
+    from qsparse_kernels.bench.hf_generate import hf_model, settings_ab
     from qsparse_kernels.bench.llama import LlamaShape
 
     shape = LlamaShape()
     models = {v: hf_model(shape, v, attention="sdpa") for v in variants}
-    impls = {"sdpa": "sdpa", "upcast": attention.register()}
-    gen = torch.Generator().manual_seed(1)
-    print(f"# HF generate(), TinyLlama-1.1B shapes, bf16, {torch.get_num_threads()} threads; decode ms/token, "
-          f"median of {rounds} interleaved rounds [min, max]; {new_tokens} new tokens")
-    print(f"{'prompt':>6} {'variant':<30} | {'sdpa':>24} | {'upcast':>24} | {'sdpa / upcast':>18}")
-    with torch.inference_mode():
-        for plen in prompt_lens:
-            prompt = torch.randint(0, shape.vocab_size, (1, plen), generator=gen)
-            per = {(v, a): [] for v in models for a in impls}
-            for r in range(rounds + 1):  # round 0 warms up
-                for v, a in round_order(per, r):
-                    models[v].set_attn_implementation(impls[a])
-                    t = time_hf(models[v], prompt if r else prompt[:, :4], new_tokens if r else 3)["ms_per_token"]
-                    if r:
-                        per[v, a].append(t)
-            for v in models:
-                ratio = [a / b for a, b in zip(per[v, "sdpa"], per[v, "upcast"], strict=True)]
-                print(f"{plen:>6} {v:<30} | {cell(per[v, 'sdpa'])} | {cell(per[v, 'upcast'])} |"
-                      f" {statistics.median(ratio):5.2f} [{min(ratio):4.2f}, {max(ratio):4.2f}]", flush=True)
+    upcast = attention.register()
+    settings = {"sdpa": lambda m: m.set_attn_implementation("sdpa"),
+                "upcast": lambda m: m.set_attn_implementation(upcast)}
+    settings_ab(models, settings, prompt_lens, new_tokens, rounds, shape.vocab_size,
+                "HF generate(), TinyLlama-1.1B shapes, bf16, torch's SDPA / the float32 path")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -58,17 +58,17 @@ def test_kernel_matches_float64(shape, dtype, isa, gen):
 
 
 def _documented_order(x, w, eps):
-    """csrc/cpu/rms_norm.cpp's result: lane l of 16 adds x[i]^2 for i = l mod 16 with a fused
-    multiply-add (one rounding to float32, emulated in float64), lanes folded 8, 4, 2, 1."""
+    """csrc/cpu/rms_norm.cpp's result: lane l of 64 adds x[i]^2 for i = l mod 64 with a fused
+    multiply-add (one rounding to float32, emulated in float64), lanes folded 32, 16, 8, 4, 2, 1."""
     xf = x.float()
     d = xf.shape[-1]
-    pad = (-d) % 16
-    lanes = torch.nn.functional.pad(xf, (0, pad)).reshape(*xf.shape[:-1], -1, 16)
-    s = torch.zeros(*xf.shape[:-1], 16)
+    pad = (-d) % 64
+    lanes = torch.nn.functional.pad(xf, (0, pad)).reshape(*xf.shape[:-1], -1, 64)
+    s = torch.zeros(*xf.shape[:-1], 64)
     for c in range(lanes.shape[-2]):
         v = lanes[..., c, :].double()
         s = (v * v + s.double()).float()
-    for h in (8, 4, 2, 1):
+    for h in (32, 16, 8, 4, 2, 1):
         s = s[..., :h] + s[..., h : 2 * h]
     # Each scalar step once rounded to float32 (done in float64 and rounded: exact for / and sqrt).
     # Not torch's float32 ops: its division by a Python number multiplies by the reciprocal.
@@ -89,15 +89,16 @@ def test_kernel_runs_in_its_documented_order(dtype, isa, gen):
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_sum_order_shows_on_a_crafted_input(isa):
-    """Lane 0 adds the squares 1, 2^24, 1 (x[0], x[16], x[32]): in the documented order 1 + 2^24
-    rounds to 2^24 (a tie, to even) and so does the last + 1, so the sum is 2^24; added in index
-    order with other groupings, or exactly, it is 2^24 + 2. The float32 outputs differ."""
-    x = torch.zeros(1, 48)
-    x[0, 0], x[0, 16], x[0, 32] = 1.0, 2.0**12, 1.0
-    w = torch.ones(48)
+    """Lane 0 adds the squares 1, 2^24, then 38 more 1s (x[0], x[64], x[128], ..., x[2496]): in the
+    documented order each + 1 after 2^24 is a tie that rounds to 2^24 (even), so the sum is 2^24;
+    with the ones added first, or exactly, it is 2^24 + 39 (a float32 sum that tells them apart)."""
+    x = torch.zeros(1, 2560)
+    x[0, ::64] = 1.0
+    x[0, 64] = 2.0**12
+    w = torch.ones(2560)
     got = _with_isa(isa, lambda: _kernel(x, w, 0.0))
     assert torch.equal(got, _documented_order(x, w, 0.0))
-    exact = x * (1.0 / torch.sqrt(torch.tensor((2.0**24 + 2) / 48, dtype=torch.float32)))
+    exact = x * (1.0 / torch.sqrt(torch.tensor((2.0**24 + 39) / 2560, dtype=torch.float32)))
     assert not torch.equal(got, exact)
 
 

@@ -4,9 +4,10 @@
 // torch runs this as ~9 small ops (to, pow, mean, add, rsqrt, mul, to, mul): ~18 us a call on a
 // 2048-wide bf16 row on Zen 4, ~45 calls a decoded TinyLlama token. Here: one call.
 //
-// The sum of squares has a fixed order on every ISA path: lane l of 16 sums x[i]^2 for i = l mod 16
+// The sum of squares has a fixed order on every ISA path: lane l of 64 sums x[i]^2 for i = l mod 64
 // in increasing i with a fused multiply-add (s[l] = fma(x[i], x[i], s[l])); then s[l] += s[l + h]
-// for h = 8, 4, 2, 1. Rounding to bf16 / fp16 is c10's (round to nearest even).
+// for h = 32, 16, 8, 4, 2, 1. (64 lanes: four independent 16-wide FMA chains on AVX-512; one chain
+// was bound by the FMA latency.) Rounding to bf16 / fp16 is c10's (round to nearest even).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,7 +22,8 @@
 namespace qsk::cpu {
 namespace {
 
-constexpr int kLanes = 16;
+constexpr int kLanes = 64;  // partial sums
+constexpr int kVec = 16;    // floats in an AVX-512 register
 
 inline float tree_sum(float (&s)[kLanes]) {
   for (int h = kLanes / 2; h >= 1; h /= 2)
@@ -66,17 +68,18 @@ QSK_TARGET_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
 
 // Rounded to T as c10 rounds (nearest even; bf16 NaN -> 0x7fc0); for float the value itself.
 QSK_TARGET_AVX512 inline __m512 round16(__m512 v, float*) { return v; }
-QSK_TARGET_AVX512 inline __m256i bf16_bits(__m512 v) {
+// v rounded to bf16, kept as the float it stands for (its upper 16 bits; the lower 16 are 0).
+QSK_TARGET_AVX512 inline __m512i bf16_high(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
                                         _mm512_set1_epi32(0x7fff));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(r);
+  const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, bias), _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
 }
-QSK_TARGET_AVX512 inline __m512 round16(__m512 v, c10::BFloat16*) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16));
+QSK_TARGET_AVX512 inline __m256i bf16_bits(__m512 v) {
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high(v), 16));
 }
+QSK_TARGET_AVX512 inline __m512 round16(__m512 v, c10::BFloat16*) { return _mm512_castsi512_ps(bf16_high(v)); }
 QSK_TARGET_AVX512 inline __m512 round16(__m512 v, c10::Half*) {
   return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
@@ -89,8 +92,18 @@ QSK_TARGET_AVX512 inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
+constexpr __mmask16 kAll = 0xffff;
+// The first `left` of 16 lanes (all for left >= 16, none for left <= 0).
 QSK_TARGET_AVX512 inline __mmask16 mask16(int64_t left) {
-  return left >= kLanes ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+  return left >= kVec ? static_cast<__mmask16>(0xffff) : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// y = round_T(w * round_T(x * inv)) for the lanes of m.
+template <typename T>
+QSK_TARGET_AVX512 inline __attribute__((always_inline)) void scale16(const T* x, const T* w, T* y, __m512 inv,
+                                                                      __mmask16 m) {
+  const __m512 n = round16(_mm512_mul_ps(load16(x, m), inv), static_cast<T*>(nullptr));
+  store16(y, _mm512_mul_ps(load16(w, m), n), m);
 }
 
 template <typename T>
@@ -98,19 +111,29 @@ QSK_TARGET_AVX512 void norm_rows_avx512(const T* x, const T* w, T* y, int64_t r0
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * d;
     T* yr = y + r * d;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += kLanes) {
-      const __m512 v = load16(xr + i, mask16(d - i));
-      acc = _mm512_fmadd_ps(v, v, acc);
+    constexpr int kAcc = kLanes / kVec;
+    __m512 acc[kAcc];
+    for (int j = 0; j < kAcc; ++j) acc[j] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + kLanes <= d; i += kLanes) {
+#pragma GCC unroll 4
+      for (int j = 0; j < kAcc; ++j) {
+        const __m512 v = load16(xr + i + j * kVec, kAll);
+        acc[j] = _mm512_fmadd_ps(v, v, acc[j]);
+      }
+    }
+    for (int j = 0; j < kAcc; ++j) {  // the tail: only the lanes below d (no address past the row)
+      const int64_t at = i + j * kVec;
+      if (at < d) {
+        const __m512 v = load16(xr + at, mask16(d - at));
+        acc[j] = _mm512_fmadd_ps(v, v, acc[j]);
+      }
     }
     float s[kLanes];
-    _mm512_storeu_ps(s, acc);
+    for (int j = 0; j < kAcc; ++j) _mm512_storeu_ps(s + j * kVec, acc[j]);
     const __m512 inv = _mm512_set1_ps(inv_rms(tree_sum(s), d, eps));
-    for (int64_t i = 0; i < d; i += kLanes) {
-      const __mmask16 m = mask16(d - i);
-      const __m512 n = round16(_mm512_mul_ps(load16(xr + i, m), inv), static_cast<T*>(nullptr));
-      store16(yr + i, _mm512_mul_ps(load16(w + i, m), n), m);
-    }
+    for (i = 0; i + kVec <= d; i += kVec) scale16(xr + i, w + i, yr + i, inv, kAll);
+    if (i < d) scale16(xr + i, w + i, yr + i, inv, mask16(d - i));
   }
 }
 

@@ -102,6 +102,40 @@ def time_compact(model, prompt: torch.Tensor, n_new: int) -> dict:
     return time_variant(model, prompt, n_new)
 
 
+def settings_ab(models: dict, settings: dict, prompt_lens: list[int], new_tokens: int, rounds: int,
+                vocab_size: int, title: str) -> dict:
+    """A / B of two settings of the same HF models, end to end: ``settings`` maps two names to
+    functions that set a model up (``set_attn_implementation``, a module swap, ...). Every
+    (model, setting) pair decodes once per round, interleaved (:func:`.harness.round_order`), after a
+    warm-up round; prints decode ms/token, median [min, max] over ``rounds``, and the first
+    setting's time over the second's (median of per-round ratios [min, max]). Returns
+    ``{(prompt_len, model, setting): [ms/token per round]}``."""
+    from .harness import round_order
+
+    first, second = settings
+    gen = torch.Generator().manual_seed(1)
+    print(f"# {title}; {torch.get_num_threads()} threads; decode ms/token, median of {rounds} interleaved rounds "
+          f"[min, max]; {new_tokens} new tokens")
+    print(f"{'prompt':>6} {'variant':<30} | {first:>24} | {second:>24} | {f'{first} / {second}':>18}")
+    out = {}
+    with torch.inference_mode():
+        for plen in prompt_lens:
+            prompt = torch.randint(0, vocab_size, (1, plen), generator=gen)
+            per = {(v, a): [] for v in models for a in settings}
+            for r in range(rounds + 1):  # round 0 warms up
+                for v, a in round_order(per, r):
+                    settings[a](models[v])
+                    t = time_hf(models[v], prompt if r else prompt[:, :4], new_tokens if r else 3)["ms_per_token"]
+                    if r:
+                        per[v, a].append(t)
+            for v in models:
+                ratio = [a / b for a, b in zip(per[v, first], per[v, second], strict=True)]
+                print(f"{plen:>6} {v:<30} | {_summ(per[v, first])} | {_summ(per[v, second])} |"
+                      f" {statistics.median(ratio):5.2f} [{min(ratio):4.2f}, {max(ratio):4.2f}]", flush=True)
+            out.update({(plen, *key): ts for key, ts in per.items()})
+    return out
+
+
 def _summ(xs: list[float]) -> str:
     return f"{statistics.median(xs):8.2f} [{min(xs):7.2f}, {max(xs):7.2f}]"
 

@@ -15,6 +15,7 @@ from .. import _native
 from .._ops import direct_ok
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL = _native.loaded()
 
 #: The transformers RMSNorm classes that compute exactly :func:`reference` (checked against their
 #: source and, in tests/test_rms_norm.py, against their outputs): ``convert(fast_norm=True)`` swaps
@@ -83,8 +84,10 @@ class RMSNorm(nn.Module):
         return norm.train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        w, eps = self.weight, self.variance_epsilon
-        if _kernel_takes(x, w):
+        w, eps = self._parameters["weight"], self.variance_epsilon
+        # The kernel's arguments, checked inline (in a helper function they cost ~1.4 us of a 5 us call).
+        if (_KERNEL and x.is_cpu and w.is_cpu and x.dtype is w.dtype and x.dtype in _FLOATS and x.ndim
+                and w.ndim == 1 and x.shape[-1] == w.shape[0]):
             if direct_ok(x, w):
                 return _native._C.call_rms_norm(x, w, eps)
             if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
@@ -93,10 +96,3 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
-
-
-def _kernel_takes(x: Tensor, w: Tensor) -> bool:
-    return (
-        x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == w.dtype and x.dtype in _FLOATS
-        and x.dim() > 0 and w.dim() == 1 and x.shape[-1] == w.shape[0] and _native.loaded()
-    )
