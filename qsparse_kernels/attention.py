@@ -1,24 +1,28 @@
-"""Attention for CPU inference in bf16 / fp16: torch's SDPA computed in float32.
+"""Attention for CPU inference in bf16 / fp16, computed in float32.
 
 Once a model's projections are sparse or ternary, attention is a large share of a decoded token,
 and on the CPU torch's ``scaled_dot_product_attention`` is slow in reduced precision. One decoder
 layer of TinyLlama-1.1B (32 query / 4 key-value heads of 64), batch 1, AMD Zen 4, torch 2.14,
-2 threads (``benchmarks/bench_attention.py``, median of 7 interleaved rounds):
+2 threads, us a call (``benchmarks/bench_attention.py``, median of 7 interleaved rounds):
 
-=====================  ==========  =============================  ==========
-queries x keys         bf16 SDPA   bf16 in, float32 SDPA, out     fp16: same
-=====================  ==========  =============================  ==========
-decode, 1 x 17         38 us       24 us (1.55x)                  3.6x
-decode, 1 x 144        237 us      54 us (4.4x)                   8.4x
-decode, 1 x 512        872 us      131 us (6.6x)                  11x
-decode, 1 x 2048       3485 us     504 us (6.9x)                  10x
-prefill, 16 x 16       66 us       69 us (0.96x)                  1.2x
-prefill, 128 x 128     1257 us     1094 us (1.15x)                2.2x
-=====================  ==========  =============================  ==========
+=====================  =========  ==========================  =====================  ===========
+queries x keys         bf16 SDPA  cast to float32, SDPA, back  this module (decode:   fp16: SDPA /
+                                                               the native kernel)     this module
+=====================  =========  ==========================  =====================  ===========
+decode, 1 x 17         38         28                          8.5 (4.5x)             10x
+decode, 1 x 144        239        52                          22.5 (10.7x)           19x
+decode, 1 x 512        902        130                         66 (13.7x)             22x
+decode, 1 x 2048       3578       555                         245 (14.5x)            24x
+prefill, 16 x 16       89         140                         144 (0.62x)            2.0x
+prefill, 128 x 128     1753       1656                        1681 (1.04x)           2.6x
+=====================  =========  ==========================  =====================  ===========
 
-So the inputs are cast to float32, attended there, and the result cast back: more accurate than
-the reduced-precision kernel, not less. Other devices and float32 / float64 inputs pass through
-unchanged.
+One query position (decode) runs ``csrc/cpu/decode_attention.cpp``: scores, softmax and the
+weighted sum in float32, bf16 / fp16 keys and values widened as they are read (no float32 copy of
+the cache), the query heads of a key-value head sharing each row. Other bf16 / fp16 CPU calls
+(prefill, autograd, a causal mask over several keys) cast the inputs to float32, attend there and
+cast the result back. Either way more accurate than the reduced-precision kernel, not less (within
+one output rounding of float64). Other devices and float32 / float64 inputs pass through unchanged.
 
 - :func:`sdpa`: a drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (inference).
 - :func:`use_cpu_attention`: sets a transformers model to it (its ``attn_implementation``).
@@ -26,18 +30,60 @@ unchanged.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from . import _native
+from ._ops import direct_ok
 
 #: The name under which :func:`use_cpu_attention` registers with transformers' attention interface.
 HF_NAME = "qsparse_cpu_sdpa"
 
 _UPCAST = (torch.bfloat16, torch.float16)
+_KERNEL = _native.loaded()
+# transformers' SDPA arguments that the decode kernel does not implement (it falls back on them).
+_HF_OTHER = ("position_bias", "cache", "softcap")
 
 
 def upcasts(query: torch.Tensor) -> bool:
     """Whether attention over ``query`` runs in float32 here: a CPU tensor in bf16 or fp16."""
     return query.device.type == "cpu" and query.dtype in _UPCAST
+
+
+def _decode_ok(query, key, value, attn_mask, is_causal: bool) -> bool:
+    """Whether the native decode kernel takes these :func:`sdpa` arguments (checked before
+    ``upcasts``): one query position, 4-D, one dtype, heads grouped, a broadcastable mask, no
+    autograd, no causal mask over several keys (torch aligns it top-left)."""
+    if not (_KERNEL and query.dim() == 4 and key.dim() == 4 and value.dim() == 4 and query.shape[2] == 1):
+        return False
+    B, H, _, E = query.shape
+    if key.dtype != query.dtype or value.dtype != query.dtype or not (key.is_cpu and value.is_cpu):
+        return False
+    Hkv, L = key.shape[1], key.shape[2]
+    if key.shape[0] != B or value.shape[0] != B or key.shape[3] != E or value.shape[1] != Hkv or value.shape[2] != L:
+        return False
+    if Hkv == 0 or H % Hkv or (is_causal and L > 1):
+        return False
+    if attn_mask is not None:
+        if not (attn_mask.is_cpu and attn_mask.dtype in (torch.bool, torch.float32, query.dtype)
+                and 2 <= attn_mask.dim() <= 4):  # torch's SDPA refuses 1-D masks
+            return False
+        want = (B, H, 1, L)[4 - attn_mask.dim():]
+        if any(m not in (1, w) for m, w in zip(attn_mask.shape, want, strict=True)):
+            return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, attn_mask)):
+        return False
+    return True
+
+
+def _decode(query, key, value, attn_mask, scale):
+    """The native decode kernel (csrc/cpu/decode_attention.cpp): [B, H, 1, E] -> [B, H, 1, Ev]."""
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    if direct_ok(query, key, value, attn_mask):
+        return _native._C.call_decode_attention(query, key, value, attn_mask, scale)
+    return torch.ops.qsparse.decode_attention_kernel(query, key, value, attn_mask, scale)
 
 
 def _float(t):
@@ -56,6 +102,8 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     if not upcasts(query):
         return F.scaled_dot_product_attention(query, key, value, attn_mask, is_causal=is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
+    if (enable_gqa or query.shape[-3] == key.shape[-3]) and _decode_ok(query, key, value, attn_mask, is_causal):
+        return _decode(query, key, value, attn_mask, scale)
     out = F.scaled_dot_product_attention(query.float(), _float(key), _float(value), _float(attn_mask),
                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     return out.to(query.dtype)
@@ -68,6 +116,10 @@ def hf_attention(module, query, key, value, attention_mask, **kwargs):
 
     if not upcasts(query):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if (kwargs.get("dropout", 0.0) == 0 and all(kwargs.get(k) is None for k in _HF_OTHER)
+            and not kwargs.get("output_attentions") and _decode_ok(query, key, value, attention_mask, False)):
+        out = _decode(query, key, value, attention_mask, kwargs.get("scaling"))
+        return out.transpose(1, 2).contiguous(), None
     kwargs = {k: _float(v) for k, v in kwargs.items()}
     out, weights = sdpa_attention_forward(module, query.float(), _float(key), _float(value),
                                           _float(attention_mask), **kwargs)

@@ -13,11 +13,10 @@
 
 #include <cmath>
 
+#include "qsk/avx512_lanes.h"
 #include "qsk/checks.h"
 #include "qsk/cpu_common.h"
 #include "qsk/isa.h"
-
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's 16-bit conversions: see sparse_gemv_avx512.cpp
 
 namespace qsk::cpu {
 namespace {
@@ -56,48 +55,7 @@ QSK_TARGET_AVX2 void norm_rows_avx2(const T* x, const T* w, T* y, int64_t r0, in
   norm_rows(x, w, y, r0, r1, d, eps);
 }
 
-// ---- AVX-512: 16 values a step, the tail masked (masked-off lanes load 0 and leave s unchanged) ----
-QSK_TARGET_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-QSK_TARGET_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-QSK_TARGET_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-
-// Rounded to T as c10 rounds (nearest even; bf16 NaN -> 0x7fc0); for float the value itself.
-QSK_TARGET_AVX512 inline __m512 round16(__m512 v, float*) { return v; }
-// v rounded to bf16, kept as the float it stands for (its upper 16 bits; the lower 16 are 0).
-QSK_TARGET_AVX512 inline __m512i bf16_high(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
-                                        _mm512_set1_epi32(0x7fff));
-  const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, bias), _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
-}
-QSK_TARGET_AVX512 inline __m256i bf16_bits(__m512 v) {
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high(v), 16));
-}
-QSK_TARGET_AVX512 inline __m512 round16(__m512 v, c10::BFloat16*) { return _mm512_castsi512_ps(bf16_high(v)); }
-QSK_TARGET_AVX512 inline __m512 round16(__m512 v, c10::Half*) {
-  return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-QSK_TARGET_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-QSK_TARGET_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, bf16_bits(v));
-}
-QSK_TARGET_AVX512 inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-constexpr __mmask16 kAll = 0xffff;
-// The first `left` of 16 lanes (all for left >= 16, none for left <= 0).
-QSK_TARGET_AVX512 inline __mmask16 mask16(int64_t left) {
-  return left >= kVec ? static_cast<__mmask16>(0xffff) : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
-}
-
+// ---- AVX-512: 16 values a step (qsk/avx512_lanes.h), the tail masked ----
 // y = round_T(w * round_T(x * inv)) for the lanes of m.
 template <typename T>
 QSK_TARGET_AVX512 inline __attribute__((always_inline)) void scale16(const T* x, const T* w, T* y, __m512 inv,
@@ -118,7 +76,7 @@ QSK_TARGET_AVX512 void norm_rows_avx512(const T* x, const T* w, T* y, int64_t r0
     for (; i + kLanes <= d; i += kLanes) {
 #pragma GCC unroll 4
       for (int j = 0; j < kAcc; ++j) {
-        const __m512 v = load16(xr + i + j * kVec, kAll);
+        const __m512 v = load16(xr + i + j * kVec, kAll16);
         acc[j] = _mm512_fmadd_ps(v, v, acc[j]);
       }
     }
@@ -132,7 +90,7 @@ QSK_TARGET_AVX512 void norm_rows_avx512(const T* x, const T* w, T* y, int64_t r0
     float s[kLanes];
     for (int j = 0; j < kAcc; ++j) _mm512_storeu_ps(s + j * kVec, acc[j]);
     const __m512 inv = _mm512_set1_ps(inv_rms(tree_sum(s), d, eps));
-    for (i = 0; i + kVec <= d; i += kVec) scale16(xr + i, w + i, yr + i, inv, kAll);
+    for (i = 0; i + kVec <= d; i += kVec) scale16(xr + i, w + i, yr + i, inv, kAll16);
     if (i < d) scale16(xr + i, w + i, yr + i, inv, mask16(d - i));
   }
 }

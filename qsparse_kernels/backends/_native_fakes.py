@@ -42,6 +42,10 @@ def _rms_norm_kernel(x, weight, eps):
     return x.new_empty(x.shape)
 
 
+def _decode_attention_kernel(q, k, v, mask, scale):
+    return q.new_empty((q.shape[0], q.shape[1], 1, v.shape[3]))
+
+
 FAKES = {
     "quantize_act_int8_kernel": _quantize_act_int8_kernel,
     "topk_sparsify_kernel": _topk_sparsify_kernel,
@@ -51,6 +55,7 @@ FAKES = {
     "sparse_linear_multi_kernel": _sparse_linear_multi_kernel,
     "ternary_linear_multi_kernel": _ternary_linear_multi_kernel,
     "rms_norm_kernel": _rms_norm_kernel,
+    "decode_attention_kernel": _decode_attention_kernel,
 }
 
 

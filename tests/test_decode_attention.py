@@ -1,0 +1,236 @@
+"""The CPU decode-attention kernel (csrc/cpu/decode_attention.cpp) behind qsparse_kernels.attention
+for one query position in bf16 / fp16: against float64 SDPA on every ISA path (GQA, odd head dims
+and key counts, value dims other than the key's, strided caches, boolean / additive / per-head /
+float32 masks, fully masked rows, batch 1 and > 1), opcheck, bad input, thread counts, which calls
+take it, and a padded batch through transformers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qsparse_kernels as qk
+from qsparse_kernels import _native, attention
+from tests.numerics import FLOAT_DTYPES, rel_err
+
+pytestmark = pytest.mark.skipif(not qk.backend_info()["cpu"]["usable"], reason="cpu backend not built")
+
+ISAS = ["avx512", "avx2", "scalar"]
+# (batch, query heads, key-value heads, keys, head dim, value dim)
+CASES = [
+    (1, 4, 2, 1, 16, 16),
+    (1, 32, 4, 7, 64, 64),
+    (3, 32, 4, 145, 64, 64),
+    (2, 6, 6, 63, 40, 24),
+    (1, 12, 1, 33, 130, 130),
+    (2, 72, 1, 9, 16, 16),  # 72 query heads to one key-value head (the AVX-512 path takes up to 64)
+    (1, 8, 2, 4097, 32, 32),
+]
+
+
+def _with_isa(isa, fn):
+    _native._C.set_cpu_isa_cap(isa)
+    try:
+        return fn()
+    finally:
+        _native._C.set_cpu_isa_cap("")
+
+
+def _kernel(q, k, v, m=None, scale=0.125):
+    return torch.ops.qsparse.decode_attention_kernel(q, k, v, m, scale)
+
+
+def _inputs(case, dtype, gen):
+    B, H, Hkv, L, E, Ev = case
+    q = torch.randn(B, H, 1, E, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, L, E, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, L, Ev, generator=gen).to(dtype)
+    return q, k, v
+
+
+def _ref64(q, k, v, m, scale):
+    m = m.double() if m is not None and m.is_floating_point() else m
+    if m is not None:  # the kernel takes any broadcastable mask; torch's SDPA at least 2-D
+        m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), m, scale=scale, enable_gqa=True)
+
+
+def _close(y, ref):
+    """Within one rounding of the output (it attends in float32), as test_attention's float32 path."""
+    assert y.shape == ref.shape and torch.isfinite(y).all()
+    bound = torch.finfo(y.dtype).eps / 2 + 1e-5 if y.dtype != torch.float32 else 1e-5
+    assert rel_err(y, ref) <= bound
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("isa", ISAS)
+def test_kernel_matches_float64(case, dtype, isa, gen):
+    q, k, v = _inputs(case, dtype, gen)
+    scale = 1 / case[4] ** 0.5
+    y = _with_isa(isa, lambda: _kernel(q, k, v, None, scale))
+    assert y.dtype == dtype
+    _close(y, _ref64(q, k, v, None, scale))
+
+
+def _masks(B, H, L, dtype, gen):
+    keep = torch.rand(B, 1, 1, L, generator=gen) < 0.6
+    keep[..., -1] = True  # the newest key (the query's own position) is always seen
+    per_head = torch.randn(B, H, 1, L, generator=gen)
+    return {
+        "bool": keep,
+        "additive": torch.zeros(B, 1, 1, L).masked_fill(~keep, float("-inf")).to(dtype),
+        "per-head float32": per_head,
+        "per-head bool": (per_head > 0) | (torch.arange(L) == L - 1),
+        "1-D": keep[0, 0, 0],
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("isa", ISAS)
+def test_kernel_masks(dtype, isa, gen):
+    for case in [(2, 32, 4, 37, 64, 64), (3, 6, 2, 5, 24, 24)]:
+        q, k, v = _inputs(case, dtype, gen)
+        for m in _masks(case[0], case[1], case[3], dtype, gen).values():
+            y = _with_isa(isa, lambda q=q, k=k, v=v, m=m: _kernel(q, k, v, m, 0.2))
+            _close(y, _ref64(q, k, v, m, 0.2))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fully_masked_rows_give_zero_as_torch(isa, gen):
+    q, k, v = _inputs((2, 4, 2, 6, 16, 16), torch.bfloat16, gen)
+    m = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    m[1] = False
+    y = _with_isa(isa, lambda: _kernel(q, k, v, m))
+    assert y[1].eq(0).all()
+    assert torch.equal(y[1], F.scaled_dot_product_attention(q, k, v, m, scale=0.125, enable_gqa=True)[1])
+    _close(y[:1], _ref64(q[:1], k[:1], v[:1], m[:1], 0.125))
+
+
+def test_kernel_takes_strided_caches(gen):
+    """A cache slice of a longer buffer, a query of some heads, a non-contiguous head dim."""
+    cache = torch.randn(2, 4, 50, 64, generator=gen).bfloat16()
+    k, v = cache[:, :, :19], cache.flip(2)[:, :, :19]
+    q = torch.randn(2, 40, 1, 64, generator=gen).bfloat16()[:, 4:36]  # 32 of 40 heads
+    assert not k.is_contiguous() and not q.is_contiguous()
+    want = _kernel(q.contiguous(), k.contiguous(), v.contiguous())
+    assert torch.equal(_kernel(q, k, v), want)
+    kt = torch.randn(2, 4, 64, 19, generator=gen).bfloat16().transpose(2, 3)  # stride(-1) != 1
+    assert torch.equal(_kernel(q, kt, v), _kernel(q, kt.contiguous(), v))
+
+
+def test_threads_agree(gen):
+    q, k, v = _inputs((3, 32, 4, 300, 64, 64), torch.bfloat16, gen)
+    want = _kernel(q, k, v)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(_kernel(q, k, v), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_opcheck(dtype, gen):
+    q, k, v = _inputs((2, 8, 2, 9, 16, 16), dtype, gen)
+    m = torch.rand(2, 1, 1, 9, generator=gen) < 0.7
+    for mask in (None, m):
+        torch.library.opcheck(torch.ops.qsparse.decode_attention_kernel.default, (q, k, v, mask, 0.25))
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((1, 4, 2, 8), (1, 2, 5, 8), (1, 2, 5, 8)), "one query position"),
+        (((1, 4, 1, 8), (1, 3, 5, 8), (1, 3, 5, 8)), "multiple of"),
+        (((1, 4, 1, 8), (1, 2, 5, 6), (1, 2, 5, 8)), "one head dim"),
+        (((1, 4, 1, 8), (1, 2, 5, 8), (1, 2, 4, 8)), "one key count"),
+        (((2, 4, 1, 8), (1, 2, 5, 8), (1, 2, 5, 8)), "one batch size"),
+        (((4, 1, 8), (1, 2, 5, 8), (1, 2, 5, 8)), "4-D"),
+    ],
+)
+def test_kernel_rejects_bad_shapes(shapes, match):
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises(RuntimeError, match=match):
+        _kernel(q, k, v)
+
+
+def test_kernel_rejects_bad_masks_and_dtypes():
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="does not broadcast"):
+        _kernel(q, k, v, torch.ones(1, 1, 1, 4, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="bool, float32 or q's dtype"):
+        _kernel(q, k, v, torch.ones(1, 1, 1, 5, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        _kernel(q, k.double(), v)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        _kernel(q, k, v, None, float("nan"))
+
+
+# ---- which calls take it ----
+def _count(monkeypatch):
+    calls = []
+    kernel = _native._C.call_decode_attention
+    monkeypatch.setattr(_native._C, "call_decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    return calls
+
+
+def test_sdpa_takes_the_kernel_for_decode_only(monkeypatch, gen):
+    calls = _count(monkeypatch)
+    q, k, v = _inputs((1, 8, 2, 12, 16, 16), torch.bfloat16, gen)
+    with torch.no_grad():
+        y = attention.sdpa(q, k, v, enable_gqa=True)
+        assert len(calls) == 1 and torch.equal(y, _kernel(q, k, v, None, 0.25))
+        attention.sdpa(q.float(), k.float(), v.float(), enable_gqa=True)  # float32: torch's SDPA
+        q2 = torch.randn(1, 8, 3, 16, generator=gen).bfloat16()
+        attention.sdpa(q2, k, v, enable_gqa=True)  # 3 queries
+        causal = attention.sdpa(q, k, v, is_causal=True, enable_gqa=True)  # top-left aligned: key 0 only
+        assert len(calls) == 1
+    torch.testing.assert_close(causal, v[:, :, :1].repeat_interleave(4, 1).to(causal.dtype), rtol=0, atol=0)
+    qg = q.clone().requires_grad_()
+    attention.sdpa(qg, k, v, enable_gqa=True).sum().backward()  # autograd: torch's path
+    assert len(calls) == 1 and qg.grad is not None
+
+
+def test_hf_attention_takes_the_kernel_in_decode(monkeypatch, gen):
+    calls = _count(monkeypatch)
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    module = transformers.LlamaForCausalLM(cfg).model.layers[0].self_attn
+    q, k, v = _inputs((2, 4, 2, 9, 16, 16), torch.bfloat16, gen)
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., :3] = False
+    with torch.no_grad():
+        y, w = attention.hf_attention(module, q, k, v, mask, dropout=0.0, scaling=module.scaling)
+        assert len(calls) == 1 and w is None and y.shape == (2, 1, 4, 16) and y.is_contiguous()
+        _close(y, _ref64(q, k, v, mask, module.scaling).transpose(1, 2))
+        attention.hf_attention(module, q, k, v, mask, dropout=0.1, scaling=module.scaling)  # dropout: not the kernel
+    assert len(calls) == 1
+
+
+def test_padded_batch_decodes_through_the_kernel(monkeypatch):
+    """A left-padded bf16 batch through transformers: each decode step's logits as with the kernel
+    switched off (transformers' SDPA in float32), to bf16 noise; the padding mask reaches it."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = attention.use_cpu_attention(transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval())
+    ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+
+    def steps():
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            m2 = torch.cat([mask, torch.ones_like(nxt)], 1)
+            return model(nxt, attention_mask=m2, past_key_values=out.past_key_values).logits
+
+    calls = _count(monkeypatch)
+    fast = steps()
+    assert len(calls) == 2  # the decode step, one per layer
+    monkeypatch.setattr(attention, "_KERNEL", False)
+    slow = steps()
+    assert len(calls) == 2
+    torch.testing.assert_close(fast.float(), slow.float(), rtol=0, atol=0.05)
