@@ -13,9 +13,12 @@ decode, 1 x 17         38         28                          8.5 (4.5x)        
 decode, 1 x 144        239        52                          22.5 (10.7x)           19x
 decode, 1 x 512        902        130                         66 (13.7x)             22x
 decode, 1 x 2048       3578       555                         245 (14.5x)            24x
-prefill, 16 x 16       89         140                         144 (0.62x)            2.0x
-prefill, 128 x 128     1753       1656                        1681 (1.04x)           2.6x
+prefill, 16 x 16       67         65                          = cast (1.03x)         2.0x
+prefill, 128 x 128     1293       1114                        = cast (1.16x)         2.7x
 =====================  =========  ==========================  =====================  ===========
+
+(The prefill rows from a rerun of those two columns: the table's own run caught a disturbed
+moment there, 89 / 140 us at 16 x 16.)
 
 One query position (decode) runs ``csrc/cpu/decode_attention.cpp``: scores, softmax and the
 weighted sum in float32, bf16 / fp16 keys and values widened as they are read (no float32 copy of
