@@ -20,10 +20,10 @@ prefill, 128 x 128     1293       1114                        = cast (1.16x)    
 (The prefill rows from a rerun of those two columns: the table's own run caught a disturbed
 moment there, 89 / 140 us at 16 x 16.)
 
-One query position (decode) on a CPU with AVX-512 runs ``csrc/cpu/decode_attention.cpp`` (its
-portable code, which an AVX2 CPU would run, is slower than the cast path): scores, softmax and the
-weighted sum in float32, bf16 / fp16 keys and values widened as they are read (no float32 copy of
-the cache), the query heads of a key-value head sharing each row. Other bf16 / fp16 CPU calls
+One query position (decode) runs ``csrc/cpu/decode_attention.cpp`` (AVX-512 or AVX2): scores,
+softmax and the weighted sum in float32, bf16 / fp16 keys and values widened as they are read
+(no float32 copy of the cache), the query heads of a key-value head sharing each row. Other bf16 /
+fp16 CPU calls
 (prefill, autograd, a causal mask over several keys) cast the inputs to float32, attend there and
 cast the result back. Either way more accurate than the reduced-precision kernel, not less (within
 one output rounding of float64). Other devices and float32 / float64 inputs pass through unchanged.
@@ -58,13 +58,12 @@ def upcasts(query: torch.Tensor) -> bool:
 
 def _decode_ok(query, key, value, attn_mask, is_causal: bool) -> bool:
     """Whether the native decode kernel takes these :func:`sdpa` arguments (checked after
-    ``upcasts``): the CPU's AVX-512 path (the portable one, which AVX2 CPUs would run, is 2.5-3.5x
-    slower than the cast path: Zen 4 capped to AVX2, 144 keys 137 vs 56 us), one query position,
-    4-D, one dtype, heads grouped, a broadcastable mask, no autograd, no causal mask over several
-    keys (torch aligns it top-left)."""
+    ``upcasts``): a vector path (AVX-512 or AVX2; the portable one, 3x slower than the cast path at
+    144 keys, is for tests), one query position, 4-D, one dtype, heads grouped, a broadcastable
+    mask, no autograd, no causal mask over several keys (torch aligns it top-left)."""
     if not (_KERNEL and query.dim() == 4 and key.dim() == 4 and value.dim() == 4 and query.shape[2] == 1):
         return False
-    if _native._C.cpu_isa() != "avx512":
+    if _native._C.cpu_isa() == "scalar":
         return False
     B, H, _, E = query.shape
     if key.dtype != query.dtype or value.dtype != query.dtype or not (key.is_cpu and value.is_cpu):

@@ -15,6 +15,7 @@
 #include <optional>
 #include <vector>
 
+#include "qsk/avx2_lanes.h"
 #include "qsk/avx512_lanes.h"
 #include "qsk/checks.h"
 #include "qsk/cpu_common.h"
@@ -48,7 +49,7 @@ struct Problem {
   }
 };
 
-// ---- portable (scalar ISA cap; AVX2 compiles the same code for its target) ----
+// ---- portable (the scalar ISA cap, and more than kMaxGp query heads per key-value head) ----
 template <typename T>
 inline __attribute__((always_inline)) void group_portable(const Problem<T>& p, int64_t b, int64_t g,
                                                            std::vector<float>& s, std::vector<float>& acc) {
@@ -84,41 +85,51 @@ inline __attribute__((always_inline)) void group_portable(const Problem<T>& p, i
 }
 
 template <typename T>
-QSK_TARGET_AVX2 void group_avx2(const Problem<T>& p, int64_t b, int64_t g, std::vector<float>& s,
-                                std::vector<float>& acc) {
-  group_portable(p, b, g, s, acc);
-}
-template <typename T>
 void group_scalar(const Problem<T>& p, int64_t b, int64_t g, std::vector<float>& s, std::vector<float>& acc) {
   group_portable(p, b, g, s, acc);
 }
 
-// ---- AVX-512 (qsk/avx512_lanes.h) ----
+// ---- vector paths: scores and softmax on 8-lane vectors (AVX2 + FMA, so the AVX-512 path runs
+// the same code), then the weighted sum of the value rows per ISA ----
 // e^x for x <= 0 (s - max) on 8 lanes: 2^n * e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its
-// Taylor polynomial to r^7 (relative error < 6e-9); x below -120 (and -inf: a masked key) gives 0.
-QSK_TARGET_AVX512 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-120.0f));
-  const __m256 n = _mm256_roundscale_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// Taylor polynomial to r^7 (relative error < 6e-9); 0 for x = -inf (a masked key), x clamped at
+// -87 (2^n stays a normal float; e^-87 ~ 1.6e-38).
+QSK_TARGET_AVX2 inline __m256 exp8(__m256 x) {
+  const __m256 masked = _mm256_cmp_ps(x, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln 2, split in two
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
   __m256 y = _mm256_set1_ps(1.0f / 5040);
   for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
-  return _mm256_scalef_ps(y, n);
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(masked, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+// row[0, n) widened to float32 into dst[0, n).
+template <typename T>
+QSK_TARGET_AVX2 inline void widen_row(const T* row, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(row + i));
+  for (; i < n; ++i) dst[i] = to_f32(row[i]);
 }
 
 // Scratch of one task, in floats: the group's queries transposed and scaled (qt[e * Gp + j], Gp =
-// G rounded up to 8 lanes), one key row widened (kf), the scores / weights s[l * Gp + j].
+// G rounded up to 8 lanes), one key or value row widened (kf), the scores / weights s[l * Gp + j].
 inline int64_t lanes8(int64_t G) { return (G + 7) / 8 * 8; }
+constexpr int64_t kMaxGp = 64;  // the vector paths' query heads per key-value head (mx / inv below)
 
+// The group's softmax weights: s[l * Gp + j] = e^(score - max_j) (8 query heads a vector, each
+// key's entries broadcast, 4 sums over e mod 4), mx[j] the max (-inf: every key masked), inv[j]
+// 1 / sum_l of the weights.
 template <typename T>
-QSK_TARGET_AVX512 void group_avx512(const Problem<T>& p, int64_t b, int64_t g, std::vector<float>& s,
-                                    std::vector<float>& scratch) {
-  const int64_t L = p.L, G = p.G, E = p.E, Ev = p.Ev, Gp = lanes8(G);
+QSK_TARGET_AVX2 void softmax_weights(const Problem<T>& p, int64_t b, int64_t g, float* s, float* scratch, float* mx,
+                                     float* inv) {
+  const int64_t L = p.L, G = p.G, E = p.E, Gp = lanes8(G);
   const T* kg = p.k + b * p.kb + g * p.kh;
-  const T* vg = p.v + b * p.vb + g * p.vh;
-  float* qt = scratch.data();
+  float* qt = scratch;
   float* kf = qt + E * Gp;
   for (int64_t i = 0; i < E * Gp; ++i) qt[i] = 0.0f;
   for (int64_t j = 0; j < G; ++j) {
@@ -126,13 +137,8 @@ QSK_TARGET_AVX512 void group_avx512(const Problem<T>& p, int64_t b, int64_t g, s
     for (int64_t e = 0; e < E; ++e) qt[e * Gp + j] = to_f32(qh[e]) * p.scale;
   }
   const bool head_mask = p.mh != 0;  // a mask that differs between heads: added lane by lane
-  // Scores: 8 query heads a vector, each key's entries broadcast; 4 sums (e mod 4) per vector.
   for (int64_t l = 0; l < L; ++l) {
-    const T* kr = kg + l * p.kl;
-    for (int64_t e = 0; e < E; e += 16) {
-      const __mmask16 m = mask16(E - e);
-      _mm512_mask_storeu_ps(kf + e, m, load16(kr + e, m));
-    }
+    widen_row(kg + l * p.kl, E, kf);
     const float shared = head_mask ? 0.0f : p.mask_at(b, g * G, l);
     for (int64_t c = 0; c < Gp; c += 8) {
       __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -149,23 +155,30 @@ QSK_TARGET_AVX512 void group_avx512(const Problem<T>& p, int64_t b, int64_t g, s
       } else {
         sc = _mm256_add_ps(sc, _mm256_set1_ps(shared));
       }
-      _mm256_storeu_ps(s.data() + l * Gp + c, sc);
+      _mm256_storeu_ps(s + l * Gp + c, sc);
     }
   }
-  // Softmax over the keys, 8 query heads a vector: the scores become weights; sums[j].
-  alignas(32) float mx[64], inv[64];  // Gp <= 64 here (the caller's check)
   for (int64_t c = 0; c < Gp; c += 8) {
     __m256 m = _mm256_set1_ps(kNegInf), sum = _mm256_setzero_ps();
-    for (int64_t l = 0; l < L; ++l) m = _mm256_max_ps(m, _mm256_loadu_ps(s.data() + l * Gp + c));
-    _mm256_store_ps(mx + c, m);
+    for (int64_t l = 0; l < L; ++l) m = _mm256_max_ps(m, _mm256_loadu_ps(s + l * Gp + c));
+    _mm256_storeu_ps(mx + c, m);
     for (int64_t l = 0; l < L; ++l) {
-      const __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(s.data() + l * Gp + c), m));
-      _mm256_storeu_ps(s.data() + l * Gp + c, w);
+      const __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l * Gp + c), m));
+      _mm256_storeu_ps(s + l * Gp + c, w);
       sum = _mm256_add_ps(sum, w);
     }
-    _mm256_store_ps(inv + c, _mm256_div_ps(_mm256_set1_ps(1.0f), sum));
+    _mm256_storeu_ps(inv + c, _mm256_div_ps(_mm256_set1_ps(1.0f), sum));
   }
-  // Output: 4 query heads x 64 values of v in registers, each value row widened once per 4 heads.
+}
+
+// Output, AVX-512: 4 query heads x 64 values in registers, each value row widened once per 4 heads.
+template <typename T>
+QSK_TARGET_AVX512 void group_avx512(const Problem<T>& p, int64_t b, int64_t g, std::vector<float>& s,
+                                    std::vector<float>& scratch) {
+  const int64_t L = p.L, G = p.G, Ev = p.Ev, Gp = lanes8(G);
+  alignas(32) float mx[kMaxGp], inv[kMaxGp];
+  softmax_weights(p, b, g, s.data(), scratch.data(), mx, inv);
+  const T* vg = p.v + b * p.vb + g * p.vh;
   for (int64_t j0 = 0; j0 < G; j0 += 4) {
     for (int64_t e0 = 0; e0 < Ev; e0 += 64) {
       __m512 acc[4][4];
@@ -183,12 +196,46 @@ QSK_TARGET_AVX512 void group_avx512(const Problem<T>& p, int64_t b, int64_t g, s
       for (int jj = 0; jj < 4 && j0 + jj < G; ++jj) {
         const int64_t j = j0 + jj;
         T* out = p.out + b * p.ob + (g * G + j) * p.oh + e0;
-        const bool masked = mx[j] == kNegInf;  // every key masked: 0, as torch's SDPA on the CPU
-        const __m512 f = _mm512_set1_ps(masked ? 0.0f : inv[j]);
+        const __m512 f = _mm512_set1_ps(mx[j] == kNegInf ? 0.0f : inv[j]);  // all masked: 0, as torch
         for (int c = 0; c < 4; ++c) {
           const __mmask16 m = mask16(Ev - e0 - 16 * c);
           if (m) store16(out + 16 * c, _mm512_mul_ps(acc[jj][c], f), m);
         }
+      }
+    }
+  }
+}
+
+// Output, AVX2: 2 query heads x 32 values in registers, each value row widened once into kf.
+template <typename T>
+QSK_TARGET_AVX2 void group_avx2(const Problem<T>& p, int64_t b, int64_t g, std::vector<float>& s,
+                                std::vector<float>& scratch) {
+  const int64_t L = p.L, G = p.G, Ev = p.Ev, Gp = lanes8(G);
+  alignas(32) float mx[kMaxGp], inv[kMaxGp];
+  softmax_weights(p, b, g, s.data(), scratch.data(), mx, inv);
+  const T* vg = p.v + b * p.vb + g * p.vh;
+  float* vf = scratch.data();  // the queries are no longer needed: 32 widened values of a row
+  alignas(32) float o[2][32];
+  for (int64_t j0 = 0; j0 < G; j0 += 2) {
+    for (int64_t e0 = 0; e0 < Ev; e0 += 32) {
+      const int64_t n = std::min<int64_t>(32, Ev - e0);
+      for (int64_t i = n; i < 32; ++i) vf[i] = 0.0f;
+      __m256 acc[2][4];
+      for (auto& row : acc)
+        for (auto& x : row) x = _mm256_setzero_ps();
+      for (int64_t l = 0; l < L; ++l) {
+        widen_row(vg + l * p.vl + e0, n, vf);
+        for (int jj = 0; jj < 2; ++jj) {
+          const __m256 w = _mm256_set1_ps(s[l * Gp + j0 + jj]);  // lanes past G: finite, unused
+          for (int c = 0; c < 4; ++c) acc[jj][c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vf + 8 * c), acc[jj][c]);
+        }
+      }
+      for (int jj = 0; jj < 2 && j0 + jj < G; ++jj) {
+        const int64_t j = j0 + jj;
+        const __m256 f = _mm256_set1_ps(mx[j] == kNegInf ? 0.0f : inv[j]);  // all masked: 0, as torch
+        for (int c = 0; c < 4; ++c) _mm256_store_ps(o[jj] + 8 * c, _mm256_mul_ps(acc[jj][c], f));
+        T* out = p.out + b * p.ob + (g * G + j) * p.oh + e0;
+        for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(o[jj][i]);
       }
     }
   }
@@ -263,12 +310,12 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
     at::parallel_for(0, B * Hkv, grain, [&](int64_t t0, int64_t t1) {
       const int64_t Gp = lanes8(p.G);
       std::vector<float> s(static_cast<size_t>(Gp * std::max<int64_t>(L, 1)));
-      std::vector<float> scratch(static_cast<size_t>(std::max(Gp * E + E + 16, Ev)));
+      std::vector<float> scratch(static_cast<size_t>(std::max(Gp * E + E, std::max<int64_t>(Ev, 32))));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / Hkv, g = t % Hkv;
-        if (level == Isa::Avx512 && Gp <= 64)
+        if (level == Isa::Avx512 && Gp <= kMaxGp)
           group_avx512(p, b, g, s, scratch);
-        else if (level == Isa::Avx2 || level == Isa::Avx512)
+        else if (level == Isa::Avx2 && Gp <= kMaxGp)
           group_avx2(p, b, g, s, scratch);
         else
           group_scalar(p, b, g, s, scratch);
