@@ -24,6 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import qsparse_kernels as qk
 from qsparse_kernels.bench.harness import interleaved_bursts
+from qsparse_kernels.bench.hf_generate import add_ab_args
 from qsparse_kernels.convert import use_fast_norm
 from qsparse_kernels.nn import RMSNorm
 
@@ -55,10 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16", "fp32"])
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--hf", action="store_true", help="HF generate() end to end instead (see the top)")
-    ap.add_argument("--variants", nargs="+", default=["dense", "bitnet-b1.58", "bitnet-b1.58+qsparse-0.6125"])
-    ap.add_argument("--prompt-len", type=int, nargs="+", default=[16, 128])
-    ap.add_argument("--new-tokens", type=int, default=12)
+    add_ab_args(ap)
     args = ap.parse_args(argv)
     if args.hf:
         return hf_end_to_end(args.variants, args.prompt_len, args.new_tokens, args.rounds)

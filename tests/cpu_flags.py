@@ -1,5 +1,20 @@
 """The CPU's feature flags as Linux reports them (/proc/cpuinfo), read independently of the
-library's own detection (csrc/cpu/isa.cpp) so that tests can check which kernel it picks."""
+library's own detection (csrc/cpu/isa.cpp) so that tests can check which kernel it picks; and
+:func:`with_isa`, which runs a call with the kernels' ISA capped."""
+
+# The ISA levels a cap can select (QSPARSE_CPU_ISA / set_cpu_isa_cap); above the CPU's, its own.
+ISAS = ["avx512", "avx2", "scalar"]
+
+
+def with_isa(isa: str, fn):
+    """``fn()`` with the CPU kernels capped at ``isa`` (one of :data:`ISAS`), the cap lifted after."""
+    from qsparse_kernels import _native
+
+    _native._C.set_cpu_isa_cap(isa)
+    try:
+        return fn()
+    finally:
+        _native._C.set_cpu_isa_cap("")
 
 
 def _fields() -> dict[str, str]:

@@ -12,19 +12,11 @@ import torch.nn.functional as F
 
 import qsparse_kernels as qk
 from qsparse_kernels import _native
+from tests.cpu_flags import ISAS, with_isa
 from tests.numerics import FLOAT_DTYPES, assert_elementwise_bound, assert_parity
 
 pytestmark = pytest.mark.skipif(not qk.backend_info()["cpu"]["usable"], reason="cpu backend not built")
 
-ISAS = ["avx512", "avx2", "scalar"]
-
-
-def _with_isa(isa, fn):
-    _native._C.set_cpu_isa_cap(isa)
-    try:
-        return fn()
-    finally:
-        _native._C.set_cpu_isa_cap("")
 
 
 def _gemv(x, w, b=None):
@@ -39,7 +31,7 @@ def test_parity_and_same_result_on_every_isa(dtype, d, n, m, gen):
     x = torch.randn(m, d, generator=gen).to(dtype)
     w = torch.randn(n, d, generator=gen).to(dtype)
     b = torch.randn(n, generator=gen).to(dtype) if m % 2 else None
-    ys = [_with_isa(isa, lambda: _gemv(x, w, b)) for isa in ISAS]
+    ys = [with_isa(isa, lambda: _gemv(x, w, b)) for isa in ISAS]
     ref64 = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert ys[0].dtype == dtype and ys[0].shape == (m, n)
     assert_parity(ys[0], ref64, F.linear(x, w, b))
@@ -80,7 +72,7 @@ def test_nan_and_inf_propagate(dtype, isa, gen):
     x[0, 5] = float("nan")
     x[1, 69] = float("inf")  # in the last, partial chunk of 16
     w[3, 69] = 0.0  # inf * 0 = nan for output 3 of row 1
-    y = _with_isa(isa, lambda: _gemv(x, w))
+    y = with_isa(isa, lambda: _gemv(x, w))
     want = F.linear(x.double(), w.double())
     assert torch.isnan(y[0]).all()
     assert torch.equal(torch.isnan(y[1]), torch.isnan(want[1])) and torch.equal(torch.isinf(y[1]), torch.isinf(want[1]))
@@ -136,7 +128,7 @@ def test_library_kernel_runs_in_its_documented_order(dtype, isa, gen):
         for m in rows:
             x = torch.randn(m, d, generator=gen).to(dtype)
             want = (_documented_order(x, w) + b.float()).to(dtype)
-            assert torch.equal(_with_isa(isa, lambda x=x, w=w, b=b: _gemv(x, w, b)), want)
+            assert torch.equal(with_isa(isa, lambda x=x, w=w, b=b: _gemv(x, w, b)), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -157,4 +149,4 @@ def test_sum_order_shows_on_a_crafted_input(dtype, isa):
     x, w = x.to(dtype), w.to(dtype)
     assert F.linear(x.double(), w.double()).eq(16).all()  # the exact result
     assert _documented_order(x, w).eq(0).all()
-    assert _with_isa(isa, lambda: _gemv(x, w)).eq(0).all()
+    assert with_isa(isa, lambda: _gemv(x, w)).eq(0).all()

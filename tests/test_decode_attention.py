@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 import qsparse_kernels as qk
 from qsparse_kernels import _native, attention
+from tests.cpu_flags import ISAS, with_isa
 from tests.numerics import FLOAT_DTYPES, rel_err
 
 pytestmark = pytest.mark.skipif(not qk.backend_info()["cpu"]["usable"], reason="cpu backend not built")
 
-ISAS = ["avx512", "avx2", "scalar"]
 # (batch, query heads, key-value heads, keys, head dim, value dim)
 CASES = [
     (1, 4, 2, 1, 16, 16),
@@ -25,14 +25,6 @@ CASES = [
     (2, 72, 1, 9, 16, 16),  # 72 query heads to one key-value head (the AVX-512 path takes up to 64)
     (1, 8, 2, 4097, 32, 32),
 ]
-
-
-def _with_isa(isa, fn):
-    _native._C.set_cpu_isa_cap(isa)
-    try:
-        return fn()
-    finally:
-        _native._C.set_cpu_isa_cap("")
 
 
 def _kernel(q, k, v, m=None, scale=0.125):
@@ -67,7 +59,7 @@ def _close(y, ref):
 def test_kernel_matches_float64(case, dtype, isa, gen):
     q, k, v = _inputs(case, dtype, gen)
     scale = 1 / case[4] ** 0.5
-    y = _with_isa(isa, lambda: _kernel(q, k, v, None, scale))
+    y = with_isa(isa, lambda: _kernel(q, k, v, None, scale))
     assert y.dtype == dtype
     _close(y, _ref64(q, k, v, None, scale))
 
@@ -91,7 +83,7 @@ def test_kernel_masks(dtype, isa, gen):
     for case in [(2, 32, 4, 37, 64, 64), (3, 6, 2, 5, 24, 24)]:
         q, k, v = _inputs(case, dtype, gen)
         for m in _masks(case[0], case[1], case[3], dtype, gen).values():
-            y = _with_isa(isa, lambda q=q, k=k, v=v, m=m: _kernel(q, k, v, m, 0.2))
+            y = with_isa(isa, lambda q=q, k=k, v=v, m=m: _kernel(q, k, v, m, 0.2))
             _close(y, _ref64(q, k, v, m, 0.2))
 
 
@@ -100,7 +92,7 @@ def test_fully_masked_rows_give_zero_as_torch(isa, gen):
     q, k, v = _inputs((2, 4, 2, 6, 16, 16), torch.bfloat16, gen)
     m = torch.ones(2, 1, 1, 6, dtype=torch.bool)
     m[1] = False
-    y = _with_isa(isa, lambda: _kernel(q, k, v, m))
+    y = with_isa(isa, lambda: _kernel(q, k, v, m))
     assert y[1].eq(0).all()
     assert torch.equal(y[1], F.scaled_dot_product_attention(q, k, v, m, scale=0.125, enable_gqa=True)[1])
     _close(y[:1], _ref64(q[:1], k[:1], v[:1], m[:1], 0.125))
@@ -181,7 +173,7 @@ def test_portable_path_is_not_routed(monkeypatch, gen):
     q, k, v = _inputs((1, 8, 2, 12, 16, 16), torch.bfloat16, gen)
     cast = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True).to(q.dtype)
     with torch.no_grad():
-        assert torch.equal(_with_isa("scalar", lambda: attention.sdpa(q, k, v, enable_gqa=True)), cast)
+        assert torch.equal(with_isa("scalar", lambda: attention.sdpa(q, k, v, enable_gqa=True)), cast)
     assert calls == []
 
 

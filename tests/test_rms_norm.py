@@ -14,20 +14,12 @@ import qsparse_kernels as qk
 from qsparse_kernels import _native
 from qsparse_kernels.nn import RMSNorm
 from qsparse_kernels.nn.rms_norm import LLAMA_STYLE, reference
+from tests.cpu_flags import ISAS, with_isa
 from tests.numerics import FLOAT_DTYPES, assert_parity
 
 pytestmark = pytest.mark.skipif(not qk.backend_info()["cpu"]["usable"], reason="cpu backend not built")
 
-ISAS = ["avx512", "avx2", "scalar"]
 SHAPES = [(1,), (7,), (1, 63), (1, 2048), (3, 7, 63), (2, 4097), (5, 16)]
-
-
-def _with_isa(isa, fn):
-    _native._C.set_cpu_isa_cap(isa)
-    try:
-        return fn()
-    finally:
-        _native._C.set_cpu_isa_cap("")
 
 
 def _kernel(x, w, eps=1e-5):
@@ -52,7 +44,7 @@ def _inputs(shape, dtype, gen):
 def test_kernel_matches_float64(shape, dtype, isa, gen):
     """Within SPEC's parity of the reference in that dtype (which rounds twice, as HF does)."""
     x, w = _inputs(shape, dtype, gen)
-    y = _with_isa(isa, lambda: _kernel(x, w))
+    y = with_isa(isa, lambda: _kernel(x, w))
     assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
     assert_parity(y, _ref64(x, w, 1e-5), reference(x, w, 1e-5))
 
@@ -84,7 +76,7 @@ def test_kernel_runs_in_its_documented_order(dtype, isa, gen):
     """Bit for bit the documented order, so one result on every ISA path."""
     for shape in SHAPES:
         x, w = _inputs(shape, dtype, gen)
-        assert torch.equal(_with_isa(isa, lambda x=x, w=w: _kernel(x, w, 1e-6)), _documented_order(x, w, 1e-6))
+        assert torch.equal(with_isa(isa, lambda x=x, w=w: _kernel(x, w, 1e-6)), _documented_order(x, w, 1e-6))
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -96,7 +88,7 @@ def test_sum_order_shows_on_a_crafted_input(isa):
     x[0, ::64] = 1.0
     x[0, 64] = 2.0**12
     w = torch.ones(2560)
-    got = _with_isa(isa, lambda: _kernel(x, w, 0.0))
+    got = with_isa(isa, lambda: _kernel(x, w, 0.0))
     assert torch.equal(got, _documented_order(x, w, 0.0))
     exact = x * (1.0 / torch.sqrt(torch.tensor((2.0**24 + 39) / 2560, dtype=torch.float32)))
     assert not torch.equal(got, exact)

@@ -102,6 +102,15 @@ def time_compact(model, prompt: torch.Tensor, n_new: int) -> dict:
     return time_variant(model, prompt, n_new)
 
 
+def add_ab_args(ap: argparse.ArgumentParser) -> None:
+    """The ``--hf`` end-to-end A/B options shared by the kernel benchmarks that have one
+    (benchmarks/bench_attention.py, bench_rms_norm.py): see :func:`settings_ab`."""
+    ap.add_argument("--hf", action="store_true", help="HF generate() end to end instead (see the top)")
+    ap.add_argument("--variants", nargs="+", default=["dense", "bitnet-b1.58", "bitnet-b1.58+qsparse-0.6125"])
+    ap.add_argument("--prompt-len", type=int, nargs="+", default=[16, 128])
+    ap.add_argument("--new-tokens", type=int, default=12)
+
+
 def settings_ab(models: dict, settings: dict, prompt_lens: list[int], new_tokens: int, rounds: int,
                 vocab_size: int, title: str) -> dict:
     """A / B of two settings of the same HF models, end to end: ``settings`` maps two names to
