@@ -24,8 +24,9 @@ One query position (decode) runs ``csrc/cpu/decode_attention.cpp`` (AVX-512 or A
 softmax and the weighted sum in float32, bf16 / fp16 keys and values widened as they are read
 (no float32 copy of the cache), the query heads of a key-value head sharing each row. Other bf16 /
 fp16 CPU calls (prefill, autograd, a causal mask over several keys) cast the inputs to float32,
-attend there and cast the result back. Either way more accurate than the reduced-precision kernel, not less (within
-one output rounding of float64). Other devices and float32 / float64 inputs pass through unchanged.
+attend there and cast the result back. Either way more accurate than the reduced-precision
+kernel, not less (within one output rounding of float64). Other devices and float32 / float64
+inputs pass through unchanged.
 
 - :func:`sdpa`: a drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (inference).
 - :func:`use_cpu_attention`: sets a transformers model to it (its ``attn_implementation``).
