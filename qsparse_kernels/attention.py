@@ -47,6 +47,8 @@ HF_NAME = "qsparse_cpu_sdpa"
 
 _UPCAST = (torch.bfloat16, torch.float16)
 _KERNEL = _native.loaded()
+# Whether the kernel has a vector path at import (torch.compile cannot trace the per-call check).
+_VECTOR_ISA = _KERNEL and _native._C.cpu_isa() != "scalar"
 # transformers' SDPA arguments that the decode kernel does not implement (it falls back on them).
 _HF_OTHER = ("position_bias", "cache", "softcap")
 
@@ -63,7 +65,7 @@ def _decode_ok(query, key, value, attn_mask, is_causal: bool) -> bool:
     mask, no autograd, no causal mask over several keys (torch aligns it top-left)."""
     if not (_KERNEL and query.dim() == 4 and key.dim() == 4 and value.dim() == 4 and query.shape[2] == 1):
         return False
-    if _native._C.cpu_isa() == "scalar":
+    if not (_VECTOR_ISA if torch.compiler.is_compiling() else _native._C.cpu_isa() != "scalar"):
         return False
     B, H, _, E = query.shape
     if key.dtype != query.dtype or value.dtype != query.dtype or not (key.is_cpu and value.is_cpu):

@@ -196,6 +196,17 @@ def test_sdpa_takes_the_kernel_for_decode_only(monkeypatch, gen):
 
 
 @pytest.mark.skipif(_native._C is None or _native._C.cpu_isa() == "scalar", reason="routed with AVX2 / AVX-512")
+def test_sdpa_compiles_with_the_kernel(gen):
+    """torch.compile(fullgraph=True) traces the routing and the registered op (its fake)."""
+    q, k, v = _inputs((2, 8, 2, 9, 16, 16), torch.bfloat16, gen)
+    m = torch.rand(2, 1, 1, 9, generator=gen) < 0.7
+    m[..., -1] = True
+    compiled = torch.compile(attention.sdpa, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(q, k, v, m, enable_gqa=True), _kernel(q, k, v, m, 0.25))
+
+
+@pytest.mark.skipif(_native._C is None or _native._C.cpu_isa() == "scalar", reason="routed with AVX2 / AVX-512")
 def test_hf_attention_takes_the_kernel_in_decode(monkeypatch, gen):
     calls = _count(monkeypatch)
     transformers = pytest.importorskip("transformers")

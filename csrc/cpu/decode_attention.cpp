@@ -251,7 +251,8 @@ void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
               "decode_attention: q, k and v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
   TORCH_CHECK(q.size(2) == 1, "decode_attention: q must have one query position (q.size(2) == 1), got ", q.size(2));
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "decode_attention: q, k and v must have one batch size");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
+              "decode_attention: q, k and v must have one batch size");
   TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0 && v.size(1) == k.size(1),
               "decode_attention: q's heads must be a multiple of k's and v's (equal) heads, got ", q.size(1), ", ",
               k.size(1), ", ", v.size(1));
