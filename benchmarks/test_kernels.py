@@ -57,14 +57,34 @@ def test_topk_sparsify(benchmark, shape, backend, dtype):
 
 
 # One decoder layer's attention decoding over 144 cached tokens (TinyLlama heads, bf16): torch's
-# SDPA in bf16 against qsparse_kernels.attention.sdpa (the same inputs attended in float32).
-@pytest.mark.parametrize("impl", ["torch", "upcast"])
+# SDPA in bf16, the inputs cast to float32 for torch's SDPA (stop 37's path), and
+# qsparse_kernels.attention.sdpa (the decode kernel, csrc/cpu/decode_attention.cpp).
+@pytest.mark.parametrize("impl", ["torch", "cast", "ours"])
 def test_attention_decode(benchmark, impl):
     from qsparse_kernels.attention import sdpa
 
+    F = torch.nn.functional
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 32, 1, 64, generator=gen).bfloat16()
     k, v = (torch.randn(1, 4, 144, 64, generator=gen).bfloat16() for _ in range(2))
-    fn = torch.nn.functional.scaled_dot_product_attention if impl == "torch" else sdpa
+    fns = {"torch": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+           "cast": lambda: F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True).bfloat16(),
+           "ours": lambda: sdpa(q, k, v, enable_gqa=True)}
     benchmark.group = "attention decode, 32 / 4 heads of 64, 144 keys, bf16"
-    benchmark.pedantic(lambda: fn(q, k, v, enable_gqa=True), rounds=20, warmup_rounds=3, iterations=1)
+    with torch.inference_mode():
+        benchmark.pedantic(fns[impl], rounds=20, warmup_rounds=3, iterations=1)
+
+
+# HF's LlamaRMSNorm against qsparse_kernels.nn.RMSNorm (one kernel call), one decode row of 2048, bf16.
+@pytest.mark.parametrize("impl", ["hf", "ours"])
+def test_rms_norm_decode(benchmark, impl):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from qsparse_kernels.nn import RMSNorm
+
+    norm = LlamaRMSNorm(2048, eps=1e-5).bfloat16()
+    mod = norm if impl == "hf" else RMSNorm.from_module(norm)
+    x = torch.randn(1, 1, 2048, generator=torch.Generator().manual_seed(0)).bfloat16()
+    benchmark.group = "RMSNorm, 1 x 2048, bf16"
+    with torch.inference_mode():
+        benchmark.pedantic(lambda: mod(x), rounds=20, warmup_rounds=3, iterations=100)
