@@ -117,9 +117,11 @@ QSK_TARGET_AVX2 inline void widen_row(const T* row, int64_t n, float* dst) {
 }
 
 // Scratch of one task, in floats: the group's queries transposed and scaled (qt[e * Gp + j], Gp =
-// G rounded up to 8 lanes), one key or value row widened (kf), the scores / weights s[l * Gp + j].
+// G rounded up to 8 lanes), kKeyBatch key rows widened (kf; the AVX2 sum: 32 values of one value
+// row), the scores / weights s[l * Gp + j].
 inline int64_t lanes8(int64_t G) { return (G + 7) / 8 * 8; }
 constexpr int64_t kMaxGp = 64;  // the vector paths' query heads per key-value head (mx / inv below)
+constexpr int64_t kKeyBatch = 8;  // key rows widened at a time (softmax_weights)
 
 // The group's softmax weights: s[l * Gp + j] = e^(score - max_j) (8 query heads a vector, each
 // key's entries broadcast, 4 sums over e mod 4), mx[j] the max (-inf: every key masked), inv[j]
@@ -138,15 +140,20 @@ QSK_TARGET_AVX2 void softmax_weights(const Problem<T>& p, int64_t b, int64_t g, 
   }
   const bool head_mask = p.mh != 0;  // a mask that differs between heads: added lane by lane
   for (int64_t l = 0; l < L; ++l) {
-    widen_row(kg + l * p.kl, E, kf);
+    // Keys are widened kKeyBatch at a time, ahead of their use: broadcasting from a row stored just
+    // before stalls on store-to-load forwarding (Zen 4: ~1.6x the time of the whole call).
+    const int64_t slot = l % kKeyBatch;
+    if (slot == 0)
+      for (int64_t u = 0; u < kKeyBatch && l + u < L; ++u) widen_row(kg + (l + u) * p.kl, E, kf + u * E);
+    const float* kr = kf + slot * E;
     const float shared = head_mask ? 0.0f : p.mask_at(b, g * G, l);
     for (int64_t c = 0; c < Gp; c += 8) {
       __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       int64_t e = 0;
       for (; e + 4 <= E; e += 4)
         for (int u = 0; u < 4; ++u)
-          a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(qt + (e + u) * Gp + c), _mm256_set1_ps(kf[e + u]), a[u]);
-      for (; e < E; ++e) a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(qt + e * Gp + c), _mm256_set1_ps(kf[e]), a[0]);
+          a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(qt + (e + u) * Gp + c), _mm256_set1_ps(kr[e + u]), a[u]);
+      for (; e < E; ++e) a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(qt + e * Gp + c), _mm256_set1_ps(kr[e]), a[0]);
       __m256 sc = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
       if (head_mask) {
         alignas(32) float mk[8];
@@ -184,29 +191,37 @@ QSK_TARGET_AVX512 void group_avx512(const Problem<T>& p, int64_t b, int64_t g, s
       __m512 acc[4][4];
       for (auto& row : acc)
         for (auto& x : row) x = _mm512_setzero_ps();
+      __mmask16 vm[4];
+      for (int c = 0; c < 4; ++c) vm[c] = mask16(Ev - e0 - 16 * c);
       for (int64_t l = 0; l < L; ++l) {
         const T* vr = vg + l * p.vl + e0;
+        const float* wl = s.data() + l * Gp + j0;  // lanes past G: finite, unused
         __m512 vv[4];
-        for (int c = 0; c < 4; ++c) vv[c] = load16(vr + 16 * c, mask16(Ev - e0 - 16 * c));
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) vv[c] = load16(vr + 16 * c, vm[c]);
+#pragma GCC unroll 4
         for (int jj = 0; jj < 4; ++jj) {
-          const __m512 w = _mm512_set1_ps(s[l * Gp + j0 + jj]);  // lanes past G: finite, unused
+          const __m512 w = _mm512_set1_ps(wl[jj]);
+#pragma GCC unroll 4
           for (int c = 0; c < 4; ++c) acc[jj][c] = _mm512_fmadd_ps(w, vv[c], acc[jj][c]);
         }
       }
-      for (int jj = 0; jj < 4 && j0 + jj < G; ++jj) {
+      // Every index constant (unrolled), so the accumulators stay in registers in the loop above.
+#pragma GCC unroll 4
+      for (int jj = 0; jj < 4; ++jj) {
         const int64_t j = j0 + jj;
+        if (j >= G) continue;
         T* out = p.out + b * p.ob + (g * G + j) * p.oh + e0;
         const __m512 f = _mm512_set1_ps(mx[j] == kNegInf ? 0.0f : inv[j]);  // all masked: 0, as torch
-        for (int c = 0; c < 4; ++c) {
-          const __mmask16 m = mask16(Ev - e0 - 16 * c);
-          if (m) store16(out + 16 * c, _mm512_mul_ps(acc[jj][c], f), m);
-        }
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c)
+          if (vm[c]) store16(out + 16 * c, _mm512_mul_ps(acc[jj][c], f), vm[c]);
       }
     }
   }
 }
 
-// Output, AVX2: 2 query heads x 32 values in registers, each value row widened once into kf.
+// Output, AVX2: 2 query heads x 32 values in registers, each value row widened once per 2 heads.
 template <typename T>
 QSK_TARGET_AVX2 void group_avx2(const Problem<T>& p, int64_t b, int64_t g, std::vector<float>& s,
                                 std::vector<float>& scratch) {
@@ -224,15 +239,30 @@ QSK_TARGET_AVX2 void group_avx2(const Problem<T>& p, int64_t b, int64_t g, std::
       for (auto& row : acc)
         for (auto& x : row) x = _mm256_setzero_ps();
       for (int64_t l = 0; l < L; ++l) {
-        widen_row(vg + l * p.vl + e0, n, vf);
+        const T* vr = vg + l * p.vl + e0;
+        __m256 vv[4];
+        if (n == 32) {  // widened in registers; a short chunk goes through vf (zero-padded)
+#pragma GCC unroll 4
+          for (int c = 0; c < 4; ++c) vv[c] = load8(vr + 8 * c);
+        } else {
+          widen_row(vr, n, vf);
+#pragma GCC unroll 4
+          for (int c = 0; c < 4; ++c) vv[c] = _mm256_loadu_ps(vf + 8 * c);
+        }
+#pragma GCC unroll 2
         for (int jj = 0; jj < 2; ++jj) {
           const __m256 w = _mm256_set1_ps(s[l * Gp + j0 + jj]);  // lanes past G: finite, unused
-          for (int c = 0; c < 4; ++c) acc[jj][c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vf + 8 * c), acc[jj][c]);
+#pragma GCC unroll 4
+          for (int c = 0; c < 4; ++c) acc[jj][c] = _mm256_fmadd_ps(w, vv[c], acc[jj][c]);
         }
       }
-      for (int jj = 0; jj < 2 && j0 + jj < G; ++jj) {
+      // Every index constant (unrolled), so the accumulators stay in registers in the loop above.
+#pragma GCC unroll 2
+      for (int jj = 0; jj < 2; ++jj) {
         const int64_t j = j0 + jj;
+        if (j >= G) continue;
         const __m256 f = _mm256_set1_ps(mx[j] == kNegInf ? 0.0f : inv[j]);  // all masked: 0, as torch
+#pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) _mm256_store_ps(o[jj] + 8 * c, _mm256_mul_ps(acc[jj][c], f));
         T* out = p.out + b * p.ob + (g * G + j) * p.oh + e0;
         for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(o[jj][i]);
@@ -311,7 +341,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
     at::parallel_for(0, B * Hkv, grain, [&](int64_t t0, int64_t t1) {
       const int64_t Gp = lanes8(p.G);
       std::vector<float> s(static_cast<size_t>(Gp * std::max<int64_t>(L, 1)));
-      std::vector<float> scratch(static_cast<size_t>(std::max(Gp * E + E, std::max<int64_t>(Ev, 32))));
+      std::vector<float> scratch(static_cast<size_t>(std::max(Gp * E + kKeyBatch * E, std::max<int64_t>(Ev, 32))));
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / Hkv, g = t % Hkv;
         if (level == Isa::Avx512 && Gp <= kMaxGp)
