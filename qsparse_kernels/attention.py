@@ -9,10 +9,10 @@ layer of TinyLlama-1.1B (32 query / 4 key-value heads of 64), batch 1, AMD Zen 4
 queries x keys         bf16 SDPA  cast to float32, SDPA, back  this module (decode:   fp16: SDPA /
                                                                the native kernel)     this module
 =====================  =========  ==========================  =====================  ===========
-decode, 1 x 17         38         28                          8.5 (4.5x)             10x
-decode, 1 x 144        239        52                          22.5 (10.7x)           19x
-decode, 1 x 512        902        130                         66 (13.7x)             22x
-decode, 1 x 2048       3578       555                         245 (14.5x)            24x
+decode, 1 x 17         38         23                          8.2 (4.6x)             8.5x
+decode, 1 x 144        246        52                          18.3 (13.3x)           20x
+decode, 1 x 512        910        133                         48 (18.8x)             27x
+decode, 1 x 2048       3540       517                         189 (18.8x)            31x
 prefill, 16 x 16       67         65                          = cast (1.03x)         2.0x
 prefill, 128 x 128     1293       1114                        = cast (1.16x)         2.7x
 =====================  =========  ==========================  =====================  ===========
