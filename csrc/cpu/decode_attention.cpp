@@ -32,7 +32,7 @@ template <typename T>
 struct Problem {
   const T *q, *k, *v;
   T* out;
-  int64_t H, G, L, E, Ev;
+  int64_t G, L, E, Ev;  // G = query heads per key-value head
   int64_t qb, qh, kb, kh, kl, vb, vh, vl, ob, oh;
   const bool* mask_bool;
   const T* mask_same;      // an additive mask in q's dtype
@@ -51,8 +51,7 @@ struct Problem {
 
 // ---- portable (the scalar ISA cap, and more than kMaxGp query heads per key-value head) ----
 template <typename T>
-inline __attribute__((always_inline)) void group_portable(const Problem<T>& p, int64_t b, int64_t g,
-                                                           std::vector<float>& s, std::vector<float>& acc) {
+void group_scalar(const Problem<T>& p, int64_t b, int64_t g, std::vector<float>& s, std::vector<float>& acc) {
   const T* kg = p.k + b * p.kb + g * p.kh;
   const T* vg = p.v + b * p.vb + g * p.vh;
   for (int64_t j = 0; j < p.G; ++j) {
@@ -82,11 +81,6 @@ inline __attribute__((always_inline)) void group_portable(const Problem<T>& p, i
     const float inv = 1.0f / sum;
     for (int64_t e = 0; e < p.Ev; ++e) o[e] = static_cast<T>(acc[e] * inv);
   }
-}
-
-template <typename T>
-void group_scalar(const Problem<T>& p, int64_t b, int64_t g, std::vector<float>& s, std::vector<float>& acc) {
-  group_portable(p, b, g, s, acc);
 }
 
 // ---- vector paths: scores and softmax on 8-lane vectors (AVX2 + FMA, so the AVX-512 path runs
@@ -322,7 +316,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
     p.k = k.data_ptr<scalar_t>();
     p.v = v.data_ptr<scalar_t>();
     p.out = out.data_ptr<scalar_t>();
-    p.H = H, p.G = H / Hkv, p.L = L, p.E = E, p.Ev = Ev;
+    p.G = H / Hkv, p.L = L, p.E = E, p.Ev = Ev;
     p.qb = q.stride(0), p.qh = q.stride(1), p.kb = k.stride(0), p.kh = k.stride(1), p.kl = k.stride(2);
     p.vb = v.stride(0), p.vh = v.stride(1), p.vl = v.stride(2), p.ob = out.stride(0), p.oh = out.stride(1);
     p.scale = static_cast<float>(scale);
