@@ -625,10 +625,21 @@ void ternary_rows(const at::Tensor& x, const uint8_t* pk, int64_t cols, int64_t 
     const int64_t n_blocks = (cols + B - 1) / B;
     const int64_t grain = std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, plan_bytes * (B / W)));
     const int64_t ld = 4 * B;
+    // A batch on the union plan runs strip by strip, each strip's epilogue right after it, so its
+    // code_dot stays in L2 (M x 4W int32 per thread instead of M x 4B).
+    const bool strip_epilogue = path == Path::Avx512 && !per_row && M > 1;
     at::parallel_for(0, n_blocks, grain, [&](int64_t k0, int64_t k1) {
       std::vector<int32_t> scratch(path == Path::Scalar ? 0 : strip_scratch_words(W, M));
-      std::vector<int32_t> acc(M * ld);
+      std::vector<int32_t> acc(M * (strip_epilogue ? 4 * W : ld));
       for (int64_t blk = k0; blk < k1; ++blk) {
+        if (strip_epilogue) {
+          for (int64_t s = blk * B; s < std::min(cols, (blk + 1) * B); s += W) {
+            const int64_t ns = std::min(W, cols - s);
+            strip_avx512(plans[0].view, s, ns, vnni, acc.data(), 4 * W, scratch.data());
+            epi(acc.data(), 4 * W, rq.data(), 0, M, 4 * s, 4 * ns);
+          }
+          continue;
+        }
         const int64_t b0 = blk * B, nb = std::min(B, cols - b0);
         // A short last AVX2 strip is recomputed as the full strip ending at the last byte
         // (cols >= kStripAvx2 on that path); only its own outputs are written below.

@@ -96,6 +96,27 @@ inline void store_natural(const int32_t (*acc)[16], int64_t nbytes, int32_t* out
       }
 }
 
+// store_natural of a full strip (nbytes == kW) of the batch kernels, transposed in registers: for
+// group g, the 4 x 4 dword blocks of accumulators 4g .. 4g + 3 (unpacks within lanes give R_t, whose
+// lane L holds outputs 64L + 16g + 4t + s), then the 4 x 4 blocks of 128-bit lanes (R_t lane L ->
+// the 16 outputs at 64L + 16g). (block_m1 keeps the scalar loop: inlined there, this one slowed it.)
+QSK_TARGET_AVX512 inline void store_natural_strip(const __m512i* acc, int32_t* out) {
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const __m512i* a = acc + 4 * g;
+    const __m512i t0 = _mm512_unpacklo_epi32(a[0], a[1]), t1 = _mm512_unpackhi_epi32(a[0], a[1]);
+    const __m512i t2 = _mm512_unpacklo_epi32(a[2], a[3]), t3 = _mm512_unpackhi_epi32(a[2], a[3]);
+    const __m512i r0 = _mm512_unpacklo_epi64(t0, t2), r1 = _mm512_unpackhi_epi64(t0, t2);
+    const __m512i r2 = _mm512_unpacklo_epi64(t1, t3), r3 = _mm512_unpackhi_epi64(t1, t3);
+    const __m512i u0 = _mm512_shuffle_i32x4(r0, r1, 0x44), u1 = _mm512_shuffle_i32x4(r0, r1, 0xEE);
+    const __m512i u2 = _mm512_shuffle_i32x4(r2, r3, 0x44), u3 = _mm512_shuffle_i32x4(r2, r3, 0xEE);
+    _mm512_storeu_si512(out + 16 * g, _mm512_shuffle_i32x4(u0, u2, 0x88));
+    _mm512_storeu_si512(out + 64 + 16 * g, _mm512_shuffle_i32x4(u0, u2, 0xDD));
+    _mm512_storeu_si512(out + 128 + 16 * g, _mm512_shuffle_i32x4(u1, u3, 0x88));
+    _mm512_storeu_si512(out + 192 + 16 * g, _mm512_shuffle_i32x4(u1, u3, 0xDD));
+  }
+}
+
 // M == 1 over a block of up to kMaxBlockAvx512 bytes per row (several strips): rows are visited in
 // chunks of `chunk` quads, and for each chunk every strip of the block runs over the
 // chunk's rows with its 16 accumulators in registers (parked in L1 between chunks). So each row is
@@ -267,7 +288,8 @@ QSK_TARGET_AVX512 void strip_mn(const RowPlan& p, int64_t b0, int64_t nbytes, in
     }
   }
   for (int64_t m = 0; m < p.M; ++m)
-    store_natural(reinterpret_cast<const int32_t(*)[16]>(pacc + 16 * m), nbytes, out + m * ld);
+    nbytes == kW ? store_natural_strip(pacc + 16 * m, out + m * ld)
+                 : store_natural(reinterpret_cast<const int32_t(*)[16]>(pacc + 16 * m), nbytes, out + m * ld);
 }
 
 // ---- M > 1 with VNNI: register tiles of batch rows (strip_tiled) ----
@@ -338,7 +360,8 @@ QSK_TARGET_AVX512 void strip_tiled(const RowPlan& p, int64_t b0, int64_t nbytes,
     }
   }
   for (int64_t m = 0; m < p.M; ++m)
-    store_natural(reinterpret_cast<const int32_t(*)[16]>(pacc + 16 * m), nbytes, out + m * ld);
+    nbytes == kW ? store_natural_strip(pacc + 16 * m, out + m * ld)
+                 : store_natural(reinterpret_cast<const int32_t(*)[16]>(pacc + 16 * m), nbytes, out + m * ld);
 }
 
 template <bool kVnni>
