@@ -6,7 +6,9 @@
 
 Both sides use the same dtype and rotate over >= 128 MB of weight copies: sparse_linear reads the
 column-major copies (``w.t().contiguous().t()``), F.linear the standard row-major ones; the
-activations rotate too, so the kept rows differ from call to call. The calls of one row of the
+activations rotate too, so the kept rows differ from call to call. Every sparse call reads the
+column-major copy after the one the previous sparse call read (one cycle shared by the sparsities),
+so no call finds its weight in the cache from another call of the same round. The calls of one row of the
 table (dense, sparse, and a 256 MB ``.sum()`` for the read bandwidth) are interleaved, so a
 shared machine's noise hits all of them alike; the ratios are the numbers to quote. GB/s is the
 kept weight bytes (k rows of ``out`` values) per second of the median sparse call.
@@ -15,6 +17,7 @@ kept weight bytes (k rows of ``out`` values) per second of the median sparse cal
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -64,15 +67,17 @@ def run(shape, dtypes, sparsities, batches, reps: int, clock) -> None:
         n = copies_needed(out_f * in_f * esize, CPU)
         rows = [torch.randn(out_f, in_f).to(dtype) for _ in range(n)]
         cols = [w.t().contiguous().t() for w in rows]
+        # One cycle per layout, running on across M and sparsities (see the docstring).
+        row, col = itertools.cycle(rows).__next__, itertools.cycle(cols).__next__
         for m in batches:
             xs = [torch.randn(m, in_f).to(dtype) for _ in range(N_X)]
             fns = {
                 "sum": lambda i: big.sum(),
-                "dense": lambda i, xs=xs, ws=rows: F.linear(xs[i % N_X], ws[i % len(ws)]),
+                "dense": lambda i, xs=xs, w=row: F.linear(xs[i % N_X], w()),
             }
             ks = [qk.sparsity_to_k(in_f, s) for s in sparsities]
             for k in ks:
-                fns[k] = lambda i, xs=xs, ws=cols, k=k: qk.sparse_linear(xs[i % N_X], ws[i % len(ws)], k, backend="cpu")
+                fns[k] = lambda i, xs=xs, k=k, w=col: qk.sparse_linear(xs[i % N_X], w(), k, backend="cpu")
             t = time_interleaved(fns, reps, clock=clock)
             bw = big.numel() * 4 / t["sum"].p50 / 1e9
             for s, k in zip(sparsities, ks, strict=True):
@@ -81,7 +86,7 @@ def run(shape, dtypes, sparsities, batches, reps: int, clock) -> None:
                     f"{str(dtype)[6:]:>8} {m:>3} {s:>5.2f} {k:>5} | {_fmt(t['dense'])} | {_fmt(t[k])} |"
                     f" {t['dense'].p50 / t[k].p50:6.2f}x | {gbs:5.1f} {bw:9.1f} {100 * gbs / bw:3.0f}%"
                 )
-        rows = cols = None  # free this dtype's copies before the next
+        rows = cols = row = col = fns = None  # free this dtype's copies before the next
 
 
 def main() -> None:

@@ -8,8 +8,10 @@ For every shape and batch M: the dense baseline is bf16 F.linear on a standard r
 [out, in] weight; the ternary cases are qk.ternary_linear(backend="cpu") with dense activations
 (k = None) and with Q-Sparse k = sparsity_to_k(d, 0.6125), for x in each --dtypes, on each ISA cap
 in --isas ("amx": the AMX-INT8 kernel where the CPU has it, "avx512": AMX off, the AVX-512 VNNI
-kernels that AMD Zen 4 runs). Every case rotates over distinct weight copies summing >= --rotate-mb
-(default 450 MB, > 4x this machine's 105 MiB L3), so the weights come from DRAM. The cases run
+kernels that AMD Zen 4 runs). The cases rotate over distinct weight copies summing >= --rotate-mb
+(default 450 MB, > 4x this machine's 105 MiB L3), so the weights come from DRAM: every ternary call
+reads the packed copy after the one the previous ternary call read (one cycle for all the ternary
+cases), so none finds its weight in the cache from another case of the same round. The cases run
 interleaved (one call of each per round, --reps rounds after a warm-up round) and the table gives
 median(dense) / median(case): > 1 means faster than dense.
 """
@@ -17,6 +19,7 @@ median(dense) / median(case): > 1 means faster than dense.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -40,6 +43,7 @@ def bench_shape(d: int, out_f: int, batches: list[int], dtypes: list[str], isas:
     ws = [w.clone() for _ in range(copies_needed(w.numel() * 2, "cpu", total))]
     ps = [packed.clone() for _ in range(copies_needed(packed.numel(), "cpu", total))]
     del w
+    next_w, next_p = itertools.cycle(ws).__next__, itertools.cycle(ps).__next__
     k6 = qk.sparsity_to_k(d, 0.6125)
     rows = []
     for M in batches:
@@ -49,21 +53,17 @@ def bench_shape(d: int, out_f: int, batches: list[int], dtypes: list[str], isas:
             for dt in dtypes:
                 for k in (None, k6):
                     cases.append((isa, DTYPES[dt], k, xb.to(DTYPES[dt])))
-        idx = [0] * len(cases)
         times: list[list[float]] = [[] for _ in cases]
         for r in range(reps + 1):
             for c in round_order(range(len(cases)), r):
                 isa, _, k, x = cases[c]
                 if isa != "dense":
                     _native._C.set_cpu_isa_cap(isa)
-                i = idx[c]
                 t0 = time.perf_counter()
                 if isa == "dense":
-                    F.linear(xb, ws[i % len(ws)])
-                    idx[c] += 1
+                    F.linear(xb, next_w())
                 else:
-                    qk.ternary_linear(x, ps[i % len(ps)], scale, out_f, k, backend="cpu")
-                    idx[c] += 1
+                    qk.ternary_linear(x, next_p(), scale, out_f, k, backend="cpu")
                 dt = time.perf_counter() - t0
                 if r > 0:
                     times[c].append(dt)
