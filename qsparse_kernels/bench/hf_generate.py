@@ -115,17 +115,17 @@ def settings_ab(models: dict, settings: dict, prompt_lens: list[int], new_tokens
                 vocab_size: int, title: str) -> dict:
     """A / B of two settings of the same HF models, end to end: ``settings`` maps two names to
     functions that set a model up (``set_attn_implementation``, a module swap, ...). Every
-    (model, setting) pair decodes once per round, interleaved (:func:`.harness.round_order`), after a
-    warm-up round; prints decode ms/token, median [min, max] over ``rounds``, and the first
-    setting's time over the second's (median of per-round ratios [min, max]). Returns
-    ``{(prompt_len, model, setting): [ms/token per round]}``."""
+    (model, setting) pair generates once per round, interleaved (:func:`.harness.round_order`),
+    after a warm-up round; prints decode ms/token and prefill ms, median [min, max] over
+    ``rounds``, and the first setting's time over the second's (median of per-round ratios
+    [min, max]). Returns ``{(prompt_len, model, setting): [time_hf's dict per round]}``."""
     from .harness import round_order
 
     first, second = settings
     gen = torch.Generator().manual_seed(1)
-    print(f"# {title}; {torch.get_num_threads()} threads; decode ms/token, median of {rounds} interleaved rounds "
-          f"[min, max]; {new_tokens} new tokens")
-    print(f"{'prompt':>6} {'variant':<30} | {first:>24} | {second:>24} | {f'{first} / {second}':>18}")
+    print(f"# {title}; {torch.get_num_threads()} threads; decode ms/token and prefill ms, median of {rounds} "
+          f"interleaved rounds [min, max]; {new_tokens} new tokens")
+    print(f"{'prompt':>6} {'variant':<30} {'':>7} | {first:>27} | {second:>27} | {f'{first} / {second}':>18}")
     out = {}
     with torch.inference_mode():
         for plen in prompt_lens:
@@ -134,13 +134,15 @@ def settings_ab(models: dict, settings: dict, prompt_lens: list[int], new_tokens
             for r in range(rounds + 1):  # round 0 warms up
                 for v, a in round_order(per, r):
                     settings[a](models[v])
-                    t = time_hf(models[v], prompt if r else prompt[:, :4], new_tokens if r else 3)["ms_per_token"]
+                    t = time_hf(models[v], prompt if r else prompt[:, :4], new_tokens if r else 3)
                     if r:
                         per[v, a].append(t)
             for v in models:
-                ratio = [a / b for a, b in zip(per[v, first], per[v, second], strict=True)]
-                print(f"{plen:>6} {v:<30} | {_summ(per[v, first])} | {_summ(per[v, second])} |"
-                      f" {statistics.median(ratio):5.2f} [{min(ratio):4.2f}, {max(ratio):4.2f}]", flush=True)
+                for key, name in (("ms_per_token", "decode"), ("prefill_ms", "prefill")):
+                    xs, ys = ([t[key] for t in per[v, a]] for a in (first, second))
+                    ratio = [a / b for a, b in zip(xs, ys, strict=True)]
+                    print(f"{plen:>6} {v:<30} {name:>7} | {_summ(xs)} | {_summ(ys)} |"
+                          f" {statistics.median(ratio):5.2f} [{min(ratio):4.2f}, {max(ratio):4.2f}]", flush=True)
             out.update({(plen, *key): ts for key, ts in per.items()})
     return out
 
