@@ -66,12 +66,12 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return op.call(x, weight, eps);
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
-                            double scale) {
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
+                     double scale, bool is_causal) {
   static const auto op =
-      kernel_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, double)>(
-          "qsparse::decode_attention_kernel");
-  return op.call(q, k, v, mask, scale);
+      kernel_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, double, bool)>(
+          "qsparse::attention_kernel");
+  return op.call(q, k, v, mask, scale, is_causal);
 }
 
 }  // namespace
@@ -86,8 +86,7 @@ void define_kernel_calls(pybind11::module_& m) {
   m.def("call_ternary_linear_multi", &ternary_linear_multi, release(),
         "qsparse::ternary_linear_multi_kernel(x, packed, scales, out_features, k, biases)");
   m.def("call_rms_norm", &rms_norm, release(), "qsparse::rms_norm_kernel(x, weight, eps)");
-  m.def("call_decode_attention", &decode_attention, release(),
-        "qsparse::decode_attention_kernel(q, k, v, mask, scale)");
+  m.def("call_attention", &attention, release(), "qsparse::attention_kernel(q, k, v, mask, scale, is_causal)");
 }
 
 }  // namespace qsk

@@ -3,30 +3,29 @@
 Once a model's projections are sparse or ternary, attention is a large share of a decoded token,
 and on the CPU torch's ``scaled_dot_product_attention`` is slow in reduced precision. One decoder
 layer of TinyLlama-1.1B (32 query / 4 key-value heads of 64), batch 1, AMD Zen 4, torch 2.14,
-2 threads, us a call (``benchmarks/bench_attention.py``, median of 7 interleaved rounds):
+2 threads, bf16, us a call (``benchmarks/bench_attention.py``, median of 7 interleaved rounds):
 
-=====================  =========  ==========================  =====================  ===========
-queries x keys         bf16 SDPA  cast to float32, SDPA, back  this module (decode:   fp16: SDPA /
-                                                               the native kernel)     this module
-=====================  =========  ==========================  =====================  ===========
-decode, 1 x 17         38         23                          8.2 (4.6x)             8.5x
-decode, 1 x 144        246        52                          18.3 (13.3x)           20x
-decode, 1 x 512        910        133                         48 (18.8x)             27x
-decode, 1 x 2048       3540       517                         189 (18.8x)            31x
-prefill, 16 x 16       67         65                          = cast (1.03x)         2.0x
-prefill, 128 x 128     1293       1114                        = cast (1.16x)         2.7x
-=====================  =========  ==========================  =====================  ===========
+=====================  =========  ==========================  ==================  ===============
+queries x keys         bf16 SDPA  cast to float32, SDPA, back  this module (SDPA  fp16: SDPA /
+                                                              / this module)      this module
+=====================  =========  ==========================  ==================  ===============
+decode, 1 x 17         47         26                          8.1 (5.9x)          8.6x
+decode, 1 x 144        255        53                          16.7 (15x)          22x
+decode, 1 x 512        918        158                         46 (21x)            34x
+decode, 1 x 2048       3626       569                         148 (25x)           39x
+causal prefill, 16     93         139                         27 (3.5x)           3.7x
+causal prefill, 128    1770       1504                        505 (3.5x)          5.6x
+causal prefill, 512    17774      18353                       6881 (2.6x)         4.2x
+=====================  =========  ==========================  ==================  ===============
 
-(The prefill rows from a rerun of those two columns: the table's own run caught a disturbed
-moment there, 89 / 140 us at 16 x 16.)
-
-One query position (decode) runs ``csrc/cpu/decode_attention.cpp`` (AVX-512 or AVX2): scores,
-softmax and the weighted sum in float32, bf16 / fp16 keys and values widened as they are read
-(no float32 copy of the cache), the query heads of a key-value head sharing each row. Other bf16 /
-fp16 CPU calls (prefill, autograd, a causal mask over several keys) cast the inputs to float32,
-attend there and cast the result back. Either way more accurate than the reduced-precision
-kernel, not less (within one output rounding of float64). Other devices and float32 / float64
-inputs pass through unchanged.
+The native kernel (``csrc/cpu/attention.cpp``, AVX-512 or AVX2) computes scores, softmax and the
+weighted sum in float32, bf16 / fp16 keys and values widened as they are read (no float32 copy of
+the cache). The query heads of a key-value head share each key and value row, and so do up to 64
+of them over consecutive positions in a prefill, which reads only the keys its causal mask lets
+it see. Calls it does not take (autograd, dropout, the portable ISA path, other arguments of
+transformers) cast the inputs to float32, attend there and cast the result back. Either way more
+accurate than the reduced-precision kernel, not less (within one output rounding of float64).
+Other devices and float32 / float64 inputs pass through unchanged.
 
 - :func:`sdpa`: a drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (inference).
 - :func:`use_cpu_attention`: sets a transformers model to it (its ``attn_implementation``).
@@ -49,7 +48,7 @@ _UPCAST = (torch.bfloat16, torch.float16)
 _KERNEL = _native.loaded()
 # Whether the kernel has a vector path at import (torch.compile cannot trace the per-call check).
 _VECTOR_ISA = _KERNEL and _native._C.cpu_isa() != "scalar"
-# transformers' SDPA arguments that the decode kernel does not implement (it falls back on them).
+# transformers' SDPA arguments that the kernel does not implement (it falls back on them).
 _HF_OTHER = ("position_bias", "cache", "softcap")
 
 
@@ -58,28 +57,29 @@ def upcasts(query: torch.Tensor) -> bool:
     return query.device.type == "cpu" and query.dtype in _UPCAST
 
 
-def _decode_ok(query, key, value, attn_mask, is_causal: bool) -> bool:
-    """Whether the native decode kernel takes these :func:`sdpa` arguments (checked after
-    ``upcasts``): a vector path (AVX-512 or AVX2; the portable one, 3x slower than the cast path at
-    144 keys, is for tests), one query position, 4-D, one dtype, heads grouped, a broadcastable
-    mask, no autograd, no causal mask over several keys (torch aligns it top-left)."""
-    if not (_KERNEL and query.dim() == 4 and key.dim() == 4 and value.dim() == 4 and query.shape[2] == 1):
+def _kernel_ok(query, key, value, attn_mask, is_causal: bool) -> bool:
+    """Whether the native kernel takes these :func:`sdpa` arguments (checked after ``upcasts``): a
+    vector path (AVX-512 or AVX2; the portable one, 3x slower than the cast path at 144 keys, is
+    for tests), 4-D, one dtype, heads grouped, a mask broadcastable to [B, H, T, L] or
+    ``is_causal`` (not both: torch's SDPA refuses that, and the cast path passes its error on),
+    no autograd."""
+    if not (_KERNEL and query.dim() == 4 and key.dim() == 4 and value.dim() == 4):
         return False
     if not (_VECTOR_ISA if torch.compiler.is_compiling() else _native._C.cpu_isa() != "scalar"):
         return False
-    B, H, _, E = query.shape
+    B, H, T, E = query.shape
     if key.dtype != query.dtype or value.dtype != query.dtype or not (key.is_cpu and value.is_cpu):
         return False
     Hkv, L = key.shape[1], key.shape[2]
     if key.shape[0] != B or value.shape[0] != B or key.shape[3] != E or value.shape[1] != Hkv or value.shape[2] != L:
         return False
-    if Hkv == 0 or H % Hkv or (is_causal and L > 1):
+    if Hkv == 0 or H % Hkv:
         return False
     if attn_mask is not None:
-        if not (attn_mask.is_cpu and attn_mask.dtype in (torch.bool, torch.float32, query.dtype)
-                and 2 <= attn_mask.dim() <= 4):  # torch's SDPA refuses 1-D masks
+        if is_causal or not (attn_mask.is_cpu and attn_mask.dtype in (torch.bool, torch.float32, query.dtype)
+                             and 2 <= attn_mask.dim() <= 4):  # torch's SDPA refuses 1-D masks
             return False
-        want = (B, H, 1, L)[4 - attn_mask.dim():]
+        want = (B, H, T, L)[4 - attn_mask.dim():]
         if any(m not in (1, w) for m, w in zip(attn_mask.shape, want, strict=True)):
             return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, attn_mask)):
@@ -87,12 +87,12 @@ def _decode_ok(query, key, value, attn_mask, is_causal: bool) -> bool:
     return True
 
 
-def _decode(query, key, value, attn_mask, scale):
-    """The native decode kernel (csrc/cpu/decode_attention.cpp): [B, H, 1, E] -> [B, H, 1, Ev]."""
+def _kernel(query, key, value, attn_mask, scale, is_causal: bool):
+    """The native kernel (csrc/cpu/attention.cpp): [B, H, T, E] -> [B, H, T, Ev]."""
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if direct_ok(query, key, value, attn_mask):
-        return _native._C.call_decode_attention(query, key, value, attn_mask, scale)
-    return torch.ops.qsparse.decode_attention_kernel(query, key, value, attn_mask, scale)
+        return _native._C.call_attention(query, key, value, attn_mask, scale, is_causal)
+    return torch.ops.qsparse.attention_kernel(query, key, value, attn_mask, scale, is_causal)
 
 
 def _float(t):
@@ -111,8 +111,8 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     if not upcasts(query):
         return F.scaled_dot_product_attention(query, key, value, attn_mask, is_causal=is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
-    if (enable_gqa or query.shape[-3] == key.shape[-3]) and _decode_ok(query, key, value, attn_mask, is_causal):
-        return _decode(query, key, value, attn_mask, scale)
+    if (enable_gqa or query.shape[-3] == key.shape[-3]) and _kernel_ok(query, key, value, attn_mask, is_causal):
+        return _kernel(query, key, value, attn_mask, scale, is_causal)
     out = F.scaled_dot_product_attention(query.float(), _float(key), _float(value), _float(attn_mask),
                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     return out.to(query.dtype)
@@ -125,9 +125,15 @@ def hf_attention(module, query, key, value, attention_mask, **kwargs):
 
     if not upcasts(query):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    # Causal as transformers' sdpa_attention_forward decides it: several positions, no mask, and the
+    # call's is_causal (else the module's); the keys past the queries' count dropped.
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    causal = query.shape[2] > 1 and attention_mask is None and causal is True
+    kc, vc = (key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]) if causal else (key, value)
     if (kwargs.get("dropout", 0.0) == 0 and all(kwargs.get(k) is None for k in _HF_OTHER)
-            and not kwargs.get("output_attentions") and _decode_ok(query, key, value, attention_mask, False)):
-        out = _decode(query, key, value, attention_mask, kwargs.get("scaling"))
+            and not kwargs.get("output_attentions") and _kernel_ok(query, kc, vc, attention_mask, causal)):
+        out = _kernel(query, kc, vc, attention_mask, kwargs.get("scaling"), causal)
         return out.transpose(1, 2).contiguous(), None
     kwargs = {k: _float(v) for k, v in kwargs.items()}
     out, weights = sdpa_attention_forward(module, query.float(), _float(key), _float(value),

@@ -32,7 +32,7 @@ else
   tests="tests/test_cpu_topk.py tests/test_cpu_sparse_linear.py tests/test_cpu_sparse_linear_batch.py
     tests/test_cpu_ternary.py tests/test_cpu_ternary_batch.py tests/test_native_quantize.py
     tests/test_fused_siblings.py tests/test_threads_determinism.py tests/test_fuzz.py
-    tests/test_cpu_dense_gemv.py tests/test_rms_norm.py tests/test_decode_attention.py"
+    tests/test_cpu_dense_gemv.py tests/test_rms_norm.py tests/test_cpu_attention.py"
   export QSPARSE_FUZZ_BACKENDS=reference,cpu  # the emulated CUDA kernels: `scripts/sanitize.sh cuda`
 fi
 echo "[sanitize] running $(echo $tests | wc -w) test files under ASan/UBSan"

@@ -42,8 +42,8 @@ def _rms_norm_kernel(x, weight, eps):
     return x.new_empty(x.shape)
 
 
-def _decode_attention_kernel(q, k, v, mask, scale):
-    return q.new_empty((q.shape[0], q.shape[1], 1, v.shape[3]))
+def _attention_kernel(q, k, v, mask, scale, is_causal):
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
 
 FAKES = {
@@ -55,7 +55,7 @@ FAKES = {
     "sparse_linear_multi_kernel": _sparse_linear_multi_kernel,
     "ternary_linear_multi_kernel": _ternary_linear_multi_kernel,
     "rms_norm_kernel": _rms_norm_kernel,
-    "decode_attention_kernel": _decode_attention_kernel,
+    "attention_kernel": _attention_kernel,
 }
 
 

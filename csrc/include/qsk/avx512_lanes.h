@@ -1,4 +1,4 @@
-// AVX-512 helpers on 16 float32 lanes shared by the CPU kernels (rms_norm.cpp, decode_attention.cpp):
+// AVX-512 helpers on 16 float32 lanes shared by the CPU kernels (rms_norm.cpp, attention.cpp):
 // masked widening loads, and stores rounded as c10 rounds (nearest even; bf16 NaN -> 0x7fc0).
 #pragma once
 

@@ -34,11 +34,11 @@ inline void define_kernel_schemas(torch::Library& m) {
   // x [..., d] float (any strides), weight [d] of x's dtype, eps >= 0 -> [..., d] contiguous: Hugging
   // Face Llama's RMSNorm (csrc/cpu/rms_norm.cpp; qsparse_kernels/nn/rms_norm.py). CPU only.
   m.def("rms_norm_kernel(Tensor x, Tensor weight, float eps) -> Tensor");
-  // q [B, H, 1, E], k [B, Hkv, L, E], v [B, Hkv, L, Ev] (H % Hkv == 0; one float dtype; any strides),
-  // mask None or broadcastable to [B, H, 1, L] (bool: true attends; or additive, float32 or q's
-  // dtype) -> [B, H, 1, Ev]: one decode step's attention in float32 (csrc/cpu/decode_attention.cpp;
-  // qsparse_kernels/attention.py). CPU only.
-  m.def("decode_attention_kernel(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  // q [B, H, T, E], k [B, Hkv, L, E], v [B, Hkv, L, Ev] (H % Hkv == 0; one float dtype; any strides),
+  // mask None or broadcastable to [B, H, T, L] (bool: true attends; or additive, float32 or q's
+  // dtype), is_causal (no mask; query t attends keys l <= t, as torch's SDPA) -> [B, H, T, Ev]:
+  // attention in float32 (csrc/cpu/attention.cpp; qsparse_kernels/attention.py). CPU only.
+  m.def("attention_kernel(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool is_causal) -> Tensor");
 }
 
 }  // namespace qsk
