@@ -48,6 +48,11 @@ _UPCAST = (torch.bfloat16, torch.float16)
 _KERNEL = _native.loaded()
 # Whether the kernel has a vector path at import (torch.compile cannot trace the per-call check).
 _VECTOR_ISA = _KERNEL and _native._C.cpu_isa() != "scalar"
+# Prefills over more keys than this take the cast path: the kernel's lead over torch's float32 flash
+# attention narrows with the context (causal, TinyLlama heads, bf16, Zen 4: 2.95x at 128 tokens,
+# 2.6x at 512, 1.35x at 2048, 1.10x at 8192), as its scores for one chunk of positions
+# (64 lanes x the keys, float32) outgrow the L2.
+_PREFILL_MAX_KEYS = 8192
 # transformers' SDPA arguments that the kernel does not implement (it falls back on them).
 _HF_OTHER = ("position_bias", "cache", "softcap")
 
@@ -60,7 +65,8 @@ def upcasts(query: torch.Tensor) -> bool:
 def _kernel_ok(query, key, value, attn_mask, is_causal: bool) -> bool:
     """Whether the native kernel takes these :func:`sdpa` arguments (checked after ``upcasts``): a
     vector path (AVX-512 or AVX2; the portable one, 3x slower than the cast path at 144 keys, is
-    for tests), 4-D, one dtype, heads grouped, a mask broadcastable to [B, H, T, L] or
+    for tests), 4-D, one dtype, heads grouped, a prefill over at most :data:`_PREFILL_MAX_KEYS`
+    keys, a mask broadcastable to [B, H, T, L] or
     ``is_causal`` (not both: torch's SDPA refuses that, and the cast path passes its error on),
     no autograd."""
     if not (_KERNEL and query.dim() == 4 and key.dim() == 4 and value.dim() == 4):
@@ -73,7 +79,7 @@ def _kernel_ok(query, key, value, attn_mask, is_causal: bool) -> bool:
     Hkv, L = key.shape[1], key.shape[2]
     if key.shape[0] != B or value.shape[0] != B or key.shape[3] != E or value.shape[1] != Hkv or value.shape[2] != L:
         return False
-    if Hkv == 0 or H % Hkv:
+    if Hkv == 0 or H % Hkv or (T > 1 and L > _PREFILL_MAX_KEYS):
         return False
     if attn_mask is not None:
         if is_causal or not (attn_mask.is_cpu and attn_mask.dtype in (torch.bool, torch.float32, query.dtype)

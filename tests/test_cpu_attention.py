@@ -220,9 +220,14 @@ def test_sdpa_routes_to_the_kernel(monkeypatch, gen):
             attention.sdpa(q3, k, v, m, is_causal=True, enable_gqa=True)
         assert calls == [1, 3, 1]
     torch.testing.assert_close(causal, v[:, :, :1].repeat_interleave(4, 1).to(causal.dtype), rtol=0, atol=0)
+    monkeypatch.setattr(attention, "_PREFILL_MAX_KEYS", 11)  # a prefill over more keys: the cast path
+    with torch.no_grad():
+        attention.sdpa(q3, k, v, is_causal=True, enable_gqa=True)
+        attention.sdpa(q, k, v, enable_gqa=True)  # decode steps have no bound
+    assert calls == [1, 3, 1, 1]
     qg = q3.clone().requires_grad_()
     attention.sdpa(qg, k, v, is_causal=True, enable_gqa=True).sum().backward()  # autograd: torch's path
-    assert calls == [1, 3, 1] and qg.grad is not None
+    assert calls == [1, 3, 1, 1] and qg.grad is not None
 
 
 @pytest.mark.skipif(_native._C is None or _native._C.cpu_isa() == "scalar", reason="routed with AVX2 / AVX-512")
