@@ -1,5 +1,5 @@
-"""qsparse_kernels.attention: SDPA in float32 for bf16 / fp16 CPU inputs, and its transformers
-attention function. Against float64 SDPA, by SPEC "Numerics"; transformers' masks (padding)."""
+"""qsparse_kernels.attention: SDPA in float32 for float32 / bf16 / fp16 CPU inputs, and its
+transformers attention function. Against float64 SDPA, by SPEC "Numerics"; transformers' masks (padding)."""
 
 import pytest
 import torch
@@ -54,15 +54,18 @@ def test_sdpa_matches_float64(case, dtype):
         assert rel_err(y, ref) <= torch.finfo(dtype).eps / 2 + 1e-5
 
 
-def test_sdpa_scale_and_passthrough():
-    """``scale`` reaches the kernel; float32 / float64 inputs run torch's SDPA unchanged."""
+def test_sdpa_scale_and_passthrough(monkeypatch):
+    """``scale`` reaches the kernel; float64 inputs run torch's SDPA unchanged, and float32 ones too
+    where the kernel does not take the call."""
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 4, 3, 16, generator=gen) for _ in range(3))
-    for dtype in (torch.float32, torch.float64):
-        a, b, c = q.to(dtype), k.to(dtype), v.to(dtype)
-        assert torch.equal(attention.sdpa(a, b, c, scale=0.3), F.scaled_dot_product_attention(a, b, c, scale=0.3))
-    y = attention.sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=0.3)
-    assert rel_err(y, F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3)) < 2e-2
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=0.3)
+    a, b, c = q.double(), k.double(), v.double()
+    assert torch.equal(attention.sdpa(a, b, c, scale=0.3), F.scaled_dot_product_attention(a, b, c, scale=0.3))
+    assert rel_err(attention.sdpa(q, k, v, scale=0.3), ref) < 1e-5
+    assert rel_err(attention.sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=0.3), ref) < 2e-2
+    monkeypatch.setattr(attention, "_KERNEL", False)
+    assert torch.equal(attention.sdpa(q, k, v, scale=0.3), F.scaled_dot_product_attention(q, k, v, scale=0.3))
     assert not attention.upcasts(q) and attention.upcasts(q.half()) and attention.upcasts(q.bfloat16())
 
 
@@ -103,9 +106,10 @@ def test_hf_attention_matches_float64(dtype):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_use_cpu_attention_keeps_padding_masks(family):
-    """In float32 it is transformers' SDPA itself, so a left-padded batch's logits are equal:
-    transformers builds the same masks for it (a custom name without a mask function gets none)."""
+def test_use_cpu_attention_keeps_padding_masks(family, monkeypatch):
+    """In float32 without the kernel it is transformers' SDPA itself, so a left-padded batch's logits
+    are equal: transformers builds the same masks for it (a custom name without a mask function
+    gets none). With the kernel, equal to float32 rounding."""
     model = _decoder(torch.float32, family)
     ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
@@ -114,8 +118,11 @@ def test_use_cpu_attention_keeps_padding_masks(family):
         want = model(ids, attention_mask=mask).logits
         assert attention.use_cpu_attention(model) is model
         assert model.config._attn_implementation == attention.HF_NAME
+        fast = model(ids, attention_mask=mask).logits
+        monkeypatch.setattr(attention, "_KERNEL", False)
         got = model(ids, attention_mask=mask).logits
     assert torch.equal(got, want)
+    torch.testing.assert_close(fast, want, rtol=1e-4, atol=1e-5)
 
 
 def test_use_cpu_attention_generates_in_bf16(tmp_path):

@@ -1,5 +1,5 @@
-"""The CPU attention kernel (csrc/cpu/attention.cpp) behind qsparse_kernels.attention for bf16 /
-fp16: decode steps (one query position) and prefills (several, causal or masked) against float64
+"""The CPU attention kernel (csrc/cpu/attention.cpp) behind qsparse_kernels.attention for float32,
+bf16 and fp16: decode steps (one query position) and prefills (several, causal or masked) against float64
 SDPA on every ISA path (GQA, MHA, more query heads per key-value head than the vector paths take,
 odd head dims, query and key counts, value dims other than the key's, strided inputs, boolean /
 additive / per-head / per-position / float32 masks, fully masked rows, batch 1 and > 1), opcheck,
@@ -214,20 +214,22 @@ def test_sdpa_routes_to_the_kernel(monkeypatch, gen):
         assert calls == [1, 3] and torch.equal(y3, _kernel(q3, k, v, None, 0.25, True))
         causal = attention.sdpa(q, k, v, is_causal=True, enable_gqa=True)  # one position: key 0 only
         assert calls == [1, 3, 1]
-        attention.sdpa(q.float(), k.float(), v.float(), enable_gqa=True)  # float32: torch's SDPA
+        attention.sdpa(q.double(), k.double(), v.double(), enable_gqa=True)  # float64: torch's SDPA
+        y32 = attention.sdpa(q.float(), k.float(), v.float(), enable_gqa=True)  # float32: the kernel
+        assert calls == [1, 3, 1, 1] and y32.dtype == torch.float32
         m = torch.ones(1, 1, 3, 12, dtype=torch.bool)
         with pytest.raises(RuntimeError):  # a mask and is_causal: torch's error, from the cast path
             attention.sdpa(q3, k, v, m, is_causal=True, enable_gqa=True)
-        assert calls == [1, 3, 1]
+        assert calls == [1, 3, 1, 1]
     torch.testing.assert_close(causal, v[:, :, :1].repeat_interleave(4, 1).to(causal.dtype), rtol=0, atol=0)
     monkeypatch.setattr(attention, "_PREFILL_MAX_KEYS", 11)  # a prefill over more keys: the cast path
     with torch.no_grad():
         attention.sdpa(q3, k, v, is_causal=True, enable_gqa=True)
         attention.sdpa(q, k, v, enable_gqa=True)  # decode steps have no bound
-    assert calls == [1, 3, 1, 1]
+    assert calls == [1, 3, 1, 1, 1]
     qg = q3.clone().requires_grad_()
     attention.sdpa(qg, k, v, is_causal=True, enable_gqa=True).sum().backward()  # autograd: torch's path
-    assert calls == [1, 3, 1, 1] and qg.grad is not None
+    assert calls == [1, 3, 1, 1, 1] and qg.grad is not None
 
 
 @pytest.mark.skipif(_native._C is None or _native._C.cpu_isa() == "scalar", reason="routed with AVX2 / AVX-512")

@@ -20,11 +20,11 @@ from torch import nn
 from ..attention import sdpa
 from ..nn.rms_norm import reference as rms_norm_reference
 
-#: The compact model's attention choices: ``upcast`` (the default) computes bf16 / fp16 CPU
+#: The compact model's attention choices: ``upcast`` (the default) computes float32 / bf16 / fp16 CPU
 #: attention in float32 (:mod:`qsparse_kernels.attention`), ``sdpa`` is torch's SDPA in the model's
 #: dtype (Hugging Face's default). The same for every variant of a run.
 ATTENTION = {"upcast": sdpa, "sdpa": F.scaled_dot_product_attention}
-ATTENTION_HELP = ("every variant's attention (dense's too): upcast = bf16/fp16 CPU attention computed in float32 "
+ATTENTION_HELP = ("every variant's attention (dense's too): upcast = CPU attention computed in float32 "
                   "(qsparse_kernels.attention; torch's bf16 CPU SDPA takes ~4x as long at 144 cached tokens), "
                   "sdpa = torch's SDPA in the model's dtype (Hugging Face's default)")
 
