@@ -56,42 +56,26 @@ def test_topk_sparsify(benchmark, shape, backend, dtype):
     benchmark.pedantic(lambda: qk.topk_sparsify(x, k, backend=backend), rounds=20, warmup_rounds=3, iterations=1)
 
 
-# One decoder layer's attention decoding over 144 cached tokens (TinyLlama heads, bf16): torch's
-# SDPA in bf16, the inputs cast to float32 for torch's SDPA (stop 37's path), and
-# qsparse_kernels.attention.sdpa (the kernel, csrc/cpu/attention.cpp).
+# One decoder layer's attention (TinyLlama heads, bf16), decoding over 144 cached tokens and the
+# causal prefill of 128: torch's SDPA in bf16, the inputs cast to float32 for torch's SDPA (the
+# library's path before its kernel), and qsparse_kernels.attention.sdpa (csrc/cpu/attention.cpp).
 @pytest.mark.parametrize("impl", ["torch", "cast", "ours"])
-def test_attention_decode(benchmark, impl):
+@pytest.mark.parametrize("T, L", [(1, 144), (128, 128)], ids=["decode", "prefill"])
+def test_attention(benchmark, impl, T, L):
     from qsparse_kernels.attention import sdpa
 
     F = torch.nn.functional
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 32, 1, 64, generator=gen).bfloat16()
-    k, v = (torch.randn(1, 4, 144, 64, generator=gen).bfloat16() for _ in range(2))
-    fns = {"torch": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-           "cast": lambda: F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True).bfloat16(),
-           "ours": lambda: sdpa(q, k, v, enable_gqa=True)}
-    benchmark.group = "attention decode, 32 / 4 heads of 64, 144 keys, bf16"
-    with torch.inference_mode():
-        benchmark.pedantic(fns[impl], rounds=20, warmup_rounds=3, iterations=1)
-
-
-# The same layer's causal prefill of 128 tokens: the cast path (the library's before stop 39) and
-# qsparse_kernels.attention.sdpa.
-@pytest.mark.parametrize("impl", ["torch", "cast", "ours"])
-def test_attention_prefill(benchmark, impl):
-    from qsparse_kernels.attention import sdpa
-
-    F = torch.nn.functional
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 32, 128, 64, generator=gen).bfloat16()
-    k, v = (torch.randn(1, 4, 128, 64, generator=gen).bfloat16() for _ in range(2))
-    fns = {"torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-           "cast": lambda: F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
+    q = torch.randn(1, 32, T, 64, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 4, L, 64, generator=gen).bfloat16() for _ in range(2))
+    c = T > 1
+    fns = {"torch": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=c, enable_gqa=True),
+           "cast": lambda: F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=c,
                                                           enable_gqa=True).bfloat16(),
-           "ours": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True)}
-    benchmark.group = "attention causal prefill, 32 / 4 heads of 64, 128 tokens, bf16"
+           "ours": lambda: sdpa(q, k, v, is_causal=c, enable_gqa=True)}
+    benchmark.group = f"attention, 32 / 4 heads of 64, {T} x {L}{' causal' if c else ''}, bf16"
     with torch.inference_mode():
-        benchmark.pedantic(fns[impl], rounds=10, warmup_rounds=2, iterations=1)
+        benchmark.pedantic(fns[impl], rounds=20 if T == 1 else 10, warmup_rounds=3, iterations=1)
 
 
 # HF's LlamaRMSNorm against qsparse_kernels.nn.RMSNorm (one kernel call), one decode row of 2048, bf16.
