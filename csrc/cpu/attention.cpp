@@ -59,8 +59,8 @@ struct Problem {
 // last position sees).
 struct Chunk {
   int64_t b, g, t0, nt, G, L;
-  int64_t head(const int64_t Hg, int64_t j) const { return g * Hg + j % Hg; }
-  int64_t pos(const int64_t Hg, int64_t j) const { return t0 + j / Hg; }
+  int64_t head(int64_t Hg, int64_t j) const { return g * Hg + j % Hg; }
+  int64_t pos(int64_t Hg, int64_t j) const { return t0 + j / Hg; }
 };
 
 template <typename T>
