@@ -35,7 +35,7 @@ template <typename T>
 struct Problem {
   const T *q, *k, *v;
   T* out;
-  int64_t Hg, L, E, Ev;  // Hg = query heads per key-value head
+  int64_t Hg, E, Ev;  // Hg = query heads per key-value head (a chunk holds its key count)
   int64_t qb, qh, qt, kb, kh, kl, vb, vh, vl, ob, oh, ot;
   const bool* mask_bool;
   const T* mask_same;      // an additive mask in q's dtype
@@ -391,7 +391,7 @@ at::Tensor attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const a
     p.k = k.data_ptr<scalar_t>();
     p.v = v.data_ptr<scalar_t>();
     p.out = out.data_ptr<scalar_t>();
-    p.Hg = Hg, p.L = L, p.E = E, p.Ev = Ev;
+    p.Hg = Hg, p.E = E, p.Ev = Ev;
     p.qb = q.stride(0), p.qh = q.stride(1), p.qt = q.stride(2), p.kb = k.stride(0), p.kh = k.stride(1);
     p.kl = k.stride(2), p.vb = v.stride(0), p.vh = v.stride(1), p.vl = v.stride(2);
     p.ob = out.stride(0), p.oh = out.stride(1), p.ot = out.stride(2);
